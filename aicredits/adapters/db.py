@@ -1,0 +1,160 @@
+"""Engine and transactions, correct on SQLite and Postgres and across processes.
+
+SQLite: WAL, a busy timeout, foreign keys on, and write transactions opened with
+BEGIN IMMEDIATE so two writers never both read and then deadlock on upgrading their lock.
+Postgres: psycopg 3 at READ COMMITTED; the ledger's conditional UPDATEs re-check their
+WHERE clause after waiting on a row lock, which is what makes a reservation atomic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session
+
+from aicredits.settings import get_settings, normalise_database_url
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def _prepare_sqlite_file(url: sa.URL) -> None:
+    database = url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def create_db_engine(url: str, **kwargs: Any) -> Engine:
+    url = normalise_database_url(url)
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        _prepare_sqlite_file(parsed)
+        engine = sa.create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            **kwargs,
+        )
+        _configure_sqlite(engine)
+        return engine
+    kwargs.setdefault("pool_size", 5)
+    kwargs.setdefault("max_overflow", 10)
+    # No pre-ping: it costs a round trip per transaction. A dropped connection fails one
+    # statement, SQLAlchemy invalidates the pool, and the caller's error path handles it.
+    kwargs.setdefault("pool_recycle", 1800)
+    return sa.create_engine(url, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below own the transaction boundaries.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Database:
+    """The app's handle on its database: short transactions for writes, cheap ones for reads."""
+
+    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+        self.url = normalise_database_url(url)
+        self.engine = create_db_engine(self.url, **engine_kwargs)
+        # Postgres: a second pool whose connections stay in autocommit, for the single-statement
+        # operations on the metered path (no BEGIN/COMMIT round trips, no mode switching).
+        self._autocommit_engine = (
+            None
+            if self.is_sqlite
+            else create_db_engine(self.url, isolation_level="AUTOCOMMIT", **engine_kwargs)
+        )
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One unit of work: commits on success, rolls back on any exception."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        """A read that takes no write lock, so it never waits on writers.
+
+        With `snapshot`, every statement sees the same moment (REPEATABLE READ on Postgres;
+        a SQLite read transaction already does).
+        """
+        if self._autocommit_engine is not None and not snapshot:
+            with self._autocommit_engine.connect() as conn:
+                yield conn
+            return
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn = conn.execution_options(sqlite_begin="DEFERRED")
+            else:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
+
+    def execute_one(self, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Postgres: run one statement as its own transaction, straight through psycopg, and
+        return its first row. For the hot path, where SQLAlchemy's per-call work shows."""
+        if self._autocommit_engine is None:
+            raise RuntimeError("execute_one() is for Postgres; use transaction() on SQLite")
+        fairy = self._autocommit_engine.raw_connection()
+        try:
+            cursor = fairy.driver_connection.execute(sql, params)  # type: ignore[union-attr]
+            row = cursor.fetchone() if cursor.description else None
+            return None if row is None else tuple(row)
+        except psycopg.OperationalError:
+            fairy.invalidate()  # the connection is gone; do not hand it out again
+            raise
+        finally:
+            fairy.close()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """An ORM session in one transaction, for the simpler, non-ledger use cases."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def insert_ignoring_conflict(self, target: sa.Table, *, index: str) -> Any:
+        """INSERT ... ON CONFLICT (index) DO NOTHING, in this database's dialect."""
+        ins = postgresql.insert(target) if not self.is_sqlite else sqlite.insert(target)
+        return ins.on_conflict_do_nothing(index_elements=[index])
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        if self._autocommit_engine is not None:
+            self._autocommit_engine.dispose()
+
+
+@lru_cache(maxsize=4)
+def _database_for(url: str) -> Database:
+    return Database(url)
+
+
+def get_database() -> Database:
+    """The process-wide database for the configured DATABASE_URL."""
+    return _database_for(get_settings().database_url)

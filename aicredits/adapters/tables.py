@@ -1,0 +1,211 @@
+"""The database schema as SQLModel tables. Every change here ships an Alembic migration.
+
+Credits are BIGINT: a pack of 5 USD buys thousands of credits, and a 32-bit column would
+cap a balance at about two million dollars.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, on SQLite (which stores no zone) and on Postgres."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; Postgres gets a 64-bit identity.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _ts(**kw: Any) -> Any:
+    nullable = kw.pop("nullable", False)
+    return Field(sa_column=sa.Column(UTCDateTime(), nullable=nullable, **kw))
+
+
+def _credits(**kw: Any) -> Any:
+    return Field(sa_column=sa.Column(sa.BigInteger(), nullable=False, **kw))
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str | None = Field(default=None, max_length=320, index=True)
+    email_verified: bool = Field(default=False)
+    name: str = Field(default="", max_length=200)
+    avatar_url: str | None = Field(default=None, max_length=2000)
+    is_suspended: bool = Field(default=False)
+    created_at: datetime = _ts()
+    last_seen_at: datetime | None = _ts(nullable=True)
+
+
+class CreditAccount(SQLModel, table=True):
+    """One per user. `balance` is owned, `held` is reserved for in-flight calls."""
+
+    __tablename__ = "credit_accounts"
+    __table_args__ = (
+        sa.CheckConstraint("balance >= 0", name="ck_credit_accounts_balance_non_negative"),
+        sa.CheckConstraint("held >= 0", name="ck_credit_accounts_held_non_negative"),
+        sa.CheckConstraint("held <= balance", name="ck_credit_accounts_held_within_balance"),
+    )
+
+    user_id: int = Field(foreign_key="users.id", primary_key=True)
+    balance: int = _credits(server_default="0")
+    held: int = _credits(server_default="0")
+    created_at: datetime = _ts()
+
+
+class PriceVersion(SQLModel, table=True):
+    """Credits per 1M tokens for a model from `effective_from` on. Rows are never edited."""
+
+    __tablename__ = "model_prices"
+    __table_args__ = (
+        sa.UniqueConstraint("model", "effective_from", name="uq_model_prices_model_effective"),
+        sa.CheckConstraint("input_per_mtok >= 0", name="ck_model_prices_input_non_negative"),
+        sa.CheckConstraint("output_per_mtok >= 0", name="ck_model_prices_output_non_negative"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    model: str = Field(max_length=100, index=True)
+    input_per_mtok: int = _credits()
+    output_per_mtok: int = _credits()
+    effective_from: datetime = _ts()
+    created_at: datetime = _ts()
+    created_by: str = Field(default="system", max_length=200)
+
+
+class Hold(SQLModel, table=True):
+    """Credits reserved for one in-flight call; settled, released or expired exactly once."""
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        sa.CheckConstraint("amount >= 0", name="ck_holds_amount_non_negative"),
+        sa.CheckConstraint(
+            "status IN ('pending', 'settled', 'released', 'expired')", name="ck_holds_status"
+        ),
+        sa.Index("ix_holds_status_expires_at", "status", "expires_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    request_id: str = Field(max_length=200, unique=True)
+    amount: int = _credits()
+    status: str = Field(default="pending", max_length=16)
+    charged: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger(), nullable=True))
+    unbilled: int = _credits(server_default="0")
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts()
+    finalized_at: datetime | None = _ts(nullable=True)
+
+
+class UsageEvent(SQLModel, table=True):
+    """One metered model call: tokens, the price version used, and what it cost."""
+
+    __tablename__ = "usage_events"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    request_id: str = Field(max_length=200, unique=True)
+    hold_id: int | None = Field(
+        default=None, sa_column=sa.Column(sa.BigInteger(), sa.ForeignKey("holds.id"), index=True)
+    )
+    model: str = Field(max_length=100)
+    price_version_id: int = Field(foreign_key="model_prices.id")
+    input_tokens: int = Field(ge=0)
+    output_tokens: int = Field(ge=0)
+    # True when the stream was cut before usage arrived and tokens were counted locally.
+    estimated: bool = Field(default=False)
+    outcome: str = Field(default="completed", max_length=16)
+    cost: int = _credits()
+    charged: int = _credits()
+    unbilled: int = _credits(server_default="0")
+    created_at: datetime = _ts(index=True)
+
+
+class LedgerEntry(SQLModel, table=True):
+    """Append-only: one row per change of a balance. A database trigger refuses edits."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        sa.CheckConstraint("amount <> 0", name="ck_ledger_entries_amount_nonzero"),
+        sa.CheckConstraint("balance_after >= 0", name="ck_ledger_entries_balance_after"),
+        sa.Index("ix_ledger_entries_user_id_id", "user_id", "id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id")
+    kind: str = Field(max_length=16)
+    amount: int = _credits()
+    balance_after: int = _credits()
+    idempotency_key: str = Field(max_length=200, unique=True)
+    reference: str | None = Field(default=None, max_length=200)
+    actor: str = Field(max_length=200)
+    reason: str = Field(default="", max_length=500)
+    created_at: datetime = _ts()
+
+
+class CreditLot(SQLModel, table=True):
+    """An expiring grant. What is left of it is derived from the ledger (domain.lot_remaining),
+    so spending never has to touch lot rows; `closed_at` is set once nothing of it can expire.
+    """
+
+    __tablename__ = "credit_lots"
+    __table_args__ = (
+        sa.CheckConstraint("amount > 0", name="ck_credit_lots_amount_positive"),
+        sa.Index("ix_credit_lots_due", "closed_at", "expires_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    entry_id: int = Field(
+        sa_column=sa.Column(
+            sa.BigInteger(), sa.ForeignKey("ledger_entries.id"), nullable=False, unique=True
+        )
+    )
+    amount: int = _credits()
+    expires_at: datetime = _ts()
+    closed_at: datetime | None = _ts(nullable=True)
+
+
+def table(model: type[SQLModel]) -> sa.Table:
+    """The Core table of a model, for the ledger's hand-written statements."""
+    t = model.__table__  # type: ignore[attr-defined]
+    assert isinstance(t, sa.Table)
+    return t
+
+
+users = table(User)
+credit_accounts = table(CreditAccount)
+model_prices = table(PriceVersion)
+holds = table(Hold)
+usage_events = table(UsageEvent)
+ledger_entries = table(LedgerEntry)
+credit_lots = table(CreditLot)

@@ -1,0 +1,65 @@
+"""The models and the migrations agree, on SQLite and on Postgres, both ways."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlmodel import SQLModel
+
+import aicredits.adapters.tables  # noqa: F401
+from aicredits.adapters.db import create_db_engine
+from aicredits.adapters.migrations import alembic_config, upgrade_to_head
+from tests.dbutil import PG_ADMIN_URL, pg_conninfo
+
+
+def _diff(url: str) -> list[object]:
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True})
+            return list(compare_metadata(context, SQLModel.metadata))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> object:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    name = f"aicredits_migr_{tmp_path.name[-12:].replace('-', '_').lower()}"
+    with psycopg.connect(pg_conninfo(PG_ADMIN_URL), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield "postgresql+psycopg://" + pg_conninfo(PG_ADMIN_URL, name).split("://", 1)[1]
+    with psycopg.connect(pg_conninfo(PG_ADMIN_URL), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_upgrade_head_leaves_no_autogenerate_diff(empty_url: str) -> None:
+    upgrade_to_head(empty_url)
+    assert _diff(empty_url) == []
+
+
+def test_an_unmigrated_database_does_differ(empty_url: str) -> None:
+    # Guards the test above: the comparison really sees the tables.
+    assert _diff(empty_url) != []
+
+
+def test_downgrade_to_base_and_upgrade_again(empty_url: str) -> None:
+    config = alembic_config(empty_url)
+    command.upgrade(config, "head")
+    command.downgrade(config, "base")
+    command.upgrade(config, "head")
+    assert _diff(empty_url) == []
+
+
+def test_there_is_exactly_one_head() -> None:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    assert len(script.get_heads()) == 1
