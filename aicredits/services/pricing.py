@@ -1,0 +1,143 @@
+"""Model prices: the versioned price table, quotes before a call, and costs after it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from aicredits.adapters.db import Database
+from aicredits.adapters.tables import model_prices, utcnow
+from aicredits.adapters.tokenizer import count_message_tokens
+from aicredits.domain.errors import InvalidRequest, UnknownModel
+from aicredits.domain.ledger import require_non_negative
+from aicredits.domain.pricing import Price, clamp_max_tokens, usage_cost, worst_case_cost
+from aicredits.settings import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """The most a call can cost, reserved before it starts."""
+
+    price: Price
+    prompt_tokens: int
+    max_output_tokens: int
+    credits: int
+
+
+def _price(row: Any) -> Price:
+    return Price(
+        version_id=row.id,
+        model=row.model,
+        input_per_mtok=row.input_per_mtok,
+        output_per_mtok=row.output_per_mtok,
+    )
+
+
+def current_price(db: Database, *, model: str, at: datetime | None = None) -> Price:
+    """The price version in effect for `model` at `at` (now by default)."""
+    at = at or utcnow()
+    with db.read() as conn:
+        row = conn.execute(
+            sa.select(model_prices)
+            .where(model_prices.c.model == model, model_prices.c.effective_from <= at)
+            .order_by(model_prices.c.effective_from.desc(), model_prices.c.id.desc())
+            .limit(1)
+        ).first()
+    if row is None:
+        raise UnknownModel(f"model {model!r} has no price")
+    return _price(row)
+
+
+def price_history(db: Database, *, model: str) -> list[Price]:
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(model_prices)
+            .where(model_prices.c.model == model)
+            .order_by(model_prices.c.effective_from, model_prices.c.id)
+        ).all()
+    return [_price(r) for r in rows]
+
+
+def add_price_version(
+    db: Database,
+    *,
+    model: str,
+    input_per_mtok: int,
+    output_per_mtok: int,
+    actor: str,
+    effective_from: datetime | None = None,
+) -> Price:
+    """Add a new price for a model, now or from a later date. Old versions stay untouched."""
+    model = model.strip()
+    if not model:
+        raise UnknownModel("a model id is required")
+    require_non_negative(input_per_mtok, "input price")
+    require_non_negative(output_per_mtok, "output price")
+    now = utcnow()
+    with db.transaction() as conn:
+        row = conn.execute(
+            sa.insert(model_prices)
+            .values(
+                model=model,
+                input_per_mtok=input_per_mtok,
+                output_per_mtok=output_per_mtok,
+                effective_from=effective_from or now,
+                created_at=now,
+                created_by=actor,
+            )
+            .returning(model_prices)
+        ).one()
+    return _price(row)
+
+
+def seed_prices(db: Database, models: Iterable[ModelSpec]) -> list[Price]:
+    """Give each configured model its configured price, unless the table already has one."""
+    added = []
+    with db.read() as conn:
+        priced = set(conn.execute(sa.select(model_prices.c.model).distinct()).scalars())
+    for spec in models:
+        if spec.id not in priced:
+            added.append(
+                add_price_version(
+                    db,
+                    model=spec.id,
+                    input_per_mtok=spec.input_per_mtok,
+                    output_per_mtok=spec.output_per_mtok,
+                    actor="config",
+                    effective_from=datetime(2000, 1, 1, tzinfo=utcnow().tzinfo),
+                )
+            )
+    return added
+
+
+def quote_worst_case(
+    price: Price,
+    spec: ModelSpec,
+    *,
+    messages: Sequence[Mapping[str, Any]],
+    max_tokens: int | None,
+) -> Quote:
+    """Price the worst case: every prompt token (counted with tiktoken) plus the output cap."""
+    if not messages:
+        raise InvalidRequest("messages must not be empty")
+    prompt_tokens = count_message_tokens(messages)
+    max_output = clamp_max_tokens(max_tokens, model_limit=spec.max_output_tokens)
+    if prompt_tokens + max_output > spec.context_tokens:
+        allowed = spec.context_tokens - max_output
+        raise InvalidRequest(
+            f"the prompt is {prompt_tokens} tokens; {spec.id} allows at most {allowed} "
+            f"with {max_output} output tokens"
+        )
+    credits = worst_case_cost(price, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
+    return Quote(
+        price=price, prompt_tokens=prompt_tokens, max_output_tokens=max_output, credits=credits
+    )
+
+
+def price_usage(price: Price, *, input_tokens: int, output_tokens: int) -> int:
+    """What a finished call costs, from its actual token counts."""
+    return usage_cost(price, input_tokens=input_tokens, output_tokens=output_tokens)

@@ -1,0 +1,63 @@
+"""Users and their credit accounts. Sign-in (later) creates users through `create_user`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from aicredits.adapters.db import Database
+from aicredits.adapters.tables import credit_accounts, users, utcnow
+from aicredits.domain.errors import InvalidRequest, UnknownUser
+
+
+@dataclass(frozen=True, slots=True)
+class UserView:
+    id: int
+    email: str | None
+    name: str
+    is_suspended: bool
+
+
+def create_user(
+    db: Database, *, email: str | None, name: str = "", email_verified: bool = False
+) -> UserView:
+    """Create a user and their (empty) credit account in one transaction."""
+    email = email.strip().lower() if email else None
+    now = utcnow()
+    with db.transaction() as conn:
+        user_id = conn.execute(
+            sa.insert(users)
+            .values(
+                email=email,
+                email_verified=email_verified,
+                name=name,
+                is_suspended=False,
+                created_at=now,
+            )
+            .returning(users.c.id)
+        ).scalar_one()
+        conn.execute(
+            sa.insert(credit_accounts).values(user_id=user_id, balance=0, held=0, created_at=now)
+        )
+    return UserView(id=user_id, email=email, name=name, is_suspended=False)
+
+
+def find_user_by_email(db: Database, *, email: str) -> UserView:
+    """The one user with this email. Several users may share an unverified email; then refuse."""
+    wanted = email.strip().lower()
+    if not wanted:
+        raise InvalidRequest("an email is required")
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(users.c.id, users.c.email, users.c.name, users.c.is_suspended).where(
+                sa.func.lower(users.c.email) == wanted
+            )
+        ).all()
+    if not rows:
+        raise UnknownUser(f"no user with email {wanted}")
+    if len(rows) > 1:
+        ids = ", ".join(str(r.id) for r in rows)
+        raise InvalidRequest(f"several users have email {wanted} (ids {ids}); use --user-id")
+    r = rows[0]
+    return UserView(id=r.id, email=r.email, name=r.name, is_suspended=r.is_suspended)

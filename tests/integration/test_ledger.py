@@ -1,0 +1,395 @@
+"""The ledger operations against a real database (SQLite and Postgres)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from aicredits.adapters.db import Database
+from aicredits.adapters.tables import (
+    holds,
+    ledger_entries,
+    usage_events,
+    utcnow,
+)
+from aicredits.domain.errors import (
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidAmount,
+    MissingReason,
+    UnknownHold,
+    UnknownUser,
+)
+from aicredits.services import ledger, pricing
+from aicredits.services.ledger import UsageRecord
+from aicredits.services.verify import verify_ledger
+from aicredits.settings import DEFAULT_MODELS
+from tests.factories import make_user, new_key
+
+
+def entries(db: Database, user_id: int) -> list[tuple[str, int, int]]:
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(
+                ledger_entries.c.kind, ledger_entries.c.amount, ledger_entries.c.balance_after
+            )
+            .where(ledger_entries.c.user_id == user_id)
+            .order_by(ledger_entries.c.id)
+        ).all()
+    return [(r.kind, r.amount, r.balance_after) for r in rows]
+
+
+def usage(db: Database) -> UsageRecord:
+    pricing.seed_prices(db, DEFAULT_MODELS)
+    price = pricing.current_price(db, model=DEFAULT_MODELS[0].id)
+    return UsageRecord(
+        model=price.model, price_version_id=price.version_id, input_tokens=10, output_tokens=20
+    )
+
+
+# --- grant ---------------------------------------------------------------------------------
+
+
+def test_grant_adds_credits_and_appends_one_entry(db: Database) -> None:
+    user = make_user(db)
+    result = ledger.grant(db, user_id=user, credits=100, key="g1", reason="welcome")
+    assert (result.amount, result.balance_after, result.replayed) == (100, 100, False)
+    assert ledger.get_balance(db, user_id=user).balance == 100
+    assert entries(db, user) == [("grant", 100, 100)]
+
+
+def test_grant_replayed_with_the_same_key_changes_nothing(db: Database) -> None:
+    user = make_user(db)
+    first = ledger.grant(db, user_id=user, credits=100, key="same", reason="welcome")
+    again = ledger.grant(db, user_id=user, credits=100, key="same", reason="welcome")
+    assert again.replayed
+    assert again.entry_id == first.entry_id
+    assert ledger.get_balance(db, user_id=user).balance == 100
+    assert len(entries(db, user)) == 1
+
+
+def test_a_key_reused_for_a_different_grant_is_refused(db: Database) -> None:
+    user = make_user(db)
+    other = make_user(db)
+    ledger.grant(db, user_id=user, credits=100, key="k", reason="r")
+    with pytest.raises(IdempotencyConflict):
+        ledger.grant(db, user_id=user, credits=999, key="k", reason="r")
+    with pytest.raises(IdempotencyConflict):
+        ledger.grant(db, user_id=other, credits=100, key="k", reason="r")
+    assert ledger.get_balance(db, user_id=other).balance == 0
+    assert ledger.get_balance(db, user_id=user).balance == 100
+
+
+@pytest.mark.parametrize("credits", [0, -5])
+def test_grant_of_zero_or_less_is_refused(db: Database, credits: int) -> None:
+    user = make_user(db)
+    with pytest.raises(InvalidAmount):
+        ledger.grant(db, user_id=user, credits=credits, key=new_key(), reason="r")
+    assert entries(db, user) == []
+
+
+def test_grant_without_a_reason_is_refused(db: Database) -> None:
+    user = make_user(db)
+    with pytest.raises(MissingReason):
+        ledger.grant(db, user_id=user, credits=5, key=new_key(), reason="  ")
+
+
+def test_grant_to_an_unknown_user_is_refused(db: Database) -> None:
+    with pytest.raises(UnknownUser):
+        ledger.grant(db, user_id=4242, credits=5, key=new_key(), reason="r")
+
+
+def test_grant_expiring_in_the_past_is_refused(db: Database) -> None:
+    user = make_user(db)
+    with pytest.raises(InvalidAmount, match="future"):
+        ledger.grant(
+            db,
+            user_id=user,
+            credits=5,
+            key=new_key(),
+            reason="r",
+            expires_at=utcnow() - timedelta(seconds=1),
+        )
+
+
+# --- reserve / settle / release --------------------------------------------------------------
+
+
+def test_reserve_holds_credits_without_spending_them(db: Database) -> None:
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    bal = ledger.get_balance(db, user_id=user)
+    assert (bal.balance, bal.held, bal.available) == (100, 30, 70)
+    assert hold.status == "pending"
+    assert len(entries(db, user)) == 1  # a hold is not a balance change
+
+
+def test_reserve_more_than_available_is_refused_with_the_amounts(db: Database) -> None:
+    user = make_user(db, credits=100)
+    ledger.reserve(db, user_id=user, credits=80, request_id="r1")
+    with pytest.raises(InsufficientCredits) as caught:
+        ledger.reserve(db, user_id=user, credits=21, request_id="r2")
+    assert (caught.value.available, caught.value.needed) == (20, 21)
+    with db.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(holds)).scalar_one() == 1
+    assert ledger.get_balance(db, user_id=user).held == 80
+
+
+def test_reserve_exactly_the_available_credits_succeeds(db: Database) -> None:
+    user = make_user(db, credits=100)
+    ledger.reserve(db, user_id=user, credits=100, request_id="all")
+    assert ledger.get_balance(db, user_id=user).available == 0
+
+
+def test_reserve_replayed_with_the_same_request_id_returns_the_first_hold(db: Database) -> None:
+    user = make_user(db, credits=100)
+    first = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    again = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    assert again.replayed and again.id == first.id
+    assert ledger.get_balance(db, user_id=user).held == 30
+    with pytest.raises(IdempotencyConflict):
+        ledger.reserve(db, user_id=user, credits=31, request_id="r1")
+
+
+def test_reserve_for_an_unknown_user_is_refused(db: Database) -> None:
+    with pytest.raises(UnknownUser):
+        ledger.reserve(db, user_id=999, credits=1, request_id="r")
+
+
+def test_settle_charges_actual_usage_and_returns_the_rest(db: Database) -> None:
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    result = ledger.settle(db, hold=hold.id, actual_credits=12, usage=usage(db))
+    assert (result.charged, result.unbilled, result.applied) == (12, 0, True)
+    assert result.balance_after == 88
+    bal = ledger.get_balance(db, user_id=user)
+    assert (bal.balance, bal.held) == (88, 0)
+    assert entries(db, user)[-1] == ("spend", -12, 88)
+    with db.read() as conn:
+        event = conn.execute(sa.select(usage_events)).one()
+    assert (event.cost, event.charged, event.unbilled, event.request_id) == (12, 12, 0, "r1")
+    assert event.price_version_id == result_price_version(db)
+
+
+def result_price_version(db: Database) -> int:
+    return pricing.current_price(db, model=DEFAULT_MODELS[0].id).version_id
+
+
+def test_settle_above_the_hold_charges_the_hold_and_records_the_overage(db: Database) -> None:
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    result = ledger.settle(db, hold=hold.id, actual_credits=45, usage=usage(db))
+    assert (result.charged, result.unbilled) == (30, 15)
+    bal = ledger.get_balance(db, user_id=user)
+    assert (bal.balance, bal.held) == (70, 0)
+    with db.read() as conn:
+        event = conn.execute(sa.select(usage_events)).one()
+    assert (event.cost, event.charged, event.unbilled) == (45, 30, 15)
+
+
+def test_settle_of_a_zero_cost_call_charges_nothing_and_writes_no_entry(db: Database) -> None:
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    result = ledger.settle(db, hold=hold.id, actual_credits=0, usage=usage(db))
+    assert (result.charged, result.applied) == (0, True)
+    bal = ledger.get_balance(db, user_id=user)
+    assert (bal.balance, bal.held) == (100, 0)
+    assert [e[0] for e in entries(db, user)] == ["grant"]
+
+
+def test_settle_twice_charges_once(db: Database) -> None:
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    ledger.settle(db, hold=hold.id, actual_credits=10, usage=usage(db))
+    again = ledger.settle(db, hold=hold.id, actual_credits=10, usage=usage(db))
+    assert not again.applied
+    assert again.charged == 10
+    assert ledger.get_balance(db, user_id=user).balance == 90
+
+
+def test_release_returns_the_hold_and_charges_nothing(db: Database) -> None:
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    released = ledger.release(db, hold_id=hold.id)
+    assert released.status == "released"
+    bal = ledger.get_balance(db, user_id=user)
+    assert (bal.balance, bal.held) == (100, 0)
+    assert ledger.release(db, hold_id=hold.id).status == "released"  # idempotent
+    assert ledger.get_balance(db, user_id=user).held == 0
+
+
+def test_release_after_settle_changes_nothing(db: Database) -> None:
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    ledger.settle(db, hold=hold.id, actual_credits=10)
+    assert ledger.release(db, hold_id=hold.id).status == "settled"
+    bal = ledger.get_balance(db, user_id=user)
+    assert (bal.balance, bal.held) == (90, 0)
+
+
+def test_settle_after_release_charges_nothing_but_keeps_the_usage_on_record(db: Database) -> None:
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    ledger.release(db, hold_id=hold.id)
+    late = ledger.settle(db, hold=hold.id, actual_credits=10, usage=usage(db))
+    assert (late.applied, late.charged, late.unbilled) == (False, 0, 10)
+    assert ledger.get_balance(db, user_id=user).balance == 100
+    with db.read() as conn:
+        event = conn.execute(sa.select(usage_events)).one()
+    assert (event.charged, event.unbilled) == (0, 10)
+
+
+def test_unknown_hold_is_reported(db: Database) -> None:
+    with pytest.raises(UnknownHold):
+        ledger.settle(db, hold=12345, actual_credits=1)
+    with pytest.raises(UnknownHold):
+        ledger.release(db, hold_id=12345)
+
+
+# --- adjust ------------------------------------------------------------------------------------
+
+
+def test_adjust_up_and_down_with_actor_and_reason(db: Database) -> None:
+    user = make_user(db, credits=100)
+    ledger.adjust(db, user_id=user, credits=-40, key="a1", actor="admin:1", reason="mistake")
+    ledger.adjust(db, user_id=user, credits=5, key="a2", actor="admin:1", reason="goodwill")
+    assert entries(db, user)[1:] == [("adjustment", -40, 60), ("adjustment", 5, 65)]
+    with db.read() as conn:
+        row = conn.execute(
+            sa.select(ledger_entries).where(ledger_entries.c.idempotency_key == "a1")
+        ).one()
+    assert (row.actor, row.reason) == ("admin:1", "mistake")
+
+
+def test_adjust_can_never_take_the_balance_below_zero_or_below_what_is_held(
+    db: Database,
+) -> None:
+    user = make_user(db, credits=100)
+    with pytest.raises(InsufficientCredits):
+        ledger.adjust(db, user_id=user, credits=-101, key=new_key(), actor="a", reason="r")
+    ledger.reserve(db, user_id=user, credits=30, request_id="r1")
+    with pytest.raises(InsufficientCredits) as caught:
+        ledger.adjust(db, user_id=user, credits=-71, key=new_key(), actor="a", reason="r")
+    assert caught.value.available == 70
+    assert ledger.get_balance(db, user_id=user).balance == 100
+
+
+def test_adjust_needs_a_reason_an_actor_and_a_nonzero_amount(db: Database) -> None:
+    user = make_user(db, credits=10)
+    with pytest.raises(MissingReason):
+        ledger.adjust(db, user_id=user, credits=1, key=new_key(), actor="a", reason="")
+    with pytest.raises(InvalidAmount):
+        ledger.adjust(db, user_id=user, credits=1, key=new_key(), actor="", reason="r")
+    with pytest.raises(InvalidAmount):
+        ledger.adjust(db, user_id=user, credits=0, key=new_key(), actor="a", reason="r")
+
+
+def test_adjust_replayed_applies_once(db: Database) -> None:
+    user = make_user(db, credits=100)
+    for _ in range(3):
+        ledger.adjust(db, user_id=user, credits=-10, key="form-1", actor="a", reason="r")
+    assert ledger.get_balance(db, user_id=user).balance == 90
+
+
+# --- expiry ------------------------------------------------------------------------------------
+
+
+def test_spending_takes_the_soonest_expiring_grant_first(db: Database) -> None:
+    now = utcnow()
+    user = make_user(db, credits=50)  # never expires
+    late = ledger.grant(
+        db, user_id=user, credits=20, key="late", reason="r", expires_at=now + timedelta(days=9)
+    )
+    soon = ledger.grant(
+        db, user_id=user, credits=10, key="soon", reason="r", expires_at=now + timedelta(days=1)
+    )
+    hold = ledger.reserve(db, user_id=user, credits=15, request_id="r1")
+    ledger.settle(db, hold=hold.id, actual_credits=15)
+    # The soon-expiring 10 are gone; 5 came out of the later grant; the 50 are untouched.
+    assert ledger.expiring_credits(db, user_id=user) == [(now + timedelta(days=9), 15)]
+    assert (soon.amount, late.amount) == (10, 20)
+
+    # After both dates pass, only the unspent 15 leaves; the 50 purchased credits stay.
+    report = ledger.expire_due_grants(db, now=now + timedelta(days=10))
+    assert (report.lots_touched, report.credits_expired) == (1, 15)
+    assert ledger.get_balance(db, user_id=user).balance == 50
+    assert entries(db, user)[-1] == ("expiry", -15, 50)
+
+
+def test_expiry_happens_exactly_once(db: Database) -> None:
+    now = utcnow()
+    user = make_user(db)
+    ledger.grant(
+        db, user_id=user, credits=20, key="g", reason="trial", expires_at=now + timedelta(hours=1)
+    )
+    assert ledger.expire_due_grants(db, now=now).credits_expired == 0  # not yet due
+    later = now + timedelta(hours=2)
+    assert ledger.expire_due_grants(db, now=later).credits_expired == 20
+    assert ledger.expire_due_grants(db, now=later).credits_expired == 0
+    assert ledger.get_balance(db, user_id=user).balance == 0
+    assert [e[0] for e in entries(db, user)] == ["grant", "expiry"]
+
+
+def test_expiry_leaves_credits_held_by_an_in_flight_call_until_it_finishes(db: Database) -> None:
+    now = utcnow()
+    user = make_user(db)
+    ledger.grant(
+        db, user_id=user, credits=20, key="g", reason="trial", expires_at=now + timedelta(hours=1)
+    )
+    hold = ledger.reserve(db, user_id=user, credits=8, request_id="r1", now=now)
+    later = now + timedelta(hours=2)
+    assert ledger.expire_due_grants(db, now=later).credits_expired == 12
+    # The call settles for 5: paid from the expiring grant; the 3 left over expire next run.
+    ledger.settle(db, hold=hold.id, actual_credits=5, now=later)
+    assert ledger.expire_due_grants(db, now=later).credits_expired == 3
+    bal = ledger.get_balance(db, user_id=user)
+    assert (bal.balance, bal.held) == (0, 0)
+    assert verify_ledger(db) == []
+
+
+# --- stale holds -------------------------------------------------------------------------------
+
+
+def test_sweeper_releases_only_holds_past_their_expiry(db: Database) -> None:
+    now = utcnow()
+    user = make_user(db, credits=100)
+    stale = ledger.reserve(
+        db, user_id=user, credits=30, request_id="old", ttl=timedelta(minutes=1), now=now
+    )
+    fresh = ledger.reserve(
+        db, user_id=user, credits=20, request_id="new", ttl=timedelta(hours=1), now=now
+    )
+    assert ledger.sweep_stale_holds(db, now=now + timedelta(minutes=5)) == 1
+    assert ledger.get_hold(db, hold_id=stale.id).status == "expired"
+    assert ledger.get_hold(db, hold_id=fresh.id).status == "pending"
+    assert ledger.get_balance(db, user_id=user).held == 20
+    assert ledger.sweep_stale_holds(db, now=now + timedelta(minutes=5)) == 0
+    # The crashed worker comes back late: nothing is charged.
+    late = ledger.settle(db, hold=stale.id, actual_credits=7)
+    assert not late.applied
+    assert ledger.get_balance(db, user_id=user).balance == 100
+    assert verify_ledger(db) == []
+
+
+# --- the ledger is append-only -----------------------------------------------------------------
+
+
+def test_the_database_refuses_to_edit_or_delete_ledger_entries(db: Database) -> None:
+    user = make_user(db, credits=10)
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"), db.transaction() as conn:
+        conn.execute(sa.update(ledger_entries).values(amount=1_000_000))
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"), db.transaction() as conn:
+        conn.execute(sa.delete(ledger_entries))
+    assert entries(db, user) == [("grant", 10, 10)]
+
+
+def test_verify_ledger_is_clean_after_a_mixed_history(db: Database) -> None:
+    user = make_user(db, credits=100)
+    h1 = ledger.reserve(db, user_id=user, credits=30, request_id="a")
+    h2 = ledger.reserve(db, user_id=user, credits=30, request_id="b")
+    ledger.settle(db, hold=h1.id, actual_credits=40)
+    ledger.release(db, hold_id=h2.id)
+    ledger.adjust(db, user_id=user, credits=-5, key="adj", actor="a", reason="r")
+    assert verify_ledger(db) == []

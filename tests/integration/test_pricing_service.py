@@ -1,0 +1,69 @@
+"""The versioned price table and the quotes taken from it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from aicredits.adapters.db import Database
+from aicredits.adapters.tables import utcnow
+from aicredits.domain.errors import InvalidRequest, UnknownModel
+from aicredits.services import pricing
+from aicredits.settings import ModelSpec
+
+SPEC = ModelSpec(
+    id="m1", input_per_mtok=2_000, output_per_mtok=8_000, max_output_tokens=100, context_tokens=300
+)
+
+
+def test_seeding_prices_each_model_once(db: Database) -> None:
+    assert [p.model for p in pricing.seed_prices(db, [SPEC])] == ["m1"]
+    assert pricing.seed_prices(db, [SPEC]) == []
+    assert len(pricing.price_history(db, model="m1")) == 1
+
+
+def test_a_new_version_applies_from_its_date_and_old_ones_stay(db: Database) -> None:
+    pricing.seed_prices(db, [SPEC])
+    old = pricing.current_price(db, model="m1")
+    tomorrow = utcnow() + timedelta(days=1)
+    new = pricing.add_price_version(
+        db,
+        model="m1",
+        input_per_mtok=3_000,
+        output_per_mtok=9_000,
+        actor="admin",
+        effective_from=tomorrow,
+    )
+    assert pricing.current_price(db, model="m1") == old
+    assert pricing.current_price(db, model="m1", at=tomorrow + timedelta(seconds=1)) == new
+    assert new.version_id != old.version_id
+    assert [p.version_id for p in pricing.price_history(db, model="m1")] == [
+        old.version_id,
+        new.version_id,
+    ]
+
+
+def test_a_model_without_a_price_is_unknown(db: Database) -> None:
+    with pytest.raises(UnknownModel):
+        pricing.current_price(db, model="nope")
+
+
+def test_worst_case_quote_counts_the_prompt_and_clamps_the_output(db: Database) -> None:
+    pricing.seed_prices(db, [SPEC])
+    price = pricing.current_price(db, model="m1")
+    messages = [{"role": "user", "content": "hello world"}]
+    quote = pricing.quote_worst_case(price, SPEC, messages=messages, max_tokens=5000)
+    assert (quote.prompt_tokens, quote.max_output_tokens) == (9, 100)
+    assert quote.credits == 1  # ceil((9 * 2000 + 100 * 8000) / 1M) = ceil(0.818)
+    assert pricing.price_usage(price, input_tokens=9, output_tokens=40) == 1
+
+
+def test_a_quote_refuses_empty_messages_and_prompts_beyond_the_context(db: Database) -> None:
+    pricing.seed_prices(db, [SPEC])
+    price = pricing.current_price(db, model="m1")
+    with pytest.raises(InvalidRequest, match="empty"):
+        pricing.quote_worst_case(price, SPEC, messages=[], max_tokens=None)
+    long = [{"role": "user", "content": "word " * 400}]
+    with pytest.raises(InvalidRequest, match="at most 200"):
+        pricing.quote_worst_case(price, SPEC, messages=long, max_tokens=None)
