@@ -1,0 +1,145 @@
+"""The operator's command line: parse input, call one service, say what happened.
+
+Exit codes: 0 success, 1 a ledger invariant is broken, 2 bad input or an unknown user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+
+from aicredits.adapters.db import Database
+from aicredits.adapters.migrations import upgrade_to_head
+from aicredits.adapters.tables import utcnow
+from aicredits.domain.errors import AICreditsError
+from aicredits.services import ledger, pricing, users
+from aicredits.services.verify import verify_ledger
+from aicredits.settings import get_settings
+
+EXIT_OK = 0
+EXIT_BROKEN = 1
+EXIT_BAD_INPUT = 2
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text.replace("_", ""), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m aicredits", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("migrate", help="apply database migrations and seed model prices")
+    sub.add_parser(
+        "verify-ledger", help="check every ledger invariant; exit 1 naming the first broken one"
+    )
+
+    grant = sub.add_parser("grant", help="add credits to a user's balance")
+    who = grant.add_mutually_exclusive_group(required=True)
+    who.add_argument("--email", help="the user's email address")
+    who.add_argument("--user-id", type=_whole_number, help="the user's internal id")
+    grant.add_argument("--credits", type=_whole_number, required=True, help="credits to add (> 0)")
+    grant.add_argument("--reason", required=True, help="why; kept in the ledger")
+    grant.add_argument(
+        "--expires-in-days", type=_whole_number, help="the unspent rest expires after this"
+    )
+    grant.add_argument(
+        "--key",
+        help="idempotency key: repeating the command with the same key grants only once "
+        "(default: a new random key)",
+    )
+
+    sub.add_parser("run-jobs", help="release stale holds and expire due grants, once")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = get_settings()
+    db = Database(settings.database_url)
+    try:
+        if args.command == "migrate":
+            return _migrate(db)
+        if args.command == "verify-ledger":
+            return _verify(db)
+        if args.command == "grant":
+            return _grant(db, args)
+        if args.command == "run-jobs":
+            return _run_jobs(db)
+    except AICreditsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        db.dispose()
+    raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def _migrate(db: Database) -> int:
+    upgrade_to_head(db.url)
+    seeded = pricing.seed_prices(db, get_settings().models)
+    print(f"database at head ({db.dialect})")
+    for price in seeded:
+        print(
+            f"priced {price.model}: {price.input_per_mtok} in / {price.output_per_mtok} out "
+            "credits per 1M tokens"
+        )
+    return EXIT_OK
+
+
+def _verify(db: Database) -> int:
+    problems = verify_ledger(db)
+    if problems:
+        print(f"ledger BROKEN: {problems[0]}", file=sys.stderr)
+        if len(problems) > 1:
+            print(f"... and {len(problems) - 1} more:", file=sys.stderr)
+            for problem in problems[1:]:
+                print(f"  {problem}", file=sys.stderr)
+        return EXIT_BROKEN
+    print("ledger OK: every invariant holds for every account")
+    return EXIT_OK
+
+
+def _grant(db: Database, args: argparse.Namespace) -> int:
+    if args.user_id is not None:
+        user_id = args.user_id
+        label = f"user {user_id}"
+    else:
+        user = users.find_user_by_email(db, email=args.email)
+        user_id = user.id
+        label = f"{user.email} (user {user.id})"
+    expires_at = None
+    if args.expires_in_days is not None:
+        if args.expires_in_days <= 0:
+            print("error: --expires-in-days must be at least 1", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        expires_at = utcnow() + timedelta(days=args.expires_in_days)
+    key = args.key or f"cli-grant:{uuid.uuid4()}"
+    result = ledger.grant(
+        db,
+        user_id=user_id,
+        credits=args.credits,
+        key=key,
+        reason=args.reason,
+        expires_at=expires_at,
+        actor="cli",
+    )
+    if result.replayed:
+        print(f"already granted with key {key}: nothing changed. Balance: {result.balance_after}")
+        return EXIT_OK
+    until = f", expiring {expires_at:%Y-%m-%d %H:%M} UTC" if expires_at else ""
+    print(f"granted {args.credits} credits to {label}{until}. Balance: {result.balance_after}")
+    print(f"idempotency key: {key}")
+    return EXIT_OK
+
+
+def _run_jobs(db: Database) -> int:
+    stale = ledger.sweep_stale_holds(db)
+    expired = ledger.expire_due_grants(db)
+    print(f"released {stale} stale holds; expired {expired.credits_expired} credits")
+    return EXIT_OK
