@@ -1,0 +1,1 @@
+"""Development tools: local stand-ins for outside services, for development and tests."""
