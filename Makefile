@@ -13,6 +13,7 @@ REFLEX_ENV = REFLEX_USE_SYSTEM_BUN=1 REFLEX_TELEMETRY_ENABLED=false
 
 help:
 	@echo "make run     install what is missing, migrate the database, start the app on :3000"
+	@echo "             (with Dev sign-in and the other local stand-ins)"
 	@echo "make test    install what is missing, start Postgres/Redis, lint, type-check, run all tests"
 	@echo "make bench   measure the ledger against plain psycopg (needs Postgres)"
 	@echo "make lint    ruff + mypy only;  make format  apply ruff's formatting"
@@ -31,7 +32,7 @@ migrate: $(STAMP)
 	$(PY) -m aicredits migrate
 
 run: setup migrate
-	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(VENV)/bin/reflex run
+	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) -m aicredits dev
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -15,7 +15,7 @@ from aicredits.adapters.db import Database
 from aicredits.adapters.migrations import upgrade_to_head
 from aicredits.adapters.tables import utcnow
 from aicredits.domain.errors import AICreditsError
-from aicredits.services import ledger, pricing, users
+from aicredits.services import auth, ledger, pricing, users
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
 
@@ -55,12 +55,33 @@ def _parser() -> argparse.ArgumentParser:
         "(default: a new random key)",
     )
 
-    sub.add_parser("run-jobs", help="release stale holds and expire due grants, once")
+    sub.add_parser(
+        "run-jobs", help="release stale holds, expire due grants, forget old sign-in attempts"
+    )
+    dev = sub.add_parser("dev", help="run the app with its local stand-ins (what `make run` does)")
+    dev.add_argument("reflex_args", nargs=argparse.REMAINDER, help="passed to `reflex run`")
+    idp = sub.add_parser("dev-idp", help="run the local OpenID provider behind Dev sign-in")
+    idp.add_argument("idp_args", nargs=argparse.REMAINDER)
+    upstream = sub.add_parser("fake-upstream", help="run the local fake OpenAI-compatible model")
+    upstream.add_argument("upstream_args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The long-running development servers need no database handle here.
+    if args.command == "dev":
+        from aicredits.devtools import launcher
+
+        return launcher.main(args.reflex_args)
+    if args.command == "dev-idp":
+        from aicredits.devtools import dev_idp
+
+        return dev_idp.main(args.idp_args)
+    if args.command == "fake-upstream":
+        from aicredits.devtools import fake_upstream
+
+        return fake_upstream.main(args.upstream_args)
     settings = get_settings()
     db = Database(settings.database_url)
     try:
@@ -141,5 +162,9 @@ def _grant(db: Database, args: argparse.Namespace) -> int:
 def _run_jobs(db: Database) -> int:
     stale = ledger.sweep_stale_holds(db)
     expired = ledger.expire_due_grants(db)
-    print(f"released {stale} stale holds; expired {expired.credits_expired} credits")
+    forgotten = auth.forget_old_login_attempts(db)
+    print(
+        f"released {stale} stale holds; expired {expired.credits_expired} credits; "
+        f"forgot {forgotten} old sign-in attempts"
+    )
     return EXIT_OK

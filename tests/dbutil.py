@@ -11,6 +11,9 @@ PG_ADMIN_URL = os.environ.get(
     "AICREDITS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 TABLES = [
+    "login_attempts",
+    "auth_sessions",
+    "identities",
     "usage_events",
     "credit_lots",
     "ledger_entries",

@@ -55,7 +55,20 @@ def _credits(**kw: Any) -> Any:
 
 
 class User(SQLModel, table=True):
+    """A person. Keyed by an internal id; the email only links a second sign-in provider."""
+
     __tablename__ = "users"
+    __table_args__ = (
+        # One user per verified email, so two first sign-ins with one email cannot race into
+        # two accounts. Unverified emails are never used to link, so they may repeat.
+        sa.Index(
+            "uq_users_verified_email",
+            "email",
+            unique=True,
+            sqlite_where=sa.text("email_verified = 1"),
+            postgresql_where=sa.text("email_verified"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     email: str | None = Field(default=None, max_length=320, index=True)
@@ -195,6 +208,60 @@ class CreditLot(SQLModel, table=True):
     closed_at: datetime | None = _ts(nullable=True)
 
 
+class Identity(SQLModel, table=True):
+    """A provider account (Google, GitHub, an OIDC issuer) that signs in as a user."""
+
+    __tablename__ = "identities"
+    __table_args__ = (
+        sa.UniqueConstraint("provider", "subject", name="uq_identities_provider_subject"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    provider: str = Field(max_length=50)
+    subject: str = Field(max_length=255)
+    email: str | None = Field(default=None, max_length=320)
+    email_verified: bool = Field(default=False)
+    created_at: datetime = _ts()
+    last_sign_in_at: datetime = _ts()
+
+
+class AuthSession(SQLModel, table=True):
+    """A signed-in browser. Only the token's hash is stored, never the token."""
+
+    __tablename__ = "auth_sessions"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    token_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts()
+    last_used_at: datetime = _ts()
+    revoked_at: datetime | None = _ts(nullable=True)
+    user_agent: str = Field(default="", max_length=300)
+
+
+class LoginAttempt(SQLModel, table=True):
+    """One sign-in in progress: its state (hashed), PKCE verifier, nonce and destination.
+
+    It is bound to the browser that started it (a cookie whose hash is `binder_hash`) and
+    used at most once (`used_at`).
+    """
+
+    __tablename__ = "login_attempts"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    state_hash: str = Field(max_length=64, unique=True)
+    binder_hash: str = Field(max_length=64)
+    provider: str = Field(max_length=50)
+    code_verifier: str = Field(max_length=128)
+    nonce: str = Field(max_length=128)
+    next_path: str = Field(max_length=500)
+    created_at: datetime = _ts()
+    expires_at: datetime = _ts(index=True)
+    used_at: datetime | None = _ts(nullable=True)
+
+
 def table(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, for the ledger's hand-written statements."""
     t = model.__table__  # type: ignore[attr-defined]
@@ -209,3 +276,6 @@ holds = table(Hold)
 usage_events = table(UsageEvent)
 ledger_entries = table(LedgerEntry)
 credit_lots = table(CreditLot)
+identities = table(Identity)
+auth_sessions = table(AuthSession)
+login_attempts = table(LoginAttempt)

@@ -1,4 +1,4 @@
-"""The landing page. Sign-in, chat and credits pages arrive with their issues."""
+"""The landing page: what this is, how to sign in, and what it costs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import reflex as rx
 
+from aicredits.components.layout import page, sign_in_button
 from aicredits.state.home import HomeState
 
 
@@ -18,35 +19,34 @@ def _model_row(model: Any) -> rx.Component:  # an ObjectVar at compile time
 
 
 def home() -> rx.Component:
-    return rx.container(
-        rx.vstack(
-            rx.heading("aicredits", size="8"),
-            rx.text(
-                "A paid AI chat that sustains itself: sign in, buy prepaid credits, chat, "
-                "and see every credit you spend."
-            ),
-            rx.callout(
-                "This is the foundation release: the credit ledger and the price table are "
-                "in place; sign-in, chat and checkout come next.",
-                icon="info",
-                id="foundation-notice",
-            ),
-            rx.heading("Models and prices", size="5"),
-            rx.text("Credits per 1K tokens.", size="2", color_scheme="gray"),
-            rx.table.root(
-                rx.table.header(
-                    rx.table.row(
-                        rx.table.column_header_cell("Model"),
-                        rx.table.column_header_cell("Input"),
-                        rx.table.column_header_cell("Output"),
-                    )
-                ),
-                rx.table.body(rx.foreach(HomeState.models, _model_row)),
-                id="price-table",
-            ),
-            rx.text("Database: ", HomeState.database, size="2", color_scheme="gray"),
-            spacing="4",
-            padding_y="2em",
+    return page(
+        rx.heading("A paid AI chat that sustains itself", size="7"),
+        rx.text(
+            "Sign in, chat with an AI model, and pay only for what you use with prepaid "
+            "credits. New accounts start with free trial credits."
         ),
-        size="2",
+        rx.cond(
+            HomeState.signed_in,
+            rx.link(rx.button("Open the chat", size="3", id="open-chat"), href="/chat"),
+            rx.vstack(
+                rx.foreach(HomeState.providers, lambda p: sign_in_button(p, "/chat")),
+                width="100%",
+                max_width="22em",
+                id="sign-in-buttons",
+            ),
+        ),
+        rx.heading("Models and prices", size="5"),
+        rx.text("Credits per 1K tokens.", size="2", color_scheme="gray"),
+        rx.table.root(
+            rx.table.header(
+                rx.table.row(
+                    rx.table.column_header_cell("Model"),
+                    rx.table.column_header_cell("Input"),
+                    rx.table.column_header_cell("Output"),
+                )
+            ),
+            rx.table.body(rx.foreach(HomeState.models, _model_row)),
+            id="price-table",
+        ),
+        rx.text("Database: ", HomeState.database, size="2", color_scheme="gray"),
     )

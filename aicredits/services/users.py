@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
-from aicredits.adapters.tables import credit_accounts, users, utcnow
+from aicredits.adapters.tables import auth_sessions, credit_accounts, users, utcnow
 from aicredits.domain.errors import InvalidRequest, UnknownUser
 
 
@@ -61,3 +61,24 @@ def find_user_by_email(db: Database, *, email: str) -> UserView:
         raise InvalidRequest(f"several users have email {wanted} (ids {ids}); use --user-id")
     r = rows[0]
     return UserView(id=r.id, email=r.email, name=r.name, is_suspended=r.is_suspended)
+
+
+def set_suspended(db: Database, *, user_id: int, suspended: bool) -> None:
+    """Suspend or restore a user. Suspending ends every session at its next request."""
+    with db.transaction() as conn:
+        changed = conn.execute(
+            sa.update(users).where(users.c.id == user_id).values(is_suspended=suspended)
+        )
+        if changed.rowcount != 1:
+            raise UnknownUser(f"no user {user_id}")
+        if suspended:
+            conn.execute(
+                sa.update(auth_sessions)
+                .where(auth_sessions.c.user_id == user_id, auth_sessions.c.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+
+
+def count_users(db: Database) -> int:
+    with db.read() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())

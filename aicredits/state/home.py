@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import reflex as rx
 
 from aicredits.adapters.db import get_database
 from aicredits.services.catalog import describe_database, list_model_offers
 from aicredits.settings import get_settings
+from aicredits.state.session import SessionState, provider_buttons
 
 
-class HomeState(rx.State):
+class HomeState(SessionState):
     models: list[dict[str, str]] = []
     database: str = ""
+    providers: list[dict[str, str]] = []
 
     @rx.event
-    def load(self) -> None:
+    async def load(self) -> None:
+        await self._load_visitor()
         settings = get_settings()
+        self.providers = provider_buttons()
         self.database = describe_database(settings)
         self.models = [
             {
@@ -24,5 +30,5 @@ class HomeState(rx.State):
                 "input": offer.input_per_1k,
                 "output": offer.output_per_1k,
             }
-            for offer in list_model_offers(get_database(), settings)
+            for offer in await asyncio.to_thread(list_model_offers, get_database(), settings)
         ]

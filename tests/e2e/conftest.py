@@ -13,8 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import oidc_provider_mock
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+
+from aicredits.adapters.db import Database
+from aicredits.devtools.dev_idp import dev_user_claims
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("AICREDITS_CHROMIUM", "/usr/bin/chromium")
@@ -28,6 +32,7 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 START_TIMEOUT = 420
+TRIAL_CREDITS = 1000
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,11 @@ class RunningApp:
     frontend: str
     backend: str
     database_url: str
+    idp: str
     log: Path
+
+    def db(self) -> Database:
+        return Database(self.database_url)
 
 
 def free_port() -> int:
@@ -59,17 +68,36 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, deadline: float
 
 
 @pytest.fixture(scope="session")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+def idp() -> Iterator[str]:
+    """The real oidc-provider-mock issuer, with the same test users as Dev sign-in."""
+    os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
+    with oidc_provider_mock.run_server_in_thread(
+        port=0, require_nonce=True, user_claims=dev_user_claims()
+    ) as server:
+        yield f"http://127.0.0.1:{server.server_port}"
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory: pytest.TempPathFactory, idp: str) -> Iterator[RunningApp]:
     work = tmp_path_factory.mktemp("app")
     database_url = f"sqlite:///{work / 'e2e.db'}"
     frontend_port, backend_port = free_port(), free_port()
+    frontend = f"http://localhost:{frontend_port}"
+    backend = f"http://localhost:{backend_port}"
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
+        "PUBLIC_URL": frontend,
+        "API_URL": backend,
+        "DEV_OIDC_ISSUER": idp,
+        "ADMIN_EMAILS": "admin@example.test",
+        "FREE_TRIAL_CREDITS": str(TRIAL_CREDITS),
         "REFLEX_USE_SYSTEM_BUN": "1",
         "REFLEX_TELEMETRY_ENABLED": "false",
         "PYTHONUNBUFFERED": "1",
     }
+    for key in ("GOOGLE_CLIENT_ID", "GITHUB_CLIENT_ID", "OIDC_ISSUER"):
+        env.pop(key, None)  # Dev sign-in is what the browser tests use
     subprocess.run(
         [sys.executable, "-m", "aicredits", "migrate"], cwd=ROOT, env=env, check=True, timeout=120
     )
@@ -83,10 +111,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
             cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     running = RunningApp(
-        frontend=f"http://localhost:{frontend_port}",
-        backend=f"http://localhost:{backend_port}",
-        database_url=database_url,
-        log=log,
+        frontend=frontend, backend=backend, database_url=database_url, idp=idp, log=log
     )
     try:
         deadline = time.monotonic() + START_TIMEOUT
@@ -94,11 +119,18 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
         wait_for(running.frontend + "/", proc, log, deadline)
         yield running
     finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process and everything it started (Reflex runs node and bun)."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
@@ -112,9 +144,26 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context()
-    context.set_default_timeout(60_000)
-    tab = context.new_page()
-    yield tab
-    context.close()
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    """A fresh browser profile: no cookies from other tests."""
+    ctx = browser.new_context()
+    ctx.set_default_timeout(60_000)
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture
+def page(context: BrowserContext) -> Page:
+    return context.new_page()
+
+
+def sign_in(page: Page, app: RunningApp, email: str, start: str = "/chat") -> None:
+    """Sign in through Dev sign-in (the real OpenID provider), starting at `start`."""
+    page.goto(app.frontend + start)
+    page.wait_for_url(f"**/login?next={start}")
+    page.get_by_role("button", name="Sign in with Dev sign-in").click()
+    page.wait_for_url("**/oauth2/authorize**")
+    page.get_by_placeholder("sub").fill(email)
+    page.get_by_role("button", name="Authorize").click()
+    page.wait_for_url(app.frontend + start)
+    expect(page.locator("#header-user-name")).to_be_visible()

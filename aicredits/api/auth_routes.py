@@ -1,0 +1,133 @@
+"""Sign-in routes. Each parses the request, calls one service, and answers with a redirect or
+a plain error page; none of them trusts the browser beyond the cookies it checks.
+
+POST /auth/login/{provider}     start (a form post: nothing changes state on GET)
+GET  /auth/callback/{provider}  the provider sends the browser back here
+POST /auth/logout               revoke the session on the server and clear the cookie
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from aicredits.adapters.db import get_database
+from aicredits.api import cookies
+from aicredits.services import auth
+from aicredits.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _set_cookie(
+    response: Response, settings: Settings, base: str, value: str, max_age: int
+) -> None:
+    response.set_cookie(
+        cookies.cookie_name(settings, base),
+        value,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        secure=settings.https,
+        samesite="lax",
+    )
+
+
+def _clear_cookie(response: Response, settings: Settings, base: str) -> None:
+    response.delete_cookie(
+        cookies.cookie_name(settings, base),
+        path="/",
+        httponly=True,
+        secure=settings.https,
+        samesite="lax",
+    )
+
+
+def error_page(settings: Settings, *, title: str, message: str, status: int) -> HTMLResponse:
+    """A small self-contained page: the callback runs outside the Reflex frontend."""
+    login = html.escape(f"{settings.public_url}/login")
+    body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>{html.escape(title)} · aicredits</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
+color:#1c2024}}a{{color:#0d74ce}}.box{{border:1px solid #e0e1e6;border-radius:8px;padding:1.5rem}}
+</style></head><body><div class="box" role="alert"><h1>{html.escape(title)}</h1>
+<p id="error-message">{html.escape(message)}</p>
+<p><a href="{login}">Back to sign-in</a></p></div></body></html>"""
+    return HTMLResponse(body, status_code=status)
+
+
+async def login(request: Request) -> Response:
+    settings = get_settings()
+    form = await request.form()
+    next_path = form.get("next")
+    try:
+        start = await auth.start_login(
+            get_database(),
+            settings,
+            provider_name=request.path_params["provider"],
+            next_path=next_path if isinstance(next_path, str) else None,
+        )
+    except auth.SignInError as exc:
+        return error_page(settings, title="Cannot sign in", message=exc.message, status=exc.status)
+    response = RedirectResponse(start.authorization_url, status_code=303)
+    _set_cookie(response, settings, cookies.LOGIN_BINDER, start.binder, cookies.BINDER_MAX_AGE)
+    return response
+
+
+async def callback(request: Request) -> Response:
+    settings = get_settings()
+    params = request.query_params
+    try:
+        signed_in = await auth.finish_login(
+            get_database(),
+            settings,
+            provider_name=request.path_params["provider"],
+            state=params.get("state"),
+            code=params.get("code"),
+            error=params.get("error"),
+            binder=request.cookies.get(cookies.cookie_name(settings, cookies.LOGIN_BINDER)),
+            user_agent=request.headers.get("user-agent", ""),
+        )
+    except auth.SignInError as exc:
+        logger.info("sign-in refused: %s (%s)", exc.code, request.path_params["provider"])
+        response: Response = error_page(
+            settings, title="Sign-in failed", message=exc.message, status=exc.status
+        )
+        _clear_cookie(response, settings, cookies.LOGIN_BINDER)
+        return response
+    response = RedirectResponse(settings.public_url + signed_in.next_path, status_code=303)
+    _set_cookie(
+        response,
+        settings,
+        cookies.SESSION,
+        signed_in.session_token,
+        settings.session_days * 86_400,
+    )
+    _clear_cookie(response, settings, cookies.LOGIN_BINDER)
+    return response
+
+
+async def logout(request: Request) -> Response:
+    settings = get_settings()
+    token = request.cookies.get(cookies.cookie_name(settings, cookies.SESSION))
+    auth.revoke_session(get_database(), token)
+    response = RedirectResponse(settings.public_url + "/", status_code=303)
+    _clear_cookie(response, settings, cookies.SESSION)
+    return response
+
+
+def login_page_url(settings: Settings, next_path: str) -> str:
+    return f"{settings.public_url}/login?next={quote(next_path, safe='/')}"
+
+
+routes = [
+    Route("/auth/login/{provider}", login, methods=["POST"]),
+    Route("/auth/callback/{provider}", callback, methods=["GET"]),
+    Route("/auth/logout", logout, methods=["POST"]),
+]

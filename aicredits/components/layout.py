@@ -1,0 +1,102 @@
+"""The frame every page shares: a header with who is signed in, their credits, sign-out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import reflex as rx
+from reflex_components_core.el.elements.base import BaseHTML
+
+from aicredits.settings import get_settings
+from aicredits.state.session import SessionState
+
+
+class PostForm(BaseHTML):
+    """A <form> the browser submits itself. Reflex's rx.el.form always cancels the submit to
+    run a State handler, but signing in and out must be real requests to the backend."""
+
+    tag = "form"
+    action: rx.Var[str]
+    method: rx.Var[str]
+
+
+def sign_in_button(provider: Any, next_path: Any = "/chat") -> rx.Component:
+    """A real form post to the backend: starting a sign-in changes state, so never a GET."""
+    return PostForm.create(
+        rx.el.input(type="hidden", name="next", value=next_path),
+        rx.button(
+            "Sign in with ",
+            provider["label"],
+            type="submit",
+            size="3",
+            width="100%",
+            id=rx.Var.create("sign-in-") + provider["name"],
+        ),
+        action=provider["action"],
+        method="post",
+        width="100%",
+    )
+
+
+def sign_out_button() -> rx.Component:
+    return PostForm.create(
+        rx.button("Sign out", type="submit", variant="soft", size="2", id="sign-out"),
+        action=f"{get_settings().api_url}/auth/logout",
+        method="post",
+    )
+
+
+def _user_menu() -> rx.Component:
+    return rx.hstack(
+        rx.badge(
+            rx.text(SessionState.available_credits, " credits", id="header-balance"),
+            size="2",
+            color_scheme="green",
+        ),
+        rx.avatar(
+            src=SessionState.avatar_url,
+            fallback=SessionState.user_initial,
+            size="2",
+            radius="full",
+        ),
+        rx.text(SessionState.user_name, id="header-user-name", size="2", weight="medium"),
+        sign_out_button(),
+        align="center",
+        spacing="3",
+    )
+
+
+def header() -> rx.Component:
+    return rx.hstack(
+        rx.link(rx.heading("aicredits", size="5"), href="/", underline="none"),
+        rx.cond(
+            SessionState.signed_in,
+            rx.hstack(
+                rx.link("Chat", href="/chat"),
+                rx.link("Credits", href="/credits"),
+                rx.cond(SessionState.is_admin, rx.link("Admin", href="/admin", id="nav-admin")),
+                spacing="4",
+            ),
+        ),
+        rx.spacer(),
+        rx.cond(
+            SessionState.signed_in,
+            _user_menu(),
+            rx.link(rx.button("Sign in", variant="soft"), href="/login"),
+        ),
+        align="center",
+        width="100%",
+        padding_y="0.75em",
+        border_bottom="1px solid var(--gray-a5)",
+        wrap="wrap",
+        spacing="4",
+    )
+
+
+def page(*children: rx.Component, signed_in_only: bool = False) -> rx.Component:
+    """A page in the shared frame. Signed-in-only content renders once the server has
+    resolved the session, so a signed-out visitor never sees it, not even for a moment."""
+    body = rx.vstack(*children, spacing="4", width="100%", padding_y="1.5em")
+    if signed_in_only:
+        body = rx.cond(SessionState.signed_in, body, rx.center(rx.spinner(), padding="4em"))
+    return rx.container(rx.vstack(header(), body, width="100%"), size="3")

@@ -1,0 +1,46 @@
+"""The local OpenID Connect provider behind "Dev sign-in" (the oidc-provider-mock package).
+
+Started by `make run` when no real provider is configured, so a newcomer can sign in with
+no account anywhere. Its sign-in page lists a few test users; any other name typed there
+works too. It requires a nonce, like a strict real issuer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import oidc_provider_mock
+import uvicorn
+
+DEV_USERS = [
+    ("alice@example.test", "Alice Example"),
+    ("bob@example.test", "Bob Example"),
+    ("admin@example.test", "Ada Admin"),
+]
+
+
+def dev_user_claims(users: Sequence[tuple[str, str]] = DEV_USERS) -> list[Any]:
+    return [
+        oidc_provider_mock.User(
+            sub=email, claims={"email": email, "email_verified": True, "name": name}
+        )
+        for email, name in users
+    ]
+
+
+def build_app(users: Sequence[tuple[str, str]] = DEV_USERS) -> Any:
+    # The mock speaks plain http on localhost; Authlib refuses that unless told otherwise.
+    os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
+    return oidc_provider_mock.app(require_nonce=True, user_claims=dev_user_claims(users))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aicredits dev-idp", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9400)
+    args = parser.parse_args(argv)
+    uvicorn.run(build_app(), host=args.host, port=args.port, interface="wsgi", log_level="warning")
+    return 0

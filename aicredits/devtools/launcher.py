@@ -1,0 +1,103 @@
+"""`python -m aicredits dev`: the app with its embedded stand-ins, as `make run` starts it.
+
+Starts, when they are needed and not already running, the local OpenID provider (Dev
+sign-in) and the fake OpenAI-compatible upstream, then `reflex run`; stops them all when
+Reflex stops or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from aicredits.devtools.dev_idp import DEV_USERS
+from aicredits.settings import Settings, get_settings
+
+DEV_ADMIN = "admin@example.test"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - local URL
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _wait_for(url: str, proc: subprocess.Popen[bytes], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _answers(url):
+            return
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited early (code {proc.returncode})")
+        time.sleep(0.2)
+    raise SystemExit(f"{what} did not answer at {url} within {seconds:.0f}s")
+
+
+def start_stand_ins(settings: Settings) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
+    """Start what the embedded defaults need. Returns the processes and env additions."""
+    procs: list[subprocess.Popen[bytes]] = []
+    env: dict[str, str] = {}
+    if any(p.name == "dev" for p in settings.sign_in_providers()):
+        discovery = settings.dev_oidc_issuer.rstrip("/") + "/.well-known/openid-configuration"
+        if not _answers(discovery):
+            port = urlsplit(settings.dev_oidc_issuer).port or 9400
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "aicredits", "dev-idp", "--port", str(port)]
+            )
+            procs.append(proc)
+            _wait_for(discovery, proc, "the dev sign-in provider")
+        if not settings.admin_emails:
+            env["ADMIN_EMAILS"] = DEV_ADMIN
+    return procs, env
+
+
+def _banner(settings: Settings, env: dict[str, str]) -> str:
+    lines = [f"aicredits: open {settings.public_url}"]
+    if any(p.name == "dev" for p in settings.sign_in_providers()):
+        users = ", ".join(email for email, _ in DEV_USERS)
+        lines.append(f"  Dev sign-in: pick a test user ({users}) or type any email.")
+        if "ADMIN_EMAILS" in env:
+            lines.append(f"  {env['ADMIN_EMAILS']} is an admin (set ADMIN_EMAILS to change).")
+    return "\n".join(lines)
+
+
+def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the stand-ins and Reflex; extra arguments go to `reflex run`."""
+    settings = get_settings()
+    procs, env = start_stand_ins(settings)
+    print(_banner(settings, env), flush=True)
+    reflex = subprocess.Popen(
+        [sys.executable, "-m", "reflex", "run", *(argv or [])], env={**os.environ, **env}
+    )
+    procs.append(reflex)
+
+    def forward(signum: int, _frame: object) -> None:
+        stop(procs)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        return reflex.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        stop(procs)

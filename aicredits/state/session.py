@@ -1,0 +1,106 @@
+"""Who is signed in, resolved on the server for every protected event.
+
+The session cookie reaches the backend in the websocket handshake; Reflex keeps it in
+`self.router.headers.cookie` on the server and never sends it to the browser. Every
+protected handler calls `_authenticate()` itself: any handler can be invoked by a crafted
+websocket message, whatever the UI shows or hides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import quote
+
+import reflex as rx
+from reflex_base.event import EventSpec
+
+from aicredits.adapters.db import get_database
+from aicredits.api import cookies
+from aicredits.domain.identity import safe_next_path
+from aicredits.services import auth, ledger
+from aicredits.services.auth import CurrentUser
+from aicredits.settings import get_settings
+
+
+def provider_buttons() -> list[dict[str, str]]:
+    """One "Sign in with ..." form per configured provider: it posts to the backend."""
+    settings = get_settings()
+    return [
+        {"name": p.name, "label": p.label, "action": f"{settings.api_url}/auth/login/{p.name}"}
+        for p in settings.sign_in_providers()
+    ]
+
+
+def login_path(next_path: str) -> str:
+    return f"/login?next={quote(safe_next_path(next_path), safe='/')}"
+
+
+class SessionState(rx.State):
+    # Backend-only (leading underscore): never sent to the browser.
+    _user_id: int | None = None
+
+    signed_in: bool = False
+    user_name: str = ""
+    user_initial: str = ""
+    user_email: str = ""
+    avatar_url: str = ""
+    is_admin: bool = False
+    available_credits: int = 0
+
+    async def _authenticate(self) -> CurrentUser | None:
+        """Resolve the session cookie against the database, now. None when signed out."""
+        settings = get_settings()
+        token = cookies.read_cookie(
+            self.router.headers.cookie, cookies.cookie_name(settings, cookies.SESSION)
+        )
+        user = await asyncio.to_thread(auth.resolve_session, get_database(), settings, token)
+        self._show(user)
+        return user
+
+    def _show(self, user: CurrentUser | None) -> None:
+        self._user_id = user.id if user else None
+        self.signed_in = user is not None
+        self.user_name = user.name if user else ""
+        self.user_initial = (user.name[:1].upper() or "?") if user else ""
+        self.user_email = (user.email or "") if user else ""
+        self.avatar_url = (user.avatar_url or "") if user else ""
+        self.is_admin = user.is_admin if user else False
+        if user is None:
+            self.available_credits = 0
+
+    async def _refresh_balance(self, user: CurrentUser) -> None:
+        balance = await asyncio.to_thread(ledger.get_balance, get_database(), user_id=user.id)
+        self.available_credits = balance.available
+
+    def _to_login(self) -> EventSpec:
+        return rx.redirect(login_path(self.router.url.path or "/"))
+
+    @rx.event
+    async def require_login(self) -> EventSpec | None:
+        """on_load of every signed-in page."""
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        await self._refresh_balance(user)
+        return None
+
+    @rx.event
+    async def require_admin(self) -> EventSpec | None:
+        """on_load of admin pages."""
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        if not user.is_admin:
+            return rx.redirect("/forbidden")
+        await self._refresh_balance(user)
+        return None
+
+    async def _load_visitor(self) -> None:
+        """For public pages: show who is signed in, if anyone."""
+        user = await self._authenticate()
+        if user is not None:
+            await self._refresh_balance(user)
+
+    @rx.event
+    async def load_visitor(self) -> None:
+        await self._load_visitor()

@@ -1,0 +1,160 @@
+"""Crafted websocket events, sent straight to the backend the way an attacker would: the
+server refuses them whatever the UI would have shown or hidden."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import socketio
+from socketio.exceptions import ConnectionError as SocketConnectionError
+
+from aicredits.services import auth, users
+from aicredits.state.admin import AdminState
+from aicredits.state.session import SessionState
+from tests.e2e.conftest import RunningApp
+
+NAMESPACE = "/_event"
+QUIET_SECONDS = 1.0
+
+
+def send_event(
+    app: RunningApp, handler: str, *, cookie: str = "", origin: str | None = None
+) -> list[dict[str, Any]]:
+    """Open our own socket.io connection, send one event, collect the updates it causes."""
+    updates: list[dict[str, Any]] = []
+    last_update = [0.0]
+
+    def receive(data: dict[str, Any]) -> None:
+        updates.append(data)
+        last_update[0] = time.monotonic()
+
+    client = socketio.Client(websocket_extra_options={"origin": origin or app.frontend})
+    client.on("event", receive, namespace=NAMESPACE)
+    client.connect(
+        f"{app.backend}?token={uuid.uuid4()}",
+        socketio_path="_event",
+        namespaces=[NAMESPACE],
+        transports=["websocket"],
+        headers={"Cookie": cookie} if cookie else {},
+        wait_timeout=15,
+    )
+    try:
+        path = "/admin" if "admin" in handler else "/chat"
+        client.emit(
+            "event",
+            {"name": handler, "payload": {}, "router_data": {"pathname": path, "asPath": path}},
+            namespace=NAMESPACE,
+        )
+        # The backend sends the delta and the follow-up events as separate messages; an
+        # answer is complete once it has been quiet for a moment.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if updates and time.monotonic() - last_update[0] > QUIET_SECONDS:
+                break
+            time.sleep(0.05)
+    finally:
+        client.disconnect()
+    assert updates, "the backend never answered"
+    return updates
+
+
+def changed(updates: list[dict[str, Any]], var: str) -> list[Any]:
+    """Every value the backend sent for a state var whose name starts with `var`."""
+    return [
+        value
+        for update in updates
+        for substate in update.get("delta", {}).values()
+        for name, value in substate.items()
+        if name.startswith(var + "_rx_state_")
+    ]
+
+
+def redirects(updates: list[dict[str, Any]]) -> list[str]:
+    return [
+        str(event.get("payload", {}).get("path"))
+        for update in updates
+        for event in update.get("events", [])
+        if event.get("name") == "_redirect"
+    ]
+
+
+@pytest.fixture(scope="module")
+def cookies(app: RunningApp) -> Iterator[dict[str, str]]:
+    """Session cookies made on the server, as a sign-in would: one user, one admin."""
+    db = app.db()
+    made = {}
+    for email in ("carol@example.test", "admin@example.test"):
+        try:
+            user_id = users.find_user_by_email(db, email=email).id
+        except Exception:
+            user_id = users.create_user(db, email=email, name=email, email_verified=True).id
+        token = auth.create_session(db, user_id=user_id, days=1)
+        made[email] = f"aicredits_session={token}"
+    db.dispose()
+    yield made
+
+
+def test_a_protected_handler_gives_nothing_without_a_session(app: RunningApp) -> None:
+    updates = send_event(app, f"{SessionState.get_full_name()}.require_login")
+    assert redirects(updates) == ["/login?next=/chat"]
+    assert changed(updates, "signed_in") in ([], [False])
+    assert not [v for v in changed(updates, "user_email") if v]
+
+
+def test_a_forged_cookie_is_no_session(app: RunningApp) -> None:
+    updates = send_event(
+        app, f"{SessionState.get_full_name()}.require_login", cookie="aicredits_session=forged"
+    )
+    assert redirects(updates) == ["/login?next=/chat"]
+
+
+def test_the_same_handler_does_answer_a_signed_in_user(
+    app: RunningApp, cookies: dict[str, str]
+) -> None:
+    # The control: proves the two tests above would see data if the guard let it through.
+    updates = send_event(
+        app, f"{SessionState.get_full_name()}.require_login", cookie=cookies["carol@example.test"]
+    )
+    assert redirects(updates) == []
+    assert changed(updates, "user_email") == ["carol@example.test"]
+
+
+def test_an_admin_handler_gives_nothing_to_a_signed_out_client(app: RunningApp) -> None:
+    updates = send_event(app, f"{AdminState.get_full_name()}.load")
+    assert redirects(updates) == ["/login?next=/admin"]
+    assert changed(updates, "user_count") == []
+
+
+def test_an_admin_handler_gives_nothing_to_a_non_admin(
+    app: RunningApp, cookies: dict[str, str]
+) -> None:
+    updates = send_event(
+        app, f"{AdminState.get_full_name()}.load", cookie=cookies["carol@example.test"]
+    )
+    assert redirects(updates) == ["/forbidden"]
+    assert changed(updates, "user_count") == []
+
+
+def test_an_admin_handler_answers_an_admin(app: RunningApp, cookies: dict[str, str]) -> None:
+    updates = send_event(
+        app, f"{AdminState.get_full_name()}.load", cookie=cookies["admin@example.test"]
+    )
+    assert redirects(updates) == []
+    assert changed(updates, "user_count") and changed(updates, "user_count")[0] >= 2
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "http://localhost:1"])
+def test_a_websocket_from_a_foreign_origin_is_refused(
+    app: RunningApp, cookies: dict[str, str], origin: str
+) -> None:
+    with pytest.raises(SocketConnectionError):
+        send_event(
+            app,
+            f"{AdminState.get_full_name()}.load",
+            cookie=cookies["admin@example.test"],
+            origin=origin,
+        )
