@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from aicredits.adapters.db import Database
@@ -58,30 +58,36 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "run-jobs", help="release stale holds, expire due grants, forget old sign-in attempts"
     )
-    dev = sub.add_parser("dev", help="run the app with its local stand-ins (what `make run` does)")
-    dev.add_argument("reflex_args", nargs=argparse.REMAINDER, help="passed to `reflex run`")
-    idp = sub.add_parser("dev-idp", help="run the local OpenID provider behind Dev sign-in")
-    idp.add_argument("idp_args", nargs=argparse.REMAINDER)
-    upstream = sub.add_parser("fake-upstream", help="run the local fake OpenAI-compatible model")
-    upstream.add_argument("upstream_args", nargs=argparse.REMAINDER)
+    # Listed for --help; their own arguments are parsed by their own main() (see main()).
+    sub.add_parser("dev", help="run the app with its local stand-ins (what `make run` does)")
+    sub.add_parser("dev-idp", help="run the local OpenID provider behind Dev sign-in")
+    sub.add_parser("fake-upstream", help="run the local fake OpenAI-compatible model")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    # The long-running development servers need no database handle here.
-    if args.command == "dev":
+def _dev_command(name: str) -> Callable[[list[str]], int]:
+    if name == "dev":
         from aicredits.devtools import launcher
 
-        return launcher.main(args.reflex_args)
-    if args.command == "dev-idp":
+        return launcher.main
+    if name == "dev-idp":
         from aicredits.devtools import dev_idp
 
-        return dev_idp.main(args.idp_args)
-    if args.command == "fake-upstream":
-        from aicredits.devtools import fake_upstream
+        return dev_idp.main
+    from aicredits.devtools import fake_upstream
 
-        return fake_upstream.main(args.upstream_args)
+    return fake_upstream.main
+
+
+DEV_COMMANDS = ("dev", "dev-idp", "fake-upstream")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # The development servers take their own options (and `dev` passes the rest to Reflex).
+    if arguments and arguments[0] in DEV_COMMANDS:
+        return _dev_command(arguments[0])(arguments[1:])
+    args = _parser().parse_args(arguments)
     settings = get_settings()
     db = Database(settings.database_url)
     try:

@@ -1,0 +1,74 @@
+"""The development commands `make run` relies on: they start and answer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from aicredits.devtools import launcher
+from aicredits.settings import Settings
+from tests.e2e.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for_json(url: str, seconds: float = 30) -> dict[str, object]:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                data: dict[str, object] = response.json()
+                return data
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer in {seconds}s")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def running() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    launcher.stop(procs)
+
+
+def test_the_launcher_starts_dev_sign_in_and_names_a_dev_admin(
+    running: list[subprocess.Popen[bytes]],
+) -> None:
+    issuer = f"http://127.0.0.1:{free_port()}"
+    settings = Settings(_env_file=None, dev_oidc_issuer=issuer, admin_emails=[])
+    procs, env = launcher.start_stand_ins(settings)
+    running.extend(procs)
+    assert len(procs) == 1
+    discovery = wait_for_json(f"{issuer}/.well-known/openid-configuration")
+    assert discovery["issuer"] == issuer
+    assert env == {"ADMIN_EMAILS": launcher.DEV_ADMIN}
+
+
+def test_the_launcher_starts_nothing_when_a_real_provider_is_configured() -> None:
+    settings = Settings(_env_file=None, github_client_id="id", github_client_secret="secret")
+    assert launcher.start_stand_ins(settings) == ([], {})
+
+
+@pytest.mark.parametrize(
+    ("command", "path"),
+    [("dev-idp", "/.well-known/openid-configuration"), ("fake-upstream", "/v1/models")],
+)
+def test_the_dev_servers_run_from_the_command_line(
+    running: list[subprocess.Popen[bytes]], command: str, path: str
+) -> None:
+    port = free_port()
+    running.append(
+        subprocess.Popen(
+            [sys.executable, "-m", "aicredits", command, "--port", str(port)], cwd=ROOT
+        )
+    )
+    assert wait_for_json(f"http://127.0.0.1:{port}{path}")
