@@ -11,6 +11,13 @@ PG_ADMIN_URL = os.environ.get(
     "AICREDITS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 TABLES = [
+    "account_flags",
+    "stripe_events",
+    "stripe_customers",
+    "purchases",
+    "chat_messages",
+    "conversations",
+    "api_keys",
     "login_attempts",
     "auth_sessions",
     "identities",

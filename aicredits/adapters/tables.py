@@ -262,6 +262,172 @@ class LoginAttempt(SQLModel, table=True):
     used_at: datetime | None = _ts(nullable=True)
 
 
+class ApiKey(SQLModel, table=True):
+    """A personal API key for the OpenAI-compatible API. Only its SHA-256 and its first
+    characters (to recognise it by) are stored, never the key."""
+
+    __tablename__ = "api_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="users.id", index=True)
+    name: str = Field(max_length=60)
+    prefix: str = Field(max_length=12)
+    key_hash: str = Field(max_length=64, unique=True)
+    created_at: datetime = _ts()
+    last_used_at: datetime | None = _ts(nullable=True)
+    revoked_at: datetime | None = _ts(nullable=True)
+
+
+class Conversation(SQLModel, table=True):
+    """A user's chat thread. Titles come from the first message; users may rename them."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (sa.Index("ix_conversations_user_updated", "user_id", "updated_at"),)
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id")
+    title: str = Field(default="", max_length=120)
+    model: str = Field(max_length=100)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class ChatMessage(SQLModel, table=True):
+    """One message of a conversation. An assistant message carries what its reply cost."""
+
+    __tablename__ = "chat_messages"
+    __table_args__ = (
+        sa.CheckConstraint("role IN ('user', 'assistant')", name="ck_chat_messages_role"),
+        sa.Index("ix_chat_messages_conversation_id_id", "conversation_id", "id"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    conversation_id: int = Field(
+        sa_column=sa.Column(
+            sa.BigInteger(),
+            sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+            nullable=False,
+        )
+    )
+    role: str = Field(max_length=16)
+    content: str = Field(sa_column=sa.Column(sa.Text(), nullable=False))
+    model: str = Field(default="", max_length=100)
+    request_id: str | None = Field(default=None, max_length=200)
+    # completed | stopped | cut (the upstream broke off); empty for user messages
+    outcome: str = Field(default="", max_length=16)
+    input_tokens: int = Field(default=0)
+    output_tokens: int = Field(default=0)
+    credits_charged: int = _credits(server_default="0")
+    estimated: bool = Field(default=False)
+    created_at: datetime = _ts()
+
+
+class Purchase(SQLModel, table=True):
+    """One Checkout Session a user started, and what became of it: paid and credited,
+    refunded (wholly or in part), disputed. Credits are granted once per session id."""
+
+    __tablename__ = "purchases"
+    __table_args__ = (
+        sa.CheckConstraint(
+            "status IN ('open', 'pending', 'paid', 'failed', 'expired')",
+            name="ck_purchases_status",
+        ),
+        sa.CheckConstraint("credits > 0", name="ck_purchases_credits_positive"),
+        sa.CheckConstraint("amount >= 0", name="ck_purchases_amount_non_negative"),
+        sa.CheckConstraint(
+            "amount_refunded >= 0 AND credits_granted >= 0 AND credits_clawed_back >= 0 "
+            "AND credits_shortfall >= 0",
+            name="ck_purchases_counters_non_negative",
+        ),
+        sa.Index("ix_purchases_user_created", "user_id", "created_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id")
+    pack_id: str = Field(max_length=40)
+    # What the session sells, fixed when it is created (later pack changes do not apply).
+    credits: int = _credits()
+    amount: int = _credits()  # minor units of `currency` (500 = 5.00 USD)
+    currency: str = Field(max_length=3)
+    checkout_session_id: str = Field(max_length=255, unique=True)
+    payment_intent_id: str | None = Field(default=None, max_length=255, index=True)
+    charge_id: str | None = Field(default=None, max_length=255, index=True)
+    customer_id: str | None = Field(default=None, max_length=255)
+    # open -> pending (paid later, e.g. a bank debit) -> paid | failed; open -> expired
+    status: str = Field(default="open", max_length=16)
+    credits_granted: int = _credits(server_default="0")
+    # Refunds: Stripe's cumulative refunded amount, and how the credits it bought were
+    # settled so far: taken back, or not recoverable (already spent; flagged for an admin).
+    amount_refunded: int = _credits(server_default="0")
+    credits_clawed_back: int = _credits(server_default="0")
+    credits_shortfall: int = _credits(server_default="0")
+    receipt_url: str | None = Field(default=None, max_length=2000)
+    flagged: bool = Field(default=False)
+    simulated: bool = Field(default=False)
+    # A short lease that serialises refund settlement across workers: the ledger's calls
+    # run in their own transactions, so a row lock cannot span them.
+    lease_token: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = _ts(nullable=True)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    fulfilled_at: datetime | None = _ts(nullable=True)
+
+
+class StripeEvent(SQLModel, table=True):
+    """Each Stripe event id, stored once: a replay of a processed event changes nothing.
+
+    An event that names a payment not known yet (a refund before its completion) is parked
+    with its payload and applied when the payment's Checkout Session completes."""
+
+    __tablename__ = "stripe_events"
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    event_id: str = Field(max_length=255, unique=True)
+    type: str = Field(max_length=100)
+    received_at: datetime = _ts()
+    processed_at: datetime | None = _ts(nullable=True)
+    outcome: str = Field(default="", max_length=32)
+    payment_intent_id: str | None = Field(default=None, max_length=255, index=True)
+    payload: str | None = Field(default=None, sa_column=sa.Column(sa.Text(), nullable=True))
+
+
+class StripeCustomer(SQLModel, table=True):
+    """The Stripe customer made once per user and reused by every checkout."""
+
+    __tablename__ = "stripe_customers"
+
+    user_id: int = Field(foreign_key="users.id", primary_key=True)
+    customer_id: str = Field(max_length=255, unique=True)
+    created_at: datetime = _ts()
+
+
+class AccountFlag(SQLModel, table=True):
+    """Something about an account an admin must look at: a refund whose credits were already
+    spent, or a dispute. `amount` is the credits at stake. Cleared, never deleted."""
+
+    __tablename__ = "account_flags"
+    __table_args__ = (
+        sa.CheckConstraint("kind IN ('refund_shortfall', 'dispute')", name="ck_account_flags_kind"),
+        sa.Index("ix_account_flags_open", "cleared_at", "created_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    kind: str = Field(max_length=32)
+    purchase_id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(sa.BigInteger(), sa.ForeignKey("purchases.id"), nullable=True),
+    )
+    detail: str = Field(default="", max_length=500)
+    amount: int = _credits(server_default="0")
+    # The same shortfall or dispute is flagged once, however often its event is replayed.
+    idempotency_key: str = Field(max_length=200, unique=True)
+    created_at: datetime = _ts()
+    cleared_at: datetime | None = _ts(nullable=True)
+    cleared_by: str | None = Field(default=None, max_length=200)
+    clear_note: str | None = Field(default=None, max_length=500)
+
+
 def table(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, for the ledger's hand-written statements."""
     t = model.__table__  # type: ignore[attr-defined]
@@ -279,3 +445,10 @@ credit_lots = table(CreditLot)
 identities = table(Identity)
 auth_sessions = table(AuthSession)
 login_attempts = table(LoginAttempt)
+api_keys = table(ApiKey)
+conversations = table(Conversation)
+chat_messages = table(ChatMessage)
+purchases = table(Purchase)
+stripe_events = table(StripeEvent)
+stripe_customers = table(StripeCustomer)
+account_flags = table(AccountFlag)
