@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import auth_sessions, credit_accounts, users, utcnow
 from aicredits.domain.errors import InvalidRequest, UnknownUser
+from aicredits.services.api_keys import revoke_user_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +65,8 @@ def find_user_by_email(db: Database, *, email: str) -> UserView:
 
 
 def set_suspended(db: Database, *, user_id: int, suspended: bool) -> None:
-    """Suspend or restore a user. Suspending ends every session at its next request."""
+    """Suspend or restore a user. Suspending ends every session at its next request and
+    revokes every API key, in one transaction; restoring brings neither back."""
     with db.transaction() as conn:
         changed = conn.execute(
             sa.update(users).where(users.c.id == user_id).values(is_suspended=suspended)
@@ -72,11 +74,13 @@ def set_suspended(db: Database, *, user_id: int, suspended: bool) -> None:
         if changed.rowcount != 1:
             raise UnknownUser(f"no user {user_id}")
         if suspended:
+            now = utcnow()
             conn.execute(
                 sa.update(auth_sessions)
                 .where(auth_sessions.c.user_id == user_id, auth_sessions.c.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
+                .values(revoked_at=now)
             )
+            revoke_user_keys(conn, user_id=user_id, now=now)
 
 
 def count_users(db: Database) -> int:
