@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from aicredits.adapters import oauth
@@ -26,10 +26,17 @@ class ModelSpec(BaseModel):
 
     id: str = Field(min_length=1, max_length=100)
     label: str = ""
+    # The name the upstream knows it by, when it differs (e.g. "openai/gpt-4o-mini" on
+    # OpenRouter).
+    upstream_id: str = ""
     input_per_mtok: int = Field(ge=0)
     output_per_mtok: int = Field(ge=0)
     max_output_tokens: int = Field(default=1024, gt=0)
     context_tokens: int = Field(default=16_384, gt=0)
+
+    @property
+    def upstream_model(self) -> str:
+        return self.upstream_id or self.id
 
 
 DEFAULT_MODELS: list[ModelSpec] = [
@@ -41,6 +48,44 @@ DEFAULT_MODELS: list[ModelSpec] = [
         max_output_tokens=1024,
         context_tokens=16_384,
     )
+]
+
+# With a real OPENAI_API_KEY and no MODELS, this is offered. 1 credit = 0.001 USD at the
+# default packs; these prices are twice OpenAI's list price for the model.
+DEFAULT_OPENAI_MODELS: list[ModelSpec] = [
+    ModelSpec(
+        id="gpt-4o-mini",
+        label="GPT-4o mini",
+        input_per_mtok=300,
+        output_per_mtok=1_200,
+        max_output_tokens=4_096,
+        context_tokens=128_000,
+    )
+]
+FAKE_UPSTREAM_URL = "http://127.0.0.1:9500/v1"
+
+
+class CreditPack(BaseModel):
+    """What "Buy" sells: a number of credits for a Stripe Price, or for an amount in minor
+    units of a currency (5 USD = amount 500, currency "usd")."""
+
+    id: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9_-]+$")
+    label: str = ""
+    credits: int = Field(gt=0)
+    price_id: str = ""
+    amount: int = Field(default=0, ge=0)
+    currency: str = Field(default="usd", min_length=3, max_length=3)
+
+    @model_validator(mode="after")
+    def _priced(self) -> CreditPack:
+        if not self.price_id and self.amount <= 0:
+            raise ValueError(f"pack {self.id!r} needs a price_id or an amount")
+        return self
+
+
+DEFAULT_PACKS: list[CreditPack] = [
+    CreditPack(id="starter", label="Starter", credits=5_000, amount=500, currency="usd"),
+    CreditPack(id="plus", label="Plus", credits=22_000, amount=2_000, currency="usd"),
 ]
 
 
@@ -86,6 +131,33 @@ class Settings(BaseSettings):
     oidc_label: str = "SSO"
     # The local test issuer (oidc-provider-mock) used when no provider above is configured.
     dev_oidc_issuer: str = "http://127.0.0.1:9400"
+
+    # The model provider. With no key, the local fake upstream serves a demo model.
+    openai_api_key: str = ""
+    openai_base_url: str = ""
+    upstream_connect_timeout: float = Field(default=5.0, gt=0)
+    upstream_read_timeout: float = Field(default=60.0, gt=0)
+    upstream_retries: int = Field(default=2, ge=0, le=5)
+    # A reply is cut after this long, well inside the hold's lifetime, so a hold is never
+    # swept while its call still runs.
+    upstream_max_seconds: float = Field(default=300.0, gt=0)
+    hold_ttl_seconds: int = Field(default=600, gt=0)
+
+    # Limits before any credit is reserved (0 turns one off).
+    redis_url: str = ""
+    rate_limit_user_per_minute: int = Field(default=30, ge=0)
+    rate_limit_ip_per_minute: int = Field(default=120, ge=0)
+    rate_limit_concurrent: int = Field(default=4, ge=0)
+    # What to do when Redis is down: refuse calls (closed) or let them through (open).
+    rate_limit_fail_open: bool = False
+    max_request_bytes: int = Field(default=1_000_000, gt=0)
+
+    # Payments. With no key, a clearly labelled simulated checkout runs the whole fulfilment
+    # path locally, signing its events with a dev secret generated on first use.
+    stripe_secret_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_api_base: str = ""  # another base address for the SDK (tests: a local fake)
+    packs: list[CreditPack] = Field(default_factory=lambda: list(DEFAULT_PACKS))
 
     @field_validator("admin_emails", mode="before")
     @classmethod
@@ -137,6 +209,29 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_url(cls, value: str) -> str:
         return normalise_database_url(value)
+
+    @model_validator(mode="after")
+    def _real_models_for_a_real_upstream(self) -> Settings:
+        if self.openai_api_key and "models" not in self.model_fields_set:
+            object.__setattr__(self, "models", list(DEFAULT_OPENAI_MODELS))
+        return self
+
+    @property
+    def simulated_checkout(self) -> bool:
+        return not self.stripe_secret_key
+
+    def pack(self, pack_id: str) -> CreditPack | None:
+        return next((p for p in self.packs if p.id == pack_id), None)
+
+    @property
+    def uses_fake_upstream(self) -> bool:
+        return not self.openai_api_key
+
+    @property
+    def upstream_base_url(self) -> str:
+        if self.openai_base_url:
+            return self.openai_base_url.rstrip("/")
+        return FAKE_UPSTREAM_URL if self.uses_fake_upstream else "https://api.openai.com/v1"
 
     def model_spec(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)

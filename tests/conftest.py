@@ -8,6 +8,7 @@ fail with a message saying so rather than skipping silently.
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
@@ -43,6 +45,19 @@ def pg_url() -> Iterator[str]:
     finally:
         with psycopg.connect(pg_conninfo(PG_ADMIN_URL), autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The real Redis (`make test` starts it). Keys written by tests use their own prefixes."""
+    url = os.environ.get("AICREDITS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.fail(
+            f"Redis is not reachable at {url} ({exc}); `make test` starts it.", pytrace=False
+        )
+    return url
 
 
 @pytest.fixture(scope="session")

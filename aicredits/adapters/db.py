@@ -150,11 +150,12 @@ class Database:
             self._autocommit_engine.dispose()
 
 
-@lru_cache(maxsize=4)
-def _database_for(url: str) -> Database:
+@lru_cache(maxsize=8)
+def database_for(url: str) -> Database:
+    """One Database (one pool) per URL per process."""
     return Database(url)
 
 
 def get_database() -> Database:
     """The process-wide database for the configured DATABASE_URL."""
-    return _database_for(get_settings().database_url)
+    return database_for(get_settings().database_url)

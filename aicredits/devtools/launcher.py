@@ -1,8 +1,8 @@
 """`python -m aicredits dev`: the app with its embedded stand-ins, as `make run` starts it.
 
 Starts, when they are needed and not already running, the local OpenID provider (Dev
-sign-in) and the fake OpenAI-compatible upstream, then `reflex run`; stops them all when
-Reflex stops or on Ctrl-C.
+sign-in, when no real provider is configured) and the fake OpenAI-compatible upstream (when
+there is no OPENAI_API_KEY), then `reflex run`; stops them all when Reflex stops or on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -56,6 +56,19 @@ def start_stand_ins(settings: Settings) -> tuple[list[subprocess.Popen[bytes]], 
             _wait_for(discovery, proc, "the dev sign-in provider")
         if not settings.admin_emails:
             env["ADMIN_EMAILS"] = DEV_ADMIN
+    if settings.uses_fake_upstream:
+        models_url = settings.upstream_base_url + "/models"
+        if not _answers(models_url):
+            port = urlsplit(settings.upstream_base_url).port or 9500
+            models = ",".join(m.upstream_model for m in settings.models)
+            proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "aicredits", "fake-upstream",
+                    "--port", str(port), "--models", models, "--tokens-per-second", "40",
+                ]
+            )  # fmt: skip
+            procs.append(proc)
+            _wait_for(models_url, proc, "the fake upstream")
     return procs, env
 
 
@@ -66,6 +79,11 @@ def _banner(settings: Settings, env: dict[str, str]) -> str:
         lines.append(f"  Dev sign-in: pick a test user ({users}) or type any email.")
         if "ADMIN_EMAILS" in env:
             lines.append(f"  {env['ADMIN_EMAILS']} is an admin (set ADMIN_EMAILS to change).")
+    if settings.uses_fake_upstream:
+        lines.append(
+            f"  Model: the local fake upstream at {settings.upstream_base_url} (a demo that "
+            "answers with placeholder text; set OPENAI_API_KEY for a real model)."
+        )
     return "\n".join(lines)
 
 

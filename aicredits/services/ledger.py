@@ -399,6 +399,65 @@ def adjust(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ClawbackResult:
+    entry: EntryResult | None
+    taken: int
+    # What could not be taken back because the credits were already spent (or are held by a
+    # call in flight): recorded for an admin, never taken as debt.
+    shortfall: int
+
+
+def clawback(
+    db: Database,
+    *,
+    user_id: int,
+    credits: int,
+    key: str,
+    reason: str,
+    reference: str | None = None,
+    actor: str = "system",
+    now: datetime | None = None,
+) -> ClawbackResult:
+    """Take back up to `credits` (a refund or chargeback of what bought them), never going
+    below zero. Idempotent by key when it takes something: a replay returns what the first
+    call took. When nothing can be taken, nothing is written (an entry cannot be zero), so
+    the caller must record that outcome itself if it must not be retried later."""
+    now = now or utcnow()
+    require_positive(credits)
+    reason = require_reason(reason)
+    key = require_key(key)
+    for _ in range(3):
+        with db.read() as conn:
+            replay = conn.execute(
+                sa.select(ledger_entries).where(ledger_entries.c.idempotency_key == key)
+            ).first()
+            current = _account_or_unknown(conn, user_id)
+        if replay is not None:
+            taken = -int(replay.amount)
+            return ClawbackResult(_entry_result(replay, replayed=True), taken, credits - taken)
+        take = min(credits, current.balance - current.held)
+        if take <= 0:
+            return ClawbackResult(None, 0, credits)
+        try:
+            entry = _credit_or_debit(
+                db,
+                user_id=user_id,
+                amount=-take,
+                kind=EntryKind.CLAWBACK,
+                key=key,
+                actor=actor,
+                reason=reason,
+                reference=reference,
+                now=now,
+            )
+        except InsufficientCredits:
+            continue  # spent or reserved meanwhile: look again
+        taken = -entry.amount
+        return ClawbackResult(entry, taken, credits - taken)
+    return ClawbackResult(None, 0, credits)
+
+
 def reserve(
     db: Database,
     *,

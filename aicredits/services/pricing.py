@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,6 +51,30 @@ def current_price(db: Database, *, model: str, at: datetime | None = None) -> Pr
     if row is None:
         raise UnknownModel(f"model {model!r} has no price")
     return _price(row)
+
+
+PRICE_CACHE_SECONDS = 5.0
+_price_cache: dict[tuple[str, str], tuple[float, Price]] = {}
+
+
+def cached_price(db: Database, *, model: str) -> Price | None:
+    """recent_price if it is remembered (no database call, so no thread needed)."""
+    cached = _price_cache.get((db.url, model))
+    return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+
+
+def recent_price(db: Database, *, model: str) -> Price:
+    """current_price, remembered for a few seconds: every metered call needs it, and a new
+    price version may take that long to apply (each call still records the version it
+    used)."""
+    key = (db.url, model)
+    cached = _price_cache.get(key)
+    now = time.monotonic()
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    price = current_price(db, model=model)
+    _price_cache[key] = (now + PRICE_CACHE_SECONDS, price)
+    return price
 
 
 def price_history(db: Database, *, model: str) -> list[Price]:

@@ -40,21 +40,32 @@ def running() -> Iterator[list[subprocess.Popen[bytes]]]:
     launcher.stop(procs)
 
 
-def test_the_launcher_starts_dev_sign_in_and_names_a_dev_admin(
+def test_the_launcher_starts_dev_sign_in_and_the_fake_upstream(
     running: list[subprocess.Popen[bytes]],
 ) -> None:
     issuer = f"http://127.0.0.1:{free_port()}"
-    settings = Settings(_env_file=None, dev_oidc_issuer=issuer, admin_emails=[])
+    upstream = f"http://127.0.0.1:{free_port()}/v1"
+    settings = Settings(
+        _env_file=None, dev_oidc_issuer=issuer, openai_base_url=upstream, admin_emails=[]
+    )
     procs, env = launcher.start_stand_ins(settings)
     running.extend(procs)
-    assert len(procs) == 1
+    assert len(procs) == 2
     discovery = wait_for_json(f"{issuer}/.well-known/openid-configuration")
     assert discovery["issuer"] == issuer
+    models = wait_for_json(f"{upstream}/models")
+    data = models["data"]
+    assert isinstance(data, list) and [m["id"] for m in data] == ["demo-model"]
     assert env == {"ADMIN_EMAILS": launcher.DEV_ADMIN}
 
 
-def test_the_launcher_starts_nothing_when_a_real_provider_is_configured() -> None:
-    settings = Settings(_env_file=None, github_client_id="id", github_client_secret="secret")
+def test_the_launcher_starts_nothing_when_real_services_are_configured() -> None:
+    settings = Settings(
+        _env_file=None,
+        github_client_id="id",
+        github_client_secret="secret",
+        openai_api_key="sk-test",
+    )
     assert launcher.start_stand_ins(settings) == ([], {})
 
 

@@ -393,3 +393,41 @@ def test_verify_ledger_is_clean_after_a_mixed_history(db: Database) -> None:
     ledger.release(db, hold_id=h2.id)
     ledger.adjust(db, user_id=user, credits=-5, key="adj", actor="a", reason="r")
     assert verify_ledger(db) == []
+
+
+# --- clawback ----------------------------------------------------------------------------------
+
+
+def test_clawback_takes_back_up_to_the_balance_and_reports_the_shortfall(db: Database) -> None:
+    user = make_user(db, credits=100)
+    full = ledger.clawback(db, user_id=user, credits=30, key="refund-1", reason="refund")
+    assert (full.taken, full.shortfall) == (30, 0)
+    partial = ledger.clawback(db, user_id=user, credits=100, key="refund-2", reason="refund")
+    assert (partial.taken, partial.shortfall) == (70, 30)
+    assert ledger.get_balance(db, user_id=user).balance == 0
+    assert entries(db, user)[-2:] == [("clawback", -30, 70), ("clawback", -70, 0)]
+    assert verify_ledger(db) == []
+
+
+def test_clawback_replayed_takes_once(db: Database) -> None:
+    user = make_user(db, credits=100)
+    first = ledger.clawback(db, user_id=user, credits=40, key="refund-x", reason="refund")
+    again = ledger.clawback(db, user_id=user, credits=40, key="refund-x", reason="refund")
+    assert again.entry is not None and again.entry.replayed
+    assert (first.taken, again.taken) == (40, 40)
+    assert ledger.get_balance(db, user_id=user).balance == 60
+
+
+def test_clawback_leaves_credits_held_by_a_call_in_flight(db: Database) -> None:
+    user = make_user(db, credits=100)
+    ledger.reserve(db, user_id=user, credits=90, request_id="busy")
+    result = ledger.clawback(db, user_id=user, credits=50, key="refund-y", reason="refund")
+    assert (result.taken, result.shortfall) == (10, 40)
+    assert ledger.get_balance(db, user_id=user).available == 0
+
+
+def test_clawback_of_an_empty_account_writes_nothing(db: Database) -> None:
+    user = make_user(db)
+    result = ledger.clawback(db, user_id=user, credits=50, key="refund-z", reason="refund")
+    assert (result.entry, result.taken, result.shortfall) == (None, 0, 50)
+    assert entries(db, user) == []

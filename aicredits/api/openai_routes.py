@@ -1,0 +1,280 @@
+"""The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`, authenticated
+by personal API keys and metered by the same gateway, ledger and limits as the chat UI.
+
+Errors use OpenAI's shape, `{"error": {"message", "type", "code"}}`, with the status the
+issue asks for. A streamed reply is started only once its first token is in hand, so a
+provider failure before any output is still a plain 502 rather than a broken stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from aicredits.adapters.blocking import run_blocking
+from aicredits.adapters.db import Database, database_for
+from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
+from aicredits.domain.chat import ChatRequest, parse_chat_request
+from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
+from aicredits.services import api_keys
+from aicredits.services.auth import CurrentUser
+from aicredits.services.catalog import list_model_offers
+from aicredits.services.gateway import (
+    DuplicateRequest,
+    Gateway,
+    ReplyCut,
+    Turn,
+    TurnResult,
+    UpstreamFailed,
+    new_request_id,
+    shared_gateway,
+)
+from aicredits.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class AuthenticationFailed(AICreditsError):
+    code = "invalid_api_key"
+
+
+class RequestTooLarge(AICreditsError):
+    code = "request_too_large"
+
+
+def error_body(
+    exc: AICreditsError, settings: Settings
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, OpenAI-shaped body and headers for one of our typed errors."""
+    headers: dict[str, str] = {}
+    extra: dict[str, Any] = {}
+    if isinstance(exc, InsufficientCredits):
+        status, kind = 402, "insufficient_credits"
+        buy = f"{settings.public_url}/credits"
+        message = (
+            f"Insufficient credits: this request needs up to {exc.needed} credits and "
+            f"{exc.available} are available. Buy more at {buy}"
+        )
+        extra = {"needed": exc.needed, "available": exc.available, "buy_url": buy}
+    elif isinstance(exc, RateLimited):
+        status, kind, message = 429, "rate_limit_error", str(exc)
+        headers["Retry-After"] = exc.retry_after_header
+    elif isinstance(exc, LimiterUnavailable):
+        status, kind, message = 503, "service_unavailable", str(exc)
+        headers["Retry-After"] = "5"
+    elif isinstance(exc, AuthenticationFailed):
+        status, kind, message = 401, "authentication_error", str(exc)
+    elif isinstance(exc, RequestTooLarge):
+        status, kind, message = 413, "invalid_request_error", str(exc)
+    elif isinstance(exc, DuplicateRequest):
+        status, kind, message = 409, "invalid_request_error", str(exc)
+    elif isinstance(exc, UpstreamFailed | ReplyCut):
+        status, kind, message = 502, "upstream_error", str(exc)
+    elif isinstance(exc, InvalidRequest):
+        status, kind, message = 400, "invalid_request_error", str(exc)
+    else:
+        status, kind, message = 400, "invalid_request_error", str(exc)
+    code = "rate_limited" if isinstance(exc, RateLimited) else exc.code
+    return status, {"error": {"message": message, "type": kind, "code": code, **extra}}, headers
+
+
+class OpenAIRoutes:
+    """The routes. Their gateway (HTTP and Redis clients) is made on first use, inside the
+    event loop that serves the requests, and shared with the chat page."""
+
+    def __init__(self, settings: Settings, db: Database | None = None) -> None:
+        self.settings = settings
+        self._db = db
+
+    @property
+    def db(self) -> Database:
+        return self._db or database_for(self.settings.database_url)
+
+    def gateway(self) -> Gateway:
+        return shared_gateway(self.settings, self.db)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+        ]
+
+    def _error(self, exc: AICreditsError, request_id: str) -> JSONResponse:
+        status, body, headers = error_body(exc, self.settings)
+        return JSONResponse(
+            body, status_code=status, headers={**headers, "x-request-id": request_id}
+        )
+
+    async def _user(self, request: Request) -> CurrentUser:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthenticationFailed(
+                "Missing API key: send 'Authorization: Bearer <key>'. Create a key at "
+                f"{self.settings.public_url}/keys"
+            )
+        user = await run_blocking(api_keys.resolve_api_key, self.db, self.settings, key.strip())
+        if user is None:
+            raise AuthenticationFailed("Invalid or revoked API key.")
+        return user
+
+    async def _body(self, request: Request) -> Any:
+        limit = self.settings.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"The request is larger than {limit} bytes.")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw.extend(chunk)
+            if len(raw) > limit:
+                raise RequestTooLarge(f"The request is larger than {limit} bytes.")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest("The request body is not valid JSON.") from exc
+
+    async def models(self, request: Request) -> Response:
+        request_id = new_request_id()
+        try:
+            await self._user(request)
+        except AICreditsError as exc:
+            return self._error(exc, request_id)
+        offers = await run_blocking(list_model_offers, self.db, self.settings)
+        data = [
+            {
+                "id": offer.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "aicredits",
+                "name": offer.label,
+                "pricing": {
+                    "unit": "credits per 1K tokens",
+                    "input": offer.input_per_1k,
+                    "output": offer.output_per_1k,
+                },
+            }
+            for offer in offers
+        ]
+        return JSONResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
+
+    async def chat_completions(self, request: Request) -> Response:
+        request_id = new_request_id()
+        try:
+            user = await self._user(request)
+            body = await self._body(request)
+            chat = parse_chat_request(body, models=[m.id for m in self.settings.models])
+            turn = await self.gateway().start(
+                user_id=user.id,
+                request=chat,
+                ip=request.client.host if request.client else None,
+                request_id=request_id,
+                idempotency_key=request.headers.get("idempotency-key"),
+            )
+        except AICreditsError as exc:
+            return self._error(exc, request_id)
+        logger.info("chat %s user %s model %s", request_id, user.id, chat.model)
+        headers = {"x-request-id": request_id}
+        if not chat.stream:
+            try:
+                result = await turn.run()
+            except UpstreamFailed as exc:
+                return self._error(exc, request_id)
+            return JSONResponse(_completion(chat, result), headers=_charge_headers(result, headers))
+        replies = turn.stream()
+        try:
+            first = await anext(replies)
+        except StopAsyncIteration:
+            first = None
+        except UpstreamFailed as exc:
+            return self._error(exc, request_id)
+        return StreamingResponse(
+            _sse(chat, turn, first, replies),
+            media_type="text/event-stream",
+            headers={**headers, "cache-control": "no-cache"},
+        )
+
+
+def _charge_headers(result: TurnResult, headers: dict[str, str]) -> dict[str, str]:
+    return {**headers, "x-aicredits-charged": str(result.charged)}
+
+
+def _extras(result: TurnResult) -> dict[str, Any]:
+    return {
+        "credits_charged": result.charged,
+        "balance_after": result.balance_after,
+        "estimated": result.estimated,
+    }
+
+
+def _completion(chat: ChatRequest, result: TurnResult) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-" + result.request_id.removeprefix("req_"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": chat.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason or "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": result.input_tokens,
+            "completion_tokens": result.output_tokens,
+            "total_tokens": result.input_tokens + result.output_tokens,
+        },
+        "aicredits": _extras(result),
+    }
+
+
+async def _sse(
+    chat: ChatRequest, turn: Turn, first: str | None, rest: AsyncGenerator[str, None]
+) -> AsyncIterator[str]:
+    base = {
+        "id": "chatcmpl-" + turn.request_id.removeprefix("req_"),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": chat.model,
+    }
+
+    def event(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps({**base, **payload}, separators=(',', ':'))}\n\n"
+
+    def delta(text: str, role: bool) -> str:
+        content: dict[str, Any] = (
+            {"role": "assistant", "content": text} if role else {"content": text}
+        )
+        return event({"choices": [{"index": 0, "delta": content, "finish_reason": None}]})
+
+    try:
+        if first is not None:
+            yield delta(first, role=True)
+        async with contextlib.aclosing(rest):  # a client that leaves settles the turn now
+            async for text in rest:
+                yield delta(text, role=False)
+    except ReplyCut as cut:
+        logger.info("chat %s cut after %d tokens", turn.request_id, cut.result.output_tokens)
+        message = {"message": str(cut), "type": "upstream_error", "code": "upstream_cut"}
+        yield f"data: {json.dumps({'error': message})}\n\n"
+        return
+    result = turn.result
+    assert result is not None
+    finish = {"index": 0, "delta": {}, "finish_reason": result.finish_reason or "stop"}
+    yield event({"choices": [finish]})
+    if chat.include_usage:
+        usage = {
+            "prompt_tokens": result.input_tokens,
+            "completion_tokens": result.output_tokens,
+            "total_tokens": result.input_tokens + result.output_tokens,
+        }
+        yield event({"choices": [], "usage": usage, "aicredits": _extras(result)})
+    yield "data: [DONE]\n\n"
