@@ -19,6 +19,9 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 
 from aicredits.adapters.db import Database
 from aicredits.devtools.dev_idp import dev_user_claims
+from aicredits.devtools.fake_upstream import FakeUpstreamConfig
+from aicredits.devtools.fake_upstream import build_app as build_fake_upstream
+from tests.servers import serve_asgi
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("AICREDITS_CHROMIUM", "/usr/bin/chromium")
@@ -41,6 +44,7 @@ class RunningApp:
     backend: str
     database_url: str
     idp: str
+    upstream: str
     log: Path
 
     def db(self) -> Database:
@@ -78,25 +82,45 @@ def idp() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def app(tmp_path_factory: pytest.TempPathFactory, idp: str) -> Iterator[RunningApp]:
+def upstream() -> Iterator[str]:
+    """The fake OpenAI-compatible upstream the app's model calls go to (its base URL)."""
+    app = build_fake_upstream(FakeUpstreamConfig(models=["demo-model"], reply_tokens=40))
+    with serve_asgi(app, ready_path="/_fake/stats") as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory: pytest.TempPathFactory, idp: str, upstream: str) -> Iterator[RunningApp]:
     work = tmp_path_factory.mktemp("app")
     database_url = f"sqlite:///{work / 'e2e.db'}"
     frontend_port, backend_port = free_port(), free_port()
     frontend = f"http://localhost:{frontend_port}"
     backend = f"http://localhost:{backend_port}"
+    no_reload = work / "no-reload"
+    no_reload.mkdir()
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
         "PUBLIC_URL": frontend,
         "API_URL": backend,
         "DEV_OIDC_ISSUER": idp,
+        "OPENAI_BASE_URL": f"{upstream}/v1",
         "ADMIN_EMAILS": "admin@example.test",
         "FREE_TRIAL_CREDITS": str(TRIAL_CREDITS),
         "REFLEX_USE_SYSTEM_BUN": "1",
         "REFLEX_TELEMETRY_ENABLED": "false",
         "PYTHONUNBUFFERED": "1",
+        # Watch an empty folder: an edit elsewhere in the tree (or a file the app writes)
+        # must not restart the backend in the middle of a test.
+        "REFLEX_HOT_RELOAD_OVERRIDE_PATHS": str(no_reload),
     }
-    for key in ("GOOGLE_CLIENT_ID", "GITHUB_CLIENT_ID", "OIDC_ISSUER"):
+    for key in (
+        "GOOGLE_CLIENT_ID",
+        "GITHUB_CLIENT_ID",
+        "OIDC_ISSUER",
+        "OPENAI_API_KEY",
+        "REDIS_URL",
+    ):
         env.pop(key, None)  # Dev sign-in is what the browser tests use
     subprocess.run(
         [sys.executable, "-m", "aicredits", "migrate"], cwd=ROOT, env=env, check=True, timeout=120
@@ -111,7 +135,12 @@ def app(tmp_path_factory: pytest.TempPathFactory, idp: str) -> Iterator[RunningA
             cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     running = RunningApp(
-        frontend=frontend, backend=backend, database_url=database_url, idp=idp, log=log
+        frontend=frontend,
+        backend=backend,
+        database_url=database_url,
+        idp=idp,
+        upstream=upstream,
+        log=log,
     )
     try:
         deadline = time.monotonic() + START_TIMEOUT

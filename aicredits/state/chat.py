@@ -1,0 +1,363 @@
+"""The chat page's state. Thin: each handler checks the user, calls a service, and sets what
+the page shows. The reply streams from a background event with short `async with self`
+blocks, so the state lock is never held while waiting on the model."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import reflex as rx
+from reflex_base.event import EventSpec
+
+from aicredits.adapters.blocking import run_blocking
+from aicredits.adapters.db import get_database
+from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
+from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
+from aicredits.domain.pricing import credits_per_1k
+from aicredits.services import chat, conversations, pricing
+from aicredits.services.conversations import UnknownConversation
+from aicredits.services.gateway import ReplyCut, Turn, TurnResult, UpstreamFailed, shared_gateway
+from aicredits.settings import get_settings
+from aicredits.state.session import SessionState
+
+INPUT_ID = "chat-input"
+
+
+def cost_line(input_tokens: int, output_tokens: int, charged: int, estimated: bool) -> str:
+    """The line under a reply: what it used and what it cost."""
+    counted = " (counted locally)" if estimated else ""
+    noun = "credit" if charged == 1 else "credits"
+    return f"{input_tokens} tokens in · {output_tokens} out{counted} · {charged} {noun}"
+
+
+def outcome_note(outcome: str) -> str:
+    return {
+        "stopped": "Stopped: you paid only for what was shown.",
+        "cut": "The model broke off: you paid only for what was shown.",
+    }.get(outcome, "")
+
+
+def describe_error(exc: AICreditsError) -> tuple[str, str]:
+    """(kind, message) for an error shown in place, above the message box."""
+    if isinstance(exc, InsufficientCredits):
+        return (
+            "credits",
+            f"Not enough credits: this message needs up to {exc.needed} and you have "
+            f"{exc.available} available.",
+        )
+    if isinstance(exc, RateLimited):
+        return "rate", f"You are sending too fast: try again in {exc.retry_after_header} s."
+    if isinstance(exc, LimiterUnavailable):
+        return "rate", "The service is busy: try again in a few seconds."
+    if isinstance(exc, UpstreamFailed):
+        return "upstream", "The model did not answer. Nothing was charged; try again."
+    if isinstance(exc, InvalidRequest):
+        return "invalid", str(exc)
+    return "invalid", str(exc)
+
+
+def message_row(
+    role: str, content: str, meta: str = "", note: str = "", streaming: bool = False
+) -> dict[str, Any]:
+    return {"role": role, "content": content, "meta": meta, "note": note, "streaming": streaming}
+
+
+class ChatState(SessionState):
+    conversations: list[dict[str, str]] = []
+    conversation_id: str = ""  # "": a new, unsaved conversation
+    messages: list[dict[str, Any]] = []
+    models: list[dict[str, str]] = []
+    model: str = ""
+    estimate_text: str = ""
+    streaming: bool = False
+    error: str = ""
+    error_kind: str = ""
+    rename_value: str = ""
+    _stop_requested: bool = False
+
+    # --- loading ------------------------------------------------------------------------------
+
+    async def _refresh_conversations(self, user_id: int) -> None:
+        rows = await run_blocking(conversations.list_conversations, get_database(), user_id=user_id)
+        self.conversations = [{"id": str(c.id), "title": c.title} for c in rows]
+
+    async def _open(self, user_id: int, conversation_id: int) -> None:
+        rows = await run_blocking(
+            conversations.get_messages,
+            get_database(),
+            user_id=user_id,
+            conversation_id=conversation_id,
+        )
+        self.conversation_id = str(conversation_id)
+        self.messages = [
+            message_row(
+                m.role,
+                m.content,
+                cost_line(m.input_tokens, m.output_tokens, m.credits_charged, m.estimated)
+                if m.role == "assistant"
+                else "",
+                outcome_note(m.outcome),
+            )
+            for m in rows
+        ]
+        opened = await run_blocking(
+            conversations.get_conversation,
+            get_database(),
+            user_id=user_id,
+            conversation_id=conversation_id,
+        )
+        if any(m["id"] == opened.model for m in self.models):
+            self.model = opened.model
+
+    @rx.event
+    async def load(self) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        await self._refresh_balance(user)
+        settings = get_settings()
+        db = get_database()
+        models = []
+        for spec in settings.models:
+            with contextlib.suppress(AICreditsError):
+                price = await run_blocking(pricing.current_price, db, model=spec.id)
+                models.append(
+                    {
+                        "id": spec.id,
+                        "label": spec.label or spec.id,
+                        "prices": f"{credits_per_1k(price.input_per_mtok)} in / "
+                        f"{credits_per_1k(price.output_per_mtok)} out per 1K tokens",
+                    }
+                )
+        self.models = models
+        if not self.model or not any(m["id"] == self.model for m in models):
+            self.model = models[0]["id"] if models else ""
+        self.error = self.error_kind = ""
+        self.streaming = False
+        await self._refresh_conversations(user.id)
+        wanted = self.router.url.query_parameters.get("c", "")
+        ids = [c["id"] for c in self.conversations]
+        target = wanted if wanted in ids else (ids[0] if ids else "")
+        if target:
+            await self._open(user.id, int(target))
+        else:
+            self.conversation_id, self.messages = "", []
+        await self._update_estimate(user.id, "")
+        return None
+
+    # --- conversations -----------------------------------------------------------------------
+
+    @rx.event
+    async def open_conversation(self, conversation_id: str) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        if self.streaming:
+            return None
+        try:
+            await self._open(user.id, int(conversation_id))
+        except (UnknownConversation, ValueError):
+            self.error_kind, self.error = "invalid", "That conversation does not exist."
+            return None
+        self.error = self.error_kind = ""
+        return _remember(self.conversation_id)
+
+    @rx.event
+    async def new_conversation(self) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        if self.streaming:
+            return None
+        self.conversation_id, self.messages = "", []
+        self.error = self.error_kind = ""
+        await self._update_estimate(user.id, "")
+        return _remember("")
+
+    @rx.event
+    async def rename_conversation(self, form_data: dict[str, Any]) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        try:
+            await run_blocking(
+                conversations.rename_conversation,
+                get_database(),
+                user_id=user.id,
+                conversation_id=int(form_data.get("conversation_id", 0)),
+                title=str(form_data.get("title", "")),
+            )
+        except (AICreditsError, ValueError) as exc:
+            self.error_kind, self.error = "invalid", str(exc)
+            return None
+        await self._refresh_conversations(user.id)
+        return None
+
+    @rx.event
+    async def delete_conversation(self, conversation_id: str) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        if self.streaming:
+            return None
+        try:
+            await run_blocking(
+                conversations.delete_conversation,
+                get_database(),
+                user_id=user.id,
+                conversation_id=int(conversation_id),
+            )
+        except (UnknownConversation, ValueError):
+            self.error_kind, self.error = "invalid", "That conversation does not exist."
+            return None
+        if conversation_id == self.conversation_id:
+            self.conversation_id, self.messages = "", []
+        await self._refresh_conversations(user.id)
+        return _remember(self.conversation_id)
+
+    # --- composing ------------------------------------------------------------------------------
+
+    async def _update_estimate(self, user_id: int, draft: str) -> None:
+        if not self.model:
+            self.estimate_text = ""
+            return
+        try:
+            result = await run_blocking(
+                chat.estimate,
+                get_database(),
+                get_settings(),
+                user_id=user_id,
+                conversation_id=int(self.conversation_id) if self.conversation_id else None,
+                model=self.model,
+                draft=draft,
+            )
+        except AICreditsError as exc:
+            self.estimate_text = str(exc)
+            return
+        self.estimate_text = result.problem or (
+            f"≈ {result.approx_credits} credits, at most {result.max_credits}"
+        )
+
+    @rx.event
+    async def draft_changed(self, draft: str) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        await self._update_estimate(user.id, draft)
+        return None
+
+    @rx.event
+    async def pick_model(self, model: str) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        if any(m["id"] == model for m in self.models) and not self.streaming:
+            self.model = model
+            await self._update_estimate(user.id, "")
+        return None
+
+    @rx.event
+    def stop(self) -> None:
+        # Only ends this tab's own stream; the charge is decided by what was delivered.
+        self._stop_requested = True
+
+    @rx.event(background=True)
+    async def send(self, form_data: dict[str, Any]) -> AsyncIterator[Any]:
+        text = str(form_data.get("message", "")).strip()
+        async with self:
+            user = await self._authenticate()
+            refused = user is None or self.streaming or not text or not self.model
+            if user is not None and not refused:
+                self.streaming = True  # one reply at a time, whatever the browser sends
+                self._stop_requested = False
+                self.error = self.error_kind = ""
+            model = self.model
+            conversation_id = int(self.conversation_id) if self.conversation_id else None
+            ip = self.router.session.client_ip or None
+            to_login = self._to_login() if user is None else None
+        if to_login is not None:
+            yield to_login
+            return
+        if refused or user is None:
+            return
+        db = get_database()
+        try:
+            turn = await chat.start_reply(
+                shared_gateway(get_settings(), db),
+                db,
+                user_id=user.id,
+                ip=ip,
+                conversation_id=conversation_id,
+                model=model,
+                text=text,
+            )
+        except AICreditsError as exc:
+            async with self:
+                self.error_kind, self.error = describe_error(exc)
+                self.streaming = False
+            return  # the message stays in the box
+        async with self:
+            self.messages = [
+                *self.messages,
+                message_row("user", text),
+                message_row("assistant", "", streaming=True),
+            ]
+        yield rx.set_value(INPUT_ID, "")
+        result, failure = await self._stream_into_last_message(turn)
+        if result is not None and result.outcome != "failed":
+            conversation_id = await run_blocking(
+                chat.record_reply,
+                db,
+                user_id=user.id,
+                conversation_id=conversation_id,
+                model=model,
+                prompt=text,
+                result=result,
+            )
+        async with self:
+            self.streaming = False
+            if result is None or result.outcome == "failed":
+                self.messages = self.messages[:-2]  # nothing was stored or charged
+                self.error_kind = "upstream"
+                self.error = failure or "The model did not answer. Nothing was charged."
+                restore = rx.set_value(INPUT_ID, text)
+            else:
+                self.messages[-1] = message_row(
+                    "assistant",
+                    result.text,
+                    cost_line(
+                        result.input_tokens, result.output_tokens, result.charged, result.estimated
+                    ),
+                    outcome_note(result.outcome),
+                )
+                self.conversation_id = str(conversation_id or "")
+                await self._refresh_conversations(user.id)
+                await self._refresh_balance(user)
+                await self._update_estimate(user.id, "")
+                restore = _remember(self.conversation_id)
+        yield restore
+
+    async def _stream_into_last_message(self, turn: Turn) -> tuple[TurnResult | None, str]:
+        """Append the reply to the last message as it arrives; stop when asked."""
+        try:
+            async with contextlib.aclosing(turn.stream()) as replies:
+                async for piece in replies:
+                    async with self:
+                        last = self.messages[-1]
+                        self.messages[-1] = {**last, "content": last["content"] + piece}
+                        stop = self._stop_requested
+                    if stop:
+                        break
+        except ReplyCut as cut:
+            return cut.result, ""
+        except UpstreamFailed as exc:
+            return None, describe_error(exc)[1]
+        return turn.result, ""
+
+
+def _remember(conversation_id: str) -> EventSpec:
+    """Keep the open conversation in the address bar, so a reload comes back to it."""
+    url = f"/chat?c={int(conversation_id)}" if conversation_id else "/chat"
+    return rx.call_script(f"window.history.replaceState(null, '', {url!r})")
