@@ -3,10 +3,13 @@
 import reflex as rx
 
 from aicredits.api.routes import api_transformers
-from aicredits.pages import auth, home, placeholders
+from aicredits.pages import auth, chat, credits, home, keys, placeholders
 from aicredits.settings import get_settings
 from aicredits.state.admin import AdminState
+from aicredits.state.chat import ChatState
+from aicredits.state.credits import CreditsState
 from aicredits.state.home import HomeState
+from aicredits.state.keys import KeysState
 from aicredits.state.login import LoginState
 from aicredits.state.session import SessionState
 
@@ -17,13 +20,25 @@ app.add_page(
     auth.forbidden, route="/forbidden", title="aicredits", on_load=SessionState.load_visitor
 )
 # Signed-in pages: the on_load guard sends a signed-out visitor to sign-in and back.
+app.add_page(chat.chat, route="/chat", title="Chat · aicredits", on_load=ChatState.load)
 app.add_page(
-    placeholders.chat, route="/chat", title="Chat · aicredits", on_load=SessionState.require_login
-)
-app.add_page(
-    placeholders.credits,
+    credits.credits,
     route="/credits",
     title="Credits · aicredits",
+    on_load=[SessionState.require_login, CreditsState.load],
+)
+# Where Stripe's checkout returns; the success page signs a visitor in and back itself, so
+# the session id in its query survives.
+app.add_page(
+    credits.success,
+    route="/credits/success",
+    title="Payment · aicredits",
+    on_load=CreditsState.confirm,
+)
+app.add_page(
+    credits.cancel,
+    route="/credits/cancel",
+    title="Checkout cancelled · aicredits",
     on_load=SessionState.require_login,
 )
 app.add_page(
@@ -31,4 +46,10 @@ app.add_page(
     route="/admin",
     title="Admin · aicredits",
     on_load=[SessionState.require_admin, AdminState.load],
+)
+app.add_page(
+    keys.keys_page,
+    route="/keys",
+    title="API keys · aicredits",
+    on_load=[SessionState.require_login, KeysState.load],
 )

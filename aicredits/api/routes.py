@@ -10,9 +10,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from aicredits.api import auth_routes
+from aicredits.api import auth_routes, stripe_routes
+from aicredits.api.openai_routes import OpenAIRoutes
 from aicredits.api.security import SecurityMiddleware
 from aicredits.settings import Settings
+
+# Routes authenticated by the session cookie: their POSTs must come from our own pages.
+COOKIE_ROUTES = ("/auth/", "/checkout/")
 
 
 async def healthz(_request: Request) -> JSONResponse:
@@ -20,8 +24,16 @@ async def healthz(_request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-def build_api() -> Starlette:
-    return Starlette(routes=[Route("/healthz", healthz, methods=["GET"]), *auth_routes.routes])
+def build_api(settings: Settings) -> Starlette:
+    openai_api = OpenAIRoutes(settings)
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            *auth_routes.routes,
+            *openai_api.routes(),
+            *stripe_routes.routes,
+        ]
+    )
 
 
 def api_transformers(settings: Settings) -> Sequence[Starlette | Callable[[ASGIApp], ASGIApp]]:
@@ -30,7 +42,10 @@ def api_transformers(settings: Settings) -> Sequence[Starlette | Callable[[ASGIA
 
     def secure(app: ASGIApp) -> ASGIApp:
         return SecurityMiddleware(
-            app, allowed_origins=settings.allowed_origins, hsts=settings.https
+            app,
+            allowed_origins=settings.allowed_origins,
+            cookie_route_prefixes=COOKIE_ROUTES,
+            hsts=settings.https,
         )
 
-    return [build_api(), secure]
+    return [build_api(settings), secure]

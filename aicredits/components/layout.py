@@ -74,6 +74,7 @@ def header() -> rx.Component:
             rx.hstack(
                 rx.link("Chat", href="/chat"),
                 rx.link("Credits", href="/credits"),
+                rx.link("API keys", href="/keys", id="nav-keys"),
                 rx.cond(SessionState.is_admin, rx.link("Admin", href="/admin", id="nav-admin")),
                 spacing="4",
             ),

@@ -1,0 +1,437 @@
+"""Stripe: the only module that talks to it or knows the shape of its objects.
+
+* Checkout: a customer per user, a Checkout Session per "Buy", and reading a session back
+  (with its payment intent and charge, for the receipt) for the success page.
+* Webhooks: `verify_event` checks the `Stripe-Signature` header on the raw body with the SDK,
+  and also refuses timestamps more than five minutes in the future (the SDK checks only the
+  past). There is no unsigned path.
+* The simulated checkout (no STRIPE_SECRET_KEY): events in Stripe's JSON shape, signed the way
+  Stripe signs them, with a dev secret generated locally on first use.
+
+Everything else sees plain dataclasses, never SDK objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import stripe
+from stripe._base_address import BaseAddresses
+
+from aicredits.domain.errors import AICreditsError
+
+# Stripe's own default, and the window we also apply to timestamps in the future.
+SIGNATURE_TOLERANCE_SECONDS = 300
+CONNECT_TIMEOUT_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 30.0
+# The SDK retries connection errors and 5xx answers with the same idempotency key.
+MAX_NETWORK_RETRIES = 2
+MAX_ID_LENGTH = 255
+
+
+class StripeFailure(AICreditsError):
+    """Stripe could not be reached, or refused the request."""
+
+    code = "stripe_failed"
+
+
+class CheckoutSessionNotFound(AICreditsError):
+    code = "checkout_session_not_found"
+
+
+class InvalidSignature(AICreditsError):
+    """A webhook whose signature, timestamp or secret does not check out."""
+
+    code = "invalid_signature"
+
+
+class MalformedEvent(AICreditsError):
+    """A correctly signed body that is not an event we can read."""
+
+    code = "malformed_event"
+
+
+# --- what the rest of the app sees ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutSession:
+    id: str
+    payment_status: str  # paid | unpaid | no_payment_required
+    status: str | None  # open | complete | expired
+    amount_total: int | None
+    currency: str | None
+    client_reference_id: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    payment_intent_id: str | None = None
+    customer_id: str | None = None
+    charge_id: str | None = None
+    receipt_url: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    id: str
+    payment_intent_id: str | None
+    amount: int
+    amount_refunded: int  # cumulative, over every refund of this charge
+    receipt_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Dispute:
+    id: str
+    charge_id: str | None
+    payment_intent_id: str | None
+    amount: int
+    currency: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    id: str
+    type: str
+    object: dict[str, Any]
+    body: str  # the verified JSON, kept when the event has to wait for its payment
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutRequest:
+    """What one "Buy" asks Stripe for."""
+
+    user_id: int
+    pack_id: str
+    credits: int
+    product_name: str
+    price_id: str
+    amount: int
+    currency: str
+    customer_id: str
+    success_url: str
+    cancel_url: str
+
+
+# --- parsing Stripe's JSON ------------------------------------------------------------------
+
+
+def _str(obj: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
+    value = obj.get(key)
+    if isinstance(value, Mapping):  # an expanded object: its id is what we keep
+        value = value.get("id")
+    if value is None or value == "":
+        if required:
+            raise MalformedEvent(f"{key} is missing")
+        return None
+    if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
+        raise MalformedEvent(f"{key} is not a string id")
+    return value
+
+
+def _int(obj: Mapping[str, Any], key: str, *, required: bool = False) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise MalformedEvent(f"{key} is missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedEvent(f"{key} is not a non-negative integer")
+    return value
+
+
+def parse_checkout_session(obj: Mapping[str, Any]) -> CheckoutSession:
+    raw_meta = obj.get("metadata") or {}
+    if not isinstance(raw_meta, Mapping):
+        raise MalformedEvent("metadata is not an object")
+    charge_id = receipt_url = None
+    intent = obj.get("payment_intent")
+    if isinstance(intent, Mapping):  # retrieved with expand=payment_intent.latest_charge
+        charge = intent.get("latest_charge")
+        if isinstance(charge, Mapping):
+            charge_id = _str(charge, "id")
+            receipt_url = _str_url(charge.get("receipt_url"))
+        elif isinstance(charge, str):
+            charge_id = charge
+    return CheckoutSession(
+        id=_str(obj, "id", required=True) or "",
+        payment_status=_str(obj, "payment_status") or "unpaid",
+        status=_str(obj, "status"),
+        amount_total=_int(obj, "amount_total"),
+        currency=(_str(obj, "currency") or "").lower() or None,
+        client_reference_id=_str(obj, "client_reference_id"),
+        metadata={str(k): str(v) for k, v in raw_meta.items()},
+        payment_intent_id=_str(obj, "payment_intent"),
+        customer_id=_str(obj, "customer"),
+        charge_id=charge_id,
+        receipt_url=receipt_url,
+        url=_str_url(obj.get("url")),
+    )
+
+
+def _str_url(value: object) -> str | None:
+    return value if isinstance(value, str) and value.startswith("https://") else None
+
+
+def parse_charge(obj: Mapping[str, Any]) -> Charge:
+    return Charge(
+        id=_str(obj, "id", required=True) or "",
+        payment_intent_id=_str(obj, "payment_intent"),
+        amount=_int(obj, "amount", required=True) or 0,
+        amount_refunded=_int(obj, "amount_refunded", required=True) or 0,
+        receipt_url=_str_url(obj.get("receipt_url")),
+    )
+
+
+def parse_dispute(obj: Mapping[str, Any]) -> Dispute:
+    return Dispute(
+        id=_str(obj, "id", required=True) or "",
+        charge_id=_str(obj, "charge"),
+        payment_intent_id=_str(obj, "payment_intent"),
+        amount=_int(obj, "amount") or 0,
+        currency=(_str(obj, "currency") or "").lower(),
+        reason=(_str(obj, "reason") or "unspecified")[:100],
+    )
+
+
+def parse_event(body: str) -> WebhookEvent:
+    """An event from JSON already verified (or stored by us after verifying it)."""
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise MalformedEvent("the body is not JSON") from exc
+    if not isinstance(data, dict):
+        raise MalformedEvent("the body is not a JSON object")
+    payload = data.get("data")
+    obj = payload.get("object") if isinstance(payload, dict) else None
+    event_type = data.get("type")
+    if not isinstance(obj, dict) or not isinstance(event_type, str) or not event_type:
+        raise MalformedEvent("the event has no type or no data.object")
+    if len(event_type) > 100:
+        raise MalformedEvent("the event type is too long")
+    event_id = _str(data, "id", required=True) or ""
+    return WebhookEvent(id=event_id, type=event_type, object=obj, body=body)
+
+
+# --- webhook signatures ---------------------------------------------------------------------
+
+
+def _signed_timestamp(header: str) -> int:
+    # The same reading as the SDK's: the first `t=` element.
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t":
+            return int(value)
+    raise ValueError("no timestamp")
+
+
+def verify_event(
+    payload: bytes,
+    header: str | None,
+    secret: str | None,
+    *,
+    tolerance: int = SIGNATURE_TOLERANCE_SECONDS,
+    now: float | None = None,
+) -> WebhookEvent:
+    """The event in a webhook body, once its signature and timestamp check out."""
+    if not secret:
+        raise InvalidSignature("no webhook secret is configured, so no event can be trusted")
+    if not header:
+        raise InvalidSignature("the Stripe-Signature header is missing")
+    try:
+        body = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidSignature("the body is not UTF-8, so it cannot be what Stripe signed") from exc
+    try:
+        stripe.WebhookSignature.verify_header(body, header, secret, tolerance)
+        timestamp = _signed_timestamp(header)
+    except (stripe.SignatureVerificationError, ValueError) as exc:
+        raise InvalidSignature(str(exc).split("\n")[0]) from exc
+    if timestamp > (time.time() if now is None else now) + tolerance:
+        raise InvalidSignature("the signature's timestamp is in the future")
+    return parse_event(body)
+
+
+def signature_header(body: str, secret: str, timestamp: int) -> str:
+    """`Stripe-Signature` for a body, exactly as Stripe computes it."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256)
+    return f"t={timestamp},v1={mac.hexdigest()}"
+
+
+# --- the API --------------------------------------------------------------------------------
+
+
+def checkout_session_params(request: CheckoutRequest) -> dict[str, Any]:
+    metadata = {
+        "user_id": str(request.user_id),
+        "pack_id": request.pack_id,
+        "credits": str(request.credits),
+    }
+    if request.price_id:
+        line_item: dict[str, Any] = {"price": request.price_id, "quantity": 1}
+    else:
+        line_item = {
+            "price_data": {
+                "currency": request.currency,
+                "unit_amount": request.amount,
+                "product_data": {"name": request.product_name},
+            },
+            "quantity": 1,
+        }
+    return {
+        "mode": "payment",
+        "customer": request.customer_id,
+        "client_reference_id": str(request.user_id),
+        "line_items": [line_item],
+        "metadata": metadata,
+        "payment_intent_data": {"metadata": metadata},
+        "success_url": request.success_url,
+        "cancel_url": request.cancel_url,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedSession:
+    id: str
+    url: str
+    amount_total: int | None
+    currency: str | None
+
+
+class StripeApi:
+    def __init__(self, secret_key: str, api_base: str = "") -> None:
+        bases: BaseAddresses = {}
+        if api_base:
+            bases["api"] = api_base.rstrip("/")
+        self._client = stripe.StripeClient(
+            secret_key,
+            base_addresses=bases,
+            max_network_retries=MAX_NETWORK_RETRIES,
+            http_client=stripe.RequestsClient(
+                timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
+            ),
+        )
+
+    def create_customer(self, *, user_id: int, email: str | None, idempotency_key: str) -> str:
+        params: dict[str, Any] = {"metadata": {"user_id": str(user_id)}}
+        if email:
+            params["email"] = email
+        try:
+            customer = self._client.v1.customers.create(
+                params,  # type: ignore[arg-type]
+                {"idempotency_key": idempotency_key},
+            )
+        except stripe.StripeError as exc:
+            raise StripeFailure(_explain(exc)) from exc
+        return str(customer.id)
+
+    def create_checkout_session(
+        self, request: CheckoutRequest, *, idempotency_key: str
+    ) -> CreatedSession:
+        try:
+            session = self._client.v1.checkout.sessions.create(
+                checkout_session_params(request),  # type: ignore[arg-type]
+                {"idempotency_key": idempotency_key},
+            )
+        except stripe.StripeError as exc:
+            raise StripeFailure(_explain(exc)) from exc
+        parsed = _parse_sdk_session(session)
+        if not parsed.url:
+            raise StripeFailure("Stripe returned a Checkout Session without a URL")
+        return CreatedSession(
+            id=parsed.id, url=parsed.url, amount_total=parsed.amount_total, currency=parsed.currency
+        )
+
+    def retrieve_checkout_session(self, session_id: str) -> CheckoutSession:
+        try:
+            session = self._client.v1.checkout.sessions.retrieve(
+                session_id, {"expand": ["payment_intent.latest_charge"]}
+            )
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                raise CheckoutSessionNotFound(session_id) from exc
+            raise StripeFailure(_explain(exc)) from exc
+        except stripe.StripeError as exc:
+            raise StripeFailure(_explain(exc)) from exc
+        return _parse_sdk_session(session)
+
+
+def _parse_sdk_session(session: Any) -> CheckoutSession:
+    try:
+        return parse_checkout_session(session.to_dict())
+    except MalformedEvent as exc:
+        raise StripeFailure(f"Stripe returned an unreadable Checkout Session: {exc}") from exc
+
+
+def _explain(exc: stripe.StripeError) -> str:
+    return exc.user_message or type(exc).__name__
+
+
+@lru_cache(maxsize=4)
+def stripe_api(secret_key: str, api_base: str = "") -> StripeApi:
+    """One client (one connection pool) per key and base address per process."""
+    return StripeApi(secret_key, api_base)
+
+
+# --- the simulated checkout -----------------------------------------------------------------
+
+
+def load_or_create_dev_secret(path: Path) -> str:
+    """The simulated checkout's webhook secret: made once per machine, readable only by its
+    owner, never committed (data/ is ignored). Workers starting together agree on one."""
+    with contextlib.suppress(FileNotFoundError):
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = "whsec_dev_" + secrets.token_hex(32)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secret + "\n")
+        # link() publishes the complete file or fails if another process already did.
+        with contextlib.suppress(FileExistsError):
+            os.link(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+def simulated_event(event_type: str, obj: dict[str, Any], *, created: int) -> str:
+    """An event body in Stripe's JSON shape."""
+    event = {
+        "id": "evt_sim_" + secrets.token_hex(12),
+        "object": "event",
+        "api_version": stripe.api_version,
+        "created": created,
+        "data": {"object": obj},
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": event_type,
+    }
+    return json.dumps(event, separators=(",", ":"))
+
+
+def post_event(url: str, body: str, header: str) -> int:
+    """Deliver a signed event the way Stripe does: a POST to the webhook. Returns the status."""
+    response = httpx.post(
+        url,
+        content=body.encode(),
+        headers={"Content-Type": "application/json", "Stripe-Signature": header},
+        timeout=httpx.Timeout(READ_TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
+    )
+    return response.status_code

@@ -1,0 +1,210 @@
+"""Payment routes. Each reads the request, calls one service, and maps its typed errors to
+one status and message.
+
+POST /api/stripe/webhook                    Stripe's events, verified on the raw body
+POST /checkout/start                        "Buy" (a form post): 303 to Stripe's checkout
+GET  /checkout/simulated/{session_id}       the simulated checkout (no STRIPE_SECRET_KEY)
+POST /checkout/simulated/{session_id}/pay   ... posts a signed event to the webhook
+POST /checkout/simulated/{session_id}/cancel
+
+The /checkout/ routes are cookie-authenticated, so the security middleware makes their POSTs
+carry this site's Origin. The webhook is authenticated by its signature alone.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+
+import sqlalchemy as sa
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
+from aicredits.adapters.db import get_database
+from aicredits.api import cookies
+from aicredits.api.auth_routes import login_page_url
+from aicredits.services import auth, payments
+from aicredits.services.auth import CurrentUser
+from aicredits.services.payments import PaymentError, PurchaseView
+from aicredits.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+# Stripe's events are a few kilobytes; anything far larger is not one.
+MAX_WEBHOOK_BYTES = 1_000_000
+
+
+async def webhook(request: Request) -> Response:
+    settings = get_settings()
+    too_large = _json_error(413, "payload_too_large", "The body is too large to be an event.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_WEBHOOK_BYTES:
+        return too_large
+    payload = bytearray()
+    async for chunk in request.stream():
+        payload.extend(chunk)
+        if len(payload) > MAX_WEBHOOK_BYTES:
+            return too_large
+    try:
+        # Money must be settled even if Stripe hangs up half-way.
+        result = await run_blocking_to_completion(
+            payments.handle_webhook,
+            get_database(),
+            settings,
+            payload=bytes(payload),
+            signature=request.headers.get("stripe-signature"),
+        )
+    except (payments.InvalidSignature, payments.MalformedEvent) as exc:
+        logger.warning("refused a webhook: %s", exc)
+        return _json_error(400, exc.code, str(exc))
+    except payments.PurchaseBusy as exc:
+        return _json_error(503, exc.code, exc.message, headers={"Retry-After": "5"})
+    except sa.exc.SQLAlchemyError:
+        # Nothing was marked processed: Stripe retries, and the retry applies it once.
+        logger.exception("a webhook failed on the database; Stripe will retry it")
+        return _json_error(500, "database_error", "Temporary failure; please retry.")
+    return JSONResponse({"received": True, "event": result.event_id, "outcome": result.outcome})
+
+
+def _json_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+async def _signed_in(request: Request, settings: Settings) -> CurrentUser | None:
+    token = request.cookies.get(cookies.cookie_name(settings, cookies.SESSION))
+    return await run_blocking(auth.resolve_session, get_database(), settings, token)
+
+
+def _to_sign_in(settings: Settings) -> Response:
+    return RedirectResponse(login_page_url(settings, "/credits"), status_code=303)
+
+
+def _page(settings: Settings, *, title: str, body: str, status: int = 200) -> HTMLResponse:
+    """A small self-contained page, like the sign-in error page: it runs outside Reflex."""
+    back = html.escape(f"{settings.public_url}/credits")
+    document = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>{html.escape(title)} · aicredits</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
+color:#1c2024}}a{{color:#0d74ce}}.box{{border:1px solid #e0e1e6;border-radius:8px;padding:1.5rem}}
+.sim{{background:#fff4d5;border:2px dashed #ab6400;color:#4f3422;padding:.75rem 1rem;
+border-radius:6px;font-weight:700;letter-spacing:.02em}}
+button{{font-size:1rem;padding:.6rem 1.4rem;border-radius:6px;border:1px solid #8b8d98;
+cursor:pointer;margin-right:.75rem}}.pay{{background:#0d74ce;color:#fff;border-color:#0d74ce}}
+form{{display:inline}}</style></head><body><div class="box">{body}
+<p><a href="{back}">Back to credits</a></p></div></body></html>"""
+    return HTMLResponse(document, status_code=status)
+
+
+def _error_page(settings: Settings, exc: PaymentError) -> HTMLResponse:
+    body = (
+        f"<h1>{html.escape('Checkout unavailable')}</h1>"
+        f'<p id="error-message" role="alert">{html.escape(exc.message)}</p>'
+    )
+    return _page(settings, title="Checkout unavailable", body=body, status=exc.status)
+
+
+async def checkout_start(request: Request) -> Response:
+    settings = get_settings()
+    user = await _signed_in(request, settings)
+    if user is None:
+        return _to_sign_in(settings)
+    form = await request.form()
+    pack = form.get("pack")
+    try:
+        url = await run_blocking(
+            payments.start_checkout,
+            get_database(),
+            settings,
+            user_id=user.id,
+            pack_id=pack if isinstance(pack, str) else "",
+        )
+    except PaymentError as exc:
+        logger.info("checkout refused for user %s: %s", user.id, exc.code)
+        return _error_page(settings, exc)
+    return RedirectResponse(url, status_code=303)
+
+
+def _simulated_page(settings: Settings, purchase: PurchaseView) -> HTMLResponse:
+    sid = html.escape(purchase.checkout_session_id)
+    price = html.escape(payments.format_money(purchase.amount, purchase.currency))
+    pack = html.escape(payments.pack_label(settings, purchase.pack_id))
+    base = html.escape(f"{settings.api_url}/checkout/simulated/{purchase.checkout_session_id}")
+    if purchase.status in ("paid", "expired"):
+        done = "paid" if purchase.status == "paid" else "cancelled"
+        actions = f"<p>This checkout is already {done}.</p>"
+    else:
+        actions = (
+            f'<form method="post" action="{base}/pay"><button class="pay" id="simulated-pay" '
+            f'type="submit">Pay {price}</button></form>'
+            f'<form method="post" action="{base}/cancel"><button id="simulated-cancel" '
+            'type="submit">Cancel</button></form>'
+        )
+    body = f"""<p class="sim" id="simulated-banner">SIMULATED CHECKOUT — no real payment</p>
+<h1>Buy the {pack} pack</h1>
+<p>{purchase.credits:,} credits for <strong id="simulated-price">{price}</strong></p>
+<p>No Stripe key is configured, so this page stands in for Stripe's. "Pay" sends a signed
+<code>checkout.session.completed</code> event to this site's webhook, exactly as Stripe would,
+and nothing is charged anywhere.</p>
+<p><small>Session <code>{sid}</code></small></p>
+{actions}"""
+    return _page(settings, title="Simulated checkout", body=body)
+
+
+async def simulated_checkout(request: Request) -> Response:
+    settings = get_settings()
+    user = await _signed_in(request, settings)
+    if user is None:
+        return _to_sign_in(settings)
+    try:
+        purchase = await run_blocking(
+            payments.simulated_checkout,
+            get_database(),
+            settings,
+            user_id=user.id,
+            session_id=request.path_params["session_id"],
+        )
+    except PaymentError as exc:
+        return _error_page(settings, exc)
+    return _simulated_page(settings, purchase)
+
+
+async def simulated_pay(request: Request) -> Response:
+    return await _simulated_action(request, payments.pay_simulated_checkout)
+
+
+async def simulated_cancel(request: Request) -> Response:
+    return await _simulated_action(request, payments.cancel_simulated_checkout)
+
+
+async def _simulated_action(request: Request, action: payments.SimulatedAction) -> Response:
+    settings = get_settings()
+    user = await _signed_in(request, settings)
+    if user is None:
+        return _to_sign_in(settings)
+    try:
+        url = await run_blocking(
+            action,
+            get_database(),
+            settings,
+            user_id=user.id,
+            session_id=request.path_params["session_id"],
+        )
+    except PaymentError as exc:
+        return _error_page(settings, exc)
+    return RedirectResponse(url, status_code=303)
+
+
+routes = [
+    Route(payments.WEBHOOK_PATH, webhook, methods=["POST"]),
+    Route("/checkout/start", checkout_start, methods=["POST"]),
+    Route("/checkout/simulated/{session_id}", simulated_checkout, methods=["GET"]),
+    Route("/checkout/simulated/{session_id}/pay", simulated_pay, methods=["POST"]),
+    Route("/checkout/simulated/{session_id}/cancel", simulated_cancel, methods=["POST"]),
+]
