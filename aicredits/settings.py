@@ -159,12 +159,38 @@ class Settings(BaseSettings):
     stripe_api_base: str = ""  # another base address for the SDK (tests: a local fake)
     packs: list[CreditPack] = Field(default_factory=lambda: list(DEFAULT_PACKS))
 
+    # Warnings: a banner (and an email, with SMTP) when this share of an allowance is used.
+    # The last is blocking when it is 100.
+    threshold_percents: list[int] = Field(default_factory=lambda: [50, 80, 100])
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_from: str = ""
+    smtp_starttls: bool = True
+
+    # Spike alerts for admins: an hour's spend this many times the user's usual hourly
+    # spend (over the last 7 days), and at least this many credits.
+    spike_factor: float = Field(default=5.0, gt=1)
+    spike_min_credits: int = Field(default=100, ge=0)
+
     @field_validator("admin_emails", mode="before")
     @classmethod
     def _split_emails(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip().startswith("["):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("threshold_percents")
+    @classmethod
+    def _sorted_percents(cls, value: list[int]) -> list[int]:
+        if not value or any(p < 1 or p > 100 for p in value):
+            raise ValueError("threshold percents must be between 1 and 100")
+        return sorted(set(value))
+
+    @property
+    def smtp_configured(self) -> bool:
+        return bool(self.smtp_host and self.smtp_from)
 
     @field_validator("public_url", "api_url")
     @classmethod

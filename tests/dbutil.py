@@ -11,6 +11,8 @@ PG_ADMIN_URL = os.environ.get(
     "AICREDITS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 TABLES = [
+    "admin_actions",
+    "threshold_crossings",
     "account_flags",
     "stripe_events",
     "stripe_customers",

@@ -428,6 +428,57 @@ class AccountFlag(SQLModel, table=True):
     clear_note: str | None = Field(default=None, max_length=500)
 
 
+class ThresholdCrossing(SQLModel, table=True):
+    """A user has used a threshold's share (50%, 80%, 100%...) of an allowance: recorded once
+    per allowance, which is named by the ledger entry (a grant, purchase or top-up) that
+    started it. Banners and emails are driven from here, so neither ever repeats."""
+
+    __tablename__ = "threshold_crossings"
+    __table_args__ = (
+        sa.UniqueConstraint(
+            "user_id", "allowance_entry_id", "threshold", name="uq_threshold_crossings_once"
+        ),
+        sa.Index("ix_threshold_crossings_email_due", "emailed_at", "next_email_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    allowance_entry_id: int = Field(
+        sa_column=sa.Column(sa.BigInteger(), sa.ForeignKey("ledger_entries.id"), nullable=False)
+    )
+    threshold: int = Field(ge=1, le=100)
+    allowance: int = _credits()
+    used: int = _credits()
+    crossed_at: datetime = _ts()
+    dismissed_at: datetime | None = _ts(nullable=True)
+    # Email, when SMTP is configured: sent by a background job, retried with backoff.
+    emailed_at: datetime | None = _ts(nullable=True)
+    email_attempts: int = Field(default=0)
+    next_email_at: datetime | None = _ts(nullable=True)
+    email_error: str = Field(default="", max_length=500)
+
+
+class AdminAction(SQLModel, table=True):
+    """The audit log: every admin action, who did it, when, to whom, what and why.
+    Append-only, like the ledger (a database trigger refuses edits)."""
+
+    __tablename__ = "admin_actions"
+    __table_args__ = (sa.Index("ix_admin_actions_created_at", "created_at"),)
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    actor_user_id: int = Field(foreign_key="users.id")
+    actor_email: str = Field(max_length=320)
+    action: str = Field(max_length=40)
+    target_user_id: int | None = Field(default=None, foreign_key="users.id", index=True)
+    detail: str = Field(
+        default="", sa_column=sa.Column(sa.Text(), nullable=False, server_default="")
+    )
+    reason: str = Field(max_length=500)
+    # The submitted form's token: the same submission twice is one action.
+    idempotency_key: str = Field(max_length=200, unique=True)
+    created_at: datetime = _ts()
+
+
 def table(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, for the ledger's hand-written statements."""
     t = model.__table__  # type: ignore[attr-defined]
@@ -452,3 +503,5 @@ purchases = table(Purchase)
 stripe_events = table(StripeEvent)
 stripe_customers = table(StripeCustomer)
 account_flags = table(AccountFlag)
+threshold_crossings = table(ThresholdCrossing)
+admin_actions = table(AdminAction)
