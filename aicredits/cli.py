@@ -15,7 +15,7 @@ from aicredits.adapters.db import Database
 from aicredits.adapters.migrations import upgrade_to_head
 from aicredits.adapters.tables import utcnow
 from aicredits.domain.errors import AICreditsError
-from aicredits.services import auth, ledger, pricing, users
+from aicredits.services import jobs, ledger, pricing, users
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
 
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser(
-        "run-jobs", help="release stale holds, expire due grants, forget old sign-in attempts"
+        "run-jobs", help="release stale holds, expire due grants, send threshold emails, tidy"
     )
     # Listed for --help; their own arguments are parsed by their own main() (see main()).
     sub.add_parser("dev", help="run the app with its local stand-ins (what `make run` does)")
@@ -166,11 +166,10 @@ def _grant(db: Database, args: argparse.Namespace) -> int:
 
 
 def _run_jobs(db: Database) -> int:
-    stale = ledger.sweep_stale_holds(db)
-    expired = ledger.expire_due_grants(db)
-    forgotten = auth.forget_old_login_attempts(db)
+    report = jobs.run_all(db, get_settings())
     print(
-        f"released {stale} stale holds; expired {expired.credits_expired} credits; "
-        f"forgot {forgotten} old sign-in attempts"
+        f"released {report.stale_holds} stale holds; expired {report.credits_expired} credits; "
+        f"sent {report.emails_sent} threshold emails; "
+        f"forgot {report.sign_ins_forgotten} old sign-in attempts"
     )
     return EXIT_OK

@@ -174,6 +174,9 @@ class Settings(BaseSettings):
     spike_factor: float = Field(default=5.0, gt=1)
     spike_min_credits: int = Field(default=100, ge=0)
 
+    # The periodic jobs (stale holds, expiring grants, emails) run inside the app this often.
+    jobs_interval_seconds: float = Field(default=60.0, gt=0)
+
     @field_validator("admin_emails", mode="before")
     @classmethod
     def _split_emails(cls, value: object) -> object:

@@ -139,10 +139,11 @@ class Database:
         with Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
 
-    def insert_ignoring_conflict(self, target: sa.Table, *, index: str) -> Any:
+    def insert_ignoring_conflict(self, target: sa.Table, *, index: str | tuple[str, ...]) -> Any:
         """INSERT ... ON CONFLICT (index) DO NOTHING, in this database's dialect."""
         ins = postgresql.insert(target) if not self.is_sqlite else sqlite.insert(target)
-        return ins.on_conflict_do_nothing(index_elements=[index])
+        columns = [index] if isinstance(index, str) else list(index)
+        return ins.on_conflict_do_nothing(index_elements=columns)
 
     def dispose(self) -> None:
         self.engine.dispose()

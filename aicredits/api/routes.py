@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from aicredits.api import auth_routes, stripe_routes
+from aicredits.api import auth_routes, export_routes, stripe_routes
 from aicredits.api.openai_routes import OpenAIRoutes
 from aicredits.api.security import SecurityMiddleware
 from aicredits.settings import Settings
@@ -32,6 +32,7 @@ def build_api(settings: Settings) -> Starlette:
             *auth_routes.routes,
             *openai_api.routes(),
             *stripe_routes.routes,
+            *export_routes.routes,
         ]
     )
 

@@ -23,10 +23,9 @@ from starlette.routing import Route
 
 from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
 from aicredits.adapters.db import get_database
-from aicredits.api import cookies
 from aicredits.api.auth_routes import login_page_url
-from aicredits.services import auth, payments
-from aicredits.services.auth import CurrentUser
+from aicredits.api.session import signed_in_user
+from aicredits.services import payments
 from aicredits.services.payments import PaymentError, PurchaseView
 from aicredits.settings import Settings, get_settings
 
@@ -76,11 +75,6 @@ def _json_error(
     )
 
 
-async def _signed_in(request: Request, settings: Settings) -> CurrentUser | None:
-    token = request.cookies.get(cookies.cookie_name(settings, cookies.SESSION))
-    return await run_blocking(auth.resolve_session, get_database(), settings, token)
-
-
 def _to_sign_in(settings: Settings) -> Response:
     return RedirectResponse(login_page_url(settings, "/credits"), status_code=303)
 
@@ -112,7 +106,7 @@ def _error_page(settings: Settings, exc: PaymentError) -> HTMLResponse:
 
 async def checkout_start(request: Request) -> Response:
     settings = get_settings()
-    user = await _signed_in(request, settings)
+    user = await signed_in_user(request, settings)
     if user is None:
         return _to_sign_in(settings)
     form = await request.form()
@@ -159,7 +153,7 @@ and nothing is charged anywhere.</p>
 
 async def simulated_checkout(request: Request) -> Response:
     settings = get_settings()
-    user = await _signed_in(request, settings)
+    user = await signed_in_user(request, settings)
     if user is None:
         return _to_sign_in(settings)
     try:
@@ -185,7 +179,7 @@ async def simulated_cancel(request: Request) -> Response:
 
 async def _simulated_action(request: Request, action: payments.SimulatedAction) -> Response:
     settings = get_settings()
-    user = await _signed_in(request, settings)
+    user = await signed_in_user(request, settings)
     if user is None:
         return _to_sign_in(settings)
     try:

@@ -94,10 +94,41 @@ def header() -> rx.Component:
     )
 
 
+def usage_banner() -> rx.Component:
+    """The usage warning, on every page: informs at 50%, warns at 80%, blocks at 100%."""
+    return rx.cond(
+        SessionState.banner_level != "",
+        rx.callout.root(
+            rx.callout.icon(rx.icon("gauge")),
+            rx.callout.text(
+                SessionState.banner_text,
+                " ",
+                rx.link("Buy credits", href="/credits", weight="bold", id="banner-buy"),
+            ),
+            rx.cond(
+                SessionState.banner_dismissible,
+                rx.button(
+                    "Dismiss",
+                    variant="ghost",
+                    size="1",
+                    on_click=SessionState.dismiss_banner,
+                    id="banner-dismiss",
+                ),
+            ),
+            color_scheme=rx.match(
+                SessionState.banner_level, ("info", "blue"), ("warning", "amber"), "red"
+            ),
+            id="usage-banner",
+            class_name=rx.Var.create("usage-banner banner-") + SessionState.banner_level,
+            width="100%",
+        ),
+    )
+
+
 def page(*children: rx.Component, signed_in_only: bool = False) -> rx.Component:
     """A page in the shared frame. Signed-in-only content renders once the server has
     resolved the session, so a signed-out visitor never sees it, not even for a moment."""
     body = rx.vstack(*children, spacing="4", width="100%", padding_y="1.5em")
     if signed_in_only:
         body = rx.cond(SessionState.signed_in, body, rx.center(rx.spinner(), padding="4em"))
-    return rx.container(rx.vstack(header(), body, width="100%"), size="3")
+    return rx.container(rx.vstack(header(), usage_banner(), body, width="100%"), size="3")

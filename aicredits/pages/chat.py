@@ -178,6 +178,7 @@ def _composer() -> rx.Component:
                 id=INPUT_ID,
                 placeholder="Message the model… (Enter sends, Shift+Enter for a new line)",
                 enter_key_submit=True,
+                disabled=ChatState.banner_level == "blocking",
                 on_change=ChatState.draft_changed.debounce(300),  # type: ignore[attr-defined]
                 rows="3",
                 width="100%",
@@ -198,7 +199,12 @@ def _composer() -> rx.Component:
                         id="stop-button",
                     ),
                 ),
-                rx.button("Send", type="submit", disabled=ChatState.streaming, id="send-button"),
+                rx.button(
+                    "Send",
+                    type="submit",
+                    disabled=ChatState.streaming | (ChatState.banner_level == "blocking"),
+                    id="send-button",
+                ),
                 width="100%",
                 align="center",
                 wrap="wrap",
@@ -280,6 +286,19 @@ def chat() -> rx.Component:
                     ),
                 ),
                 _error(),
+                rx.cond(
+                    ChatState.banner_level == "blocking",
+                    rx.callout(
+                        rx.text(
+                            "Chat is paused: you have used all your credits. ",
+                            rx.link("Buy credits", href="/credits", weight="bold"),
+                            " to keep chatting.",
+                        ),
+                        icon="lock",
+                        color_scheme="red",
+                        id="chat-blocked",
+                    ),
+                ),
                 _composer(),
                 width="100%",
                 min_width="0",

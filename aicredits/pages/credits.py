@@ -84,15 +84,220 @@ def _history() -> rx.Component:
     )
 
 
+CHART_COLORS = ["#3e63dd", "#e5484d", "#30a46c", "#f76b15", "#8e4ec6", "#0090ff"]
+HISTORY_KINDS = ["all", "grant", "purchase", "spend", "refund", "adjustment", "clawback", "expiry"]
+
+
+def _stat(label: str, value: Any, element_id: str, note: Any = None) -> rx.Component:
+    """A figure on a card; `note` (a Var, e.g. the money equivalent) shows when not empty."""
+    lines = [
+        rx.text(label, size="2", color_scheme="gray"),
+        rx.heading(value, size="6", id=element_id),
+    ]
+    if note is not None:
+        lines.append(rx.cond(note != "", rx.text("≈ ", note, size="1", color_scheme="gray")))
+    return rx.card(rx.vstack(*lines, spacing="1"), min_width="10em")
+
+
+def _balance() -> rx.Component:
+    return rx.vstack(
+        rx.flex(
+            _stat(
+                "Available",
+                SessionState.available_credits,
+                "credits-available",
+                CreditsState.available_money,
+            ),
+            _stat("Held (in flight)", CreditsState.held_credits, "credits-held"),
+            _stat("Total", CreditsState.total_credits, "credits-total", CreditsState.total_money),
+            spacing="3",
+            wrap="wrap",
+        ),
+        rx.cond(
+            CreditsState.expiring.length() > 0,  # type: ignore[attr-defined]
+            rx.vstack(
+                rx.text("Expiring credits", size="2", weight="medium"),
+                rx.foreach(
+                    CreditsState.expiring,
+                    lambda e: rx.text(e["credits"], " credits expire on ", e["date"], size="2"),
+                ),
+                id="expiring-credits",
+                spacing="1",
+            ),
+        ),
+        spacing="3",
+        width="100%",
+    )
+
+
+def _allowance() -> rx.Component:
+    return rx.cond(
+        CreditsState.allowance_size > 0,
+        rx.vstack(
+            rx.hstack(
+                rx.text(
+                    "Used ",
+                    CreditsState.allowance_used,
+                    " of ",
+                    CreditsState.allowance_size,
+                    " credits since ",
+                    CreditsState.allowance_since,
+                    size="2",
+                ),
+                rx.spacer(),
+                rx.text(CreditsState.allowance_percent, "%", size="2", id="allowance-percent"),
+                width="100%",
+            ),
+            rx.progress(value=CreditsState.allowance_percent, max=100, id="allowance-bar"),
+            width="100%",
+            spacing="1",
+        ),
+    )
+
+
+def _usage(models: list[str]) -> rx.Component:
+    bars = [
+        rx.recharts.bar(data_key=m, stack_id="usage", fill=CHART_COLORS[i % len(CHART_COLORS)])
+        for i, m in enumerate(models)
+    ]
+    return rx.cond(
+        CreditsState.has_usage,
+        rx.vstack(
+            rx.box(
+                rx.recharts.bar_chart(
+                    *bars,
+                    rx.recharts.x_axis(data_key="day"),
+                    rx.recharts.y_axis(),
+                    rx.recharts.graphing_tooltip(),
+                    rx.recharts.legend(),
+                    data=CreditsState.usage_chart,
+                    height=240,
+                ),
+                width="100%",
+                id="usage-chart",
+            ),
+            rx.box(
+                rx.table.root(
+                    rx.table.header(
+                        rx.table.row(
+                            *[
+                                rx.table.column_header_cell(h)
+                                for h in ("Model", "Calls", "Tokens in", "Tokens out", "Credits")
+                            ]
+                        )
+                    ),
+                    rx.table.body(
+                        rx.foreach(
+                            CreditsState.model_rows,
+                            lambda r: rx.table.row(
+                                rx.table.cell(r["model"]),
+                                rx.table.cell(r["calls"]),
+                                rx.table.cell(r["input"]),
+                                rx.table.cell(r["output"]),
+                                rx.table.cell(r["credits"]),
+                            ),
+                        )
+                    ),
+                    id="usage-by-model",
+                ),
+                width="100%",
+                overflow_x="auto",
+            ),
+            width="100%",
+        ),
+        rx.text(
+            "No usage in the last 30 days. Your chats will show up here.",
+            color_scheme="gray",
+            id="usage-empty",
+        ),
+    )
+
+
+def _ledger_row(row: Any) -> rx.Component:
+    return rx.table.row(
+        rx.table.cell(row["date"], white_space="nowrap"),
+        rx.table.cell(rx.badge(row["kind"])),
+        rx.table.cell(row["amount"], white_space="nowrap"),
+        rx.table.cell(row["balance_after"]),
+        rx.table.cell(
+            row["reason"],
+            rx.cond(
+                row["receipt_url"] != "",
+                rx.link(" · receipt", href=row["receipt_url"], is_external=True),
+            ),
+        ),
+    )
+
+
+def _ledger_history(export_url: str) -> rx.Component:
+    return rx.vstack(
+        rx.hstack(
+            rx.select(
+                HISTORY_KINDS,
+                value=CreditsState.history_kind,
+                on_change=CreditsState.show_history,
+                id="history-kind",
+            ),
+            rx.spacer(),
+            rx.link(
+                rx.button(rx.icon("download", size=14), "Export CSV", variant="soft"),
+                href=export_url,
+                id="export-csv",
+            ),
+            width="100%",
+            wrap="wrap",
+        ),
+        rx.cond(
+            CreditsState.history_rows.length() > 0,  # type: ignore[attr-defined]
+            rx.box(
+                rx.table.root(
+                    rx.table.header(
+                        rx.table.row(
+                            *[
+                                rx.table.column_header_cell(h)
+                                for h in ("Date (UTC)", "Kind", "Credits", "Balance", "Details")
+                            ]
+                        )
+                    ),
+                    rx.table.body(rx.foreach(CreditsState.history_rows, _ledger_row)),
+                    id="ledger-history",
+                ),
+                width="100%",
+                overflow_x="auto",
+            ),
+            rx.text("Nothing here yet.", color_scheme="gray", id="ledger-history-empty"),
+        ),
+        rx.hstack(
+            rx.button(
+                "Newer",
+                variant="soft",
+                disabled=CreditsState.history_page <= 1,
+                on_click=CreditsState.turn_history_page(-1),  # type: ignore[operator]
+                id="history-newer",
+            ),
+            rx.text(
+                "Page ", CreditsState.history_page, " of ", CreditsState.history_pages, size="2"
+            ),
+            rx.button(
+                "Older",
+                variant="soft",
+                disabled=CreditsState.history_page >= CreditsState.history_pages,
+                on_click=CreditsState.turn_history_page(1),  # type: ignore[operator]
+                id="history-older",
+            ),
+            align="center",
+        ),
+        width="100%",
+    )
+
+
 def credits() -> rx.Component:
-    action = f"{get_settings().api_url}/checkout/start"  # at render time: this deployment's
+    settings = get_settings()  # at render time: this deployment's addresses and models
+    action = f"{settings.api_url}/checkout/start"
     return page(
         rx.heading("Credits", size="6"),
-        rx.text(
-            "Available: ",
-            rx.text.strong(SessionState.available_credits, id="credits-available"),
-            " credits",
-        ),
+        _balance(),
+        _allowance(),
         rx.cond(CreditsState.simulated, _simulated_notice()),
         rx.heading("Buy credits", size="4"),
         rx.flex(
@@ -100,7 +305,11 @@ def credits() -> rx.Component:
             spacing="4",
             wrap="wrap",
         ),
-        rx.heading("Purchase history", size="4"),
+        rx.heading("Usage, last 30 days", size="4"),
+        _usage([m.id for m in settings.models]),
+        rx.heading("History", size="4"),
+        _ledger_history(f"{settings.api_url}/credits/export.csv"),
+        rx.heading("Purchases", size="4"),
         _history(),
         signed_in_only=True,
     )

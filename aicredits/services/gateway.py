@@ -30,7 +30,7 @@ from aicredits.adapters.tokenizer import count_text_tokens
 from aicredits.adapters.upstream import Delta, Upstream, UpstreamError, Usage
 from aicredits.domain.chat import ChatRequest
 from aicredits.domain.errors import AICreditsError, UnknownModel
-from aicredits.services import ledger, pricing
+from aicredits.services import ledger, pricing, thresholds
 from aicredits.services.ledger import HoldView, UsageRecord
 from aicredits.services.pricing import Quote
 from aicredits.settings import Settings
@@ -232,6 +232,8 @@ class Turn:
         settled = await run_blocking_to_completion(
             ledger.settle, gateway.db, hold=self.hold, actual_credits=cost, usage=record
         )
+        if settled.charged:
+            gateway.note_spend(self.hold.user_id)
         return self._result(
             text,
             input_tokens,
@@ -282,10 +284,27 @@ class Gateway:
         self.settings = settings
         self.upstream = upstream
         self.limiter = limiter
+        self._background: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
         await self.limiter.aclose()
+
+    def note_spend(self, user_id: int) -> None:
+        """Record usage-threshold crossings after a charge, off the request path: an API user
+        who never opens the site still gets the warning email."""
+
+        async def record() -> None:
+            try:
+                await run_blocking(
+                    thresholds.record_crossings, self.db, self.settings, user_id=user_id
+                )
+            except Exception:
+                logger.exception("recording threshold crossings for user %s failed", user_id)
+
+        task = asyncio.get_running_loop().create_task(record())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def start(
         self,

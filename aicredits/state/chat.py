@@ -5,6 +5,7 @@ blocks, so the state lock is never held while waiting on the model."""
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from aicredits.settings import get_settings
 from aicredits.state.session import SessionState
 
 INPUT_ID = "chat-input"
+PUSH_SECONDS = 0.05
 
 
 def cost_line(input_tokens: int, output_tokens: int, charged: int, estimated: bool) -> str:
@@ -340,16 +342,30 @@ class ChatState(SessionState):
         yield restore
 
     async def _stream_into_last_message(self, turn: Turn) -> tuple[TurnResult | None, str]:
-        """Append the reply to the last message as it arrives; stop when asked."""
+        """Append the reply to the last message as it arrives; stop when asked. Pieces are
+        pushed to the browser at most every PUSH_SECONDS, so a fast model does not flood
+        the websocket with one update per token."""
+        pending: list[str] = []
+        last_push = 0.0
+
+        async def push() -> bool:
+            nonlocal last_push
+            async with self:
+                last = self.messages[-1]
+                self.messages[-1] = {**last, "content": last["content"] + "".join(pending)}
+                stop = self._stop_requested
+            pending.clear()
+            last_push = time.monotonic()
+            return stop
+
         try:
             async with contextlib.aclosing(turn.stream()) as replies:
                 async for piece in replies:
-                    async with self:
-                        last = self.messages[-1]
-                        self.messages[-1] = {**last, "content": last["content"] + piece}
-                        stop = self._stop_requested
-                    if stop:
+                    pending.append(piece)
+                    if time.monotonic() - last_push >= PUSH_SECONDS and await push():
                         break
+                if pending:
+                    await push()
         except ReplyCut as cut:
             return cut.result, ""
         except UpstreamFailed as exc:

@@ -6,12 +6,13 @@ crafted websocket message, whatever the page shows."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import reflex as rx
 from reflex_base.event import EventSpec
 
 from aicredits.adapters.db import get_database
-from aicredits.services import payments
+from aicredits.services import dashboard, payments
 from aicredits.services.payments import FulfilmentStatus, PackOffer, PaymentError, PurchaseView
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState, login_path
@@ -39,10 +40,109 @@ def purchase_row(purchase: PurchaseView, labels: dict[str, str]) -> dict[str, st
     }
 
 
+def history_row(line: dashboard.HistoryLine) -> dict[str, str]:
+    return {
+        "id": str(line.id),
+        "date": line.created_at.strftime("%Y-%m-%d %H:%M"),
+        "kind": line.kind,
+        "amount": f"{line.amount:+,}",
+        "balance_after": f"{line.balance_after:,}",
+        "reason": line.reason,
+        "receipt_url": line.receipt_url or "",
+    }
+
+
+def chart_rows(days: list[dashboard.DayUsage], models: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"day": d.day.strftime("%m-%d"), **{m: d.credits_by_model.get(m, 0) for m in models}}
+        for d in days
+    ]
+
+
 class CreditsState(SessionState):
     simulated: bool = False
     packs: list[dict[str, str]] = []
     purchases: list[dict[str, str]] = []
+    # The dashboard
+    held_credits: int = 0
+    total_credits: int = 0
+    available_money: str = ""
+    total_money: str = ""
+    expiring: list[dict[str, str]] = []
+    allowance_size: int = 0
+    allowance_used: int = 0
+    allowance_percent: int = 0
+    allowance_since: str = ""
+    usage_chart: list[dict[str, Any]] = []
+    has_usage: bool = False
+    model_rows: list[dict[str, str]] = []
+    history_rows: list[dict[str, str]] = []
+    history_kind: str = "all"
+    history_page: int = 1
+    history_pages: int = 1
+
+    async def _load_history(self, user_id: int) -> None:
+        lines, pages = await asyncio.to_thread(
+            dashboard.history,
+            get_database(),
+            user_id=user_id,
+            kind=None if self.history_kind == "all" else self.history_kind,
+            page=self.history_page,
+        )
+        self.history_rows = [history_row(line) for line in lines]
+        self.history_pages = pages
+        self.history_page = min(self.history_page, pages)
+
+    async def _load_dashboard(self, user_id: int) -> None:
+        db, settings = get_database(), get_settings()
+        summary = await asyncio.to_thread(dashboard.summary, db, settings, user_id=user_id)
+        self.held_credits, self.total_credits = summary.held, summary.total
+        self.available_money, self.total_money = summary.available_money, summary.total_money
+        self.expiring = [
+            {"date": when.strftime("%Y-%m-%d"), "credits": f"{amount:,}"}
+            for when, amount in summary.expiring
+        ]
+        self.allowance_size = summary.allowance.size
+        self.allowance_used = summary.allowance.used
+        self.allowance_percent = summary.allowance.percent_used if summary.allowance.size else 0
+        self.allowance_since = (
+            summary.allowance_since.strftime("%Y-%m-%d") if summary.allowance_since else ""
+        )
+        models = [m.id for m in settings.models]
+        days = await asyncio.to_thread(dashboard.daily_usage, db, user_id=user_id)
+        self.usage_chart = chart_rows(days, models)
+        by_model = await asyncio.to_thread(dashboard.usage_by_model, db, user_id=user_id)
+        self.has_usage = bool(by_model)
+        self.model_rows = [
+            {
+                "model": m.model,
+                "calls": f"{m.calls:,}",
+                "input": f"{m.input_tokens:,}",
+                "output": f"{m.output_tokens:,}",
+                "credits": f"{m.credits:,}",
+            }
+            for m in by_model
+        ]
+        await self._load_history(user_id)
+
+    @rx.event
+    async def show_history(self, kind: str) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        self.history_kind, self.history_page = kind, 1
+        await self._load_history(user.id)
+        return None
+
+    @rx.event
+    async def turn_history_page(self, step: int) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        self.history_page = max(1, self.history_page + int(step))
+        await self._load_history(user.id)
+        return None
+
     # The success page: credited | processing | failed | cancelled | unknown ("" = checking)
     outcome: str = ""
     outcome_credits: str = ""
@@ -61,6 +161,7 @@ class CreditsState(SessionState):
         labels = {p.id: p.label for p in offers}
         self.purchases = [purchase_row(p, labels) for p in history]
         await self._refresh_balance(user)
+        await self._load_dashboard(user.id)
         return None
 
     @rx.event

@@ -17,7 +17,7 @@ from reflex_base.event import EventSpec
 from aicredits.adapters.db import get_database
 from aicredits.api import cookies
 from aicredits.domain.identity import safe_next_path
-from aicredits.services import auth, ledger
+from aicredits.services import auth, ledger, thresholds
 from aicredits.services.auth import CurrentUser
 from aicredits.settings import get_settings
 
@@ -46,6 +46,11 @@ class SessionState(rx.State):
     avatar_url: str = ""
     is_admin: bool = False
     available_credits: int = 0
+    # The usage warning shown on every page: "" (none), info, warning or blocking.
+    banner_level: str = ""
+    banner_text: str = ""
+    banner_threshold: int = 0
+    banner_dismissible: bool = False
 
     async def _authenticate(self) -> CurrentUser | None:
         """Resolve the session cookie against the database, now. None when signed out."""
@@ -67,10 +72,32 @@ class SessionState(rx.State):
         self.is_admin = user.is_admin if user else False
         if user is None:
             self.available_credits = 0
+            self._show_banner(None)
+
+    def _show_banner(self, banner: thresholds.Banner | None) -> None:
+        self.banner_level = banner.level if banner else ""
+        self.banner_text = banner.text if banner else ""
+        self.banner_threshold = banner.threshold if banner else 0
+        self.banner_dismissible = banner.dismissible if banner else False
 
     async def _refresh_balance(self, user: CurrentUser) -> None:
-        balance = await asyncio.to_thread(ledger.get_balance, get_database(), user_id=user.id)
+        """The header's credits and the usage banner, read again (after any charge)."""
+        db = get_database()
+        balance = await asyncio.to_thread(ledger.get_balance, db, user_id=user.id)
         self.available_credits = balance.available
+        banner = await asyncio.to_thread(thresholds.banner, db, get_settings(), user_id=user.id)
+        self._show_banner(banner)
+
+    @rx.event
+    async def dismiss_banner(self) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        await asyncio.to_thread(
+            thresholds.dismiss, get_database(), user_id=user.id, threshold=self.banner_threshold
+        )
+        await self._refresh_balance(user)
+        return None
 
     def _to_login(self) -> EventSpec:
         return rx.redirect(login_path(self.router.url.path or "/"))

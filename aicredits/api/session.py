@@ -1,0 +1,17 @@
+"""Who is signed in, for plain HTTP routes (the Reflex State has its own, in state/session)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from aicredits.adapters.blocking import run_blocking
+from aicredits.adapters.db import get_database
+from aicredits.api import cookies
+from aicredits.services import auth
+from aicredits.services.auth import CurrentUser
+from aicredits.settings import Settings
+
+
+async def signed_in_user(request: Request, settings: Settings) -> CurrentUser | None:
+    token = request.cookies.get(cookies.cookie_name(settings, cookies.SESSION))
+    return await run_blocking(auth.resolve_session, get_database(), settings, token)

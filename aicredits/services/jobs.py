@@ -1,0 +1,45 @@
+"""The periodic jobs: release holds whose worker died, expire due grants, send threshold
+emails, forget old sign-in attempts. Each is idempotent and safe to run from several
+workers at once (each piece of work is claimed by a conditional update)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from aicredits.adapters.blocking import run_blocking
+from aicredits.adapters.db import Database
+from aicredits.services import auth, ledger, thresholds
+from aicredits.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobReport:
+    stale_holds: int
+    credits_expired: int
+    emails_sent: int
+    sign_ins_forgotten: int
+
+
+def run_all(db: Database, settings: Settings) -> JobReport:
+    return JobReport(
+        stale_holds=ledger.sweep_stale_holds(db),
+        credits_expired=ledger.expire_due_grants(db).credits_expired,
+        emails_sent=thresholds.send_due_emails(db, settings),
+        sign_ins_forgotten=auth.forget_old_login_attempts(db),
+    )
+
+
+async def run_forever(db: Database, settings: Settings, *, interval: float) -> None:
+    """Inside the app: run the jobs every `interval` seconds until cancelled."""
+    while True:
+        try:
+            report = await run_blocking(run_all, db, settings)
+            if report.stale_holds or report.credits_expired or report.emails_sent:
+                logger.info("jobs: %s", report)
+        except Exception:
+            logger.exception("a periodic job run failed")
+        await asyncio.sleep(interval)

@@ -1,0 +1,144 @@
+"""Usage warnings against a real ledger: allowances across top-ups and expiry, each
+crossing recorded once, dismissal, and the email job over a real SMTP socket."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from aicredits.adapters.db import Database
+from aicredits.adapters.tables import threshold_crossings, utcnow
+from aicredits.services import ledger, thresholds
+from aicredits.settings import Settings
+from tests.factories import make_user, new_key
+from tests.smtp_sink import Sink, smtp_sink
+
+SETTINGS = Settings(_env_file=None)
+
+
+def spend(db: Database, user: int, credits: int) -> None:
+    hold = ledger.reserve(db, user_id=user, credits=credits, request_id=new_key("r"))
+    ledger.settle(db, hold=hold, actual_credits=credits)
+
+
+def rows(db: Database, user: int) -> list[tuple[int, bool]]:
+    with db.read() as conn:
+        return [
+            (r.threshold, r.dismissed_at is not None)
+            for r in conn.execute(
+                sa.select(threshold_crossings)
+                .where(threshold_crossings.c.user_id == user)
+                .order_by(threshold_crossings.c.id)
+            )
+        ]
+
+
+def test_each_crossing_is_recorded_once_per_allowance(db: Database) -> None:
+    user = make_user(db, credits=100)
+    spend(db, user, 49)
+    assert thresholds.record_crossings(db, SETTINGS, user_id=user) == []
+    spend(db, user, 1)
+    assert thresholds.record_crossings(db, SETTINGS, user_id=user) == [50]
+    assert thresholds.record_crossings(db, SETTINGS, user_id=user) == []
+    spend(db, user, 40)
+    assert thresholds.record_crossings(db, SETTINGS, user_id=user) == [80]
+    assert rows(db, user) == [(50, False), (80, False)]
+
+
+def test_a_top_up_starts_a_new_allowance_and_clears_the_banner(db: Database) -> None:
+    user = make_user(db, credits=100)
+    spend(db, user, 85)
+    banner = thresholds.banner(db, SETTINGS, user_id=user)
+    assert banner is not None and (banner.threshold, banner.level) == (80, "warning")
+    ledger.grant(db, user_id=user, credits=1_000, key=new_key(), reason="bought")
+    assert thresholds.banner(db, SETTINGS, user_id=user) is None
+    allowance = thresholds.current_allowance(db, user_id=user)
+    assert (allowance.size, allowance.used) == (1_015, 0)  # the 15 left + the 1,000 bought
+
+
+def test_expired_credits_count_as_used(db: Database) -> None:
+    now = utcnow()
+    user = make_user(db)
+    ledger.grant(
+        db, user_id=user, credits=100, key=new_key(), reason="trial", expires_at=now + timedelta(1)
+    )
+    spend(db, user, 10)
+    ledger.expire_due_grants(db, now=now + timedelta(days=2))
+    assert thresholds.current_allowance(db, user_id=user).percent_used == 100
+    banner = thresholds.banner(db, SETTINGS, user_id=user)
+    assert banner is not None and banner.level == "blocking" and not banner.dismissible
+
+
+def test_dismissing_hides_a_threshold_until_the_next_top_up(db: Database) -> None:
+    user = make_user(db, credits=100)
+    spend(db, user, 60)
+    assert thresholds.banner(db, SETTINGS, user_id=user) is not None
+    assert thresholds.dismiss(db, user_id=user, threshold=50)
+    assert thresholds.banner(db, SETTINGS, user_id=user) is None
+    spend(db, user, 25)  # a higher threshold is a new banner
+    banner = thresholds.banner(db, SETTINGS, user_id=user)
+    assert banner is not None and banner.threshold == 80
+    spend(db, user, 15)
+    assert not thresholds.dismiss(db, user_id=user, threshold=100)  # blocking stays
+
+
+def test_configured_thresholds_are_used(db: Database) -> None:
+    user = make_user(db, credits=100)
+    spend(db, user, 30)
+    custom = Settings(_env_file=None, threshold_percents=[25, 90])
+    assert thresholds.record_crossings(db, custom, user_id=user) == [25]
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Sink, Settings]]:
+    with smtp_sink() as sink:
+        settings = Settings(
+            _env_file=None,
+            smtp_host=sink.host,
+            smtp_port=sink.port,
+            smtp_from="alerts@example.test",
+            smtp_starttls=False,
+        )
+        yield sink, settings
+
+
+def test_the_email_job_sends_each_crossing_once(db: Database, smtp: tuple[Sink, Settings]) -> None:
+    sink, settings = smtp
+    user = make_user(db, credits=100, email="spender@example.test")
+    spend(db, user, 85)
+    assert thresholds.record_crossings(db, settings, user_id=user) == [50, 80]
+    assert thresholds.send_due_emails(db, settings) == 2
+    assert thresholds.send_due_emails(db, settings) == 0
+    assert len(sink.messages) == 2
+    assert "used 80% of your current credits" in sink.messages[1]
+    assert "spender@example.test" in sink.messages[0]
+
+
+def test_a_failed_email_is_retried_later_and_never_raises(
+    db: Database, smtp: tuple[Sink, Settings]
+) -> None:
+    sink, settings = smtp
+    user = make_user(db, credits=100)
+    spend(db, user, 55)
+    thresholds.record_crossings(db, settings, user_id=user)
+    sink.refuse = True
+    assert thresholds.send_due_emails(db, settings) == 0
+    with db.read() as conn:
+        row = conn.execute(sa.select(threshold_crossings)).one()
+    assert row.emailed_at is None and row.email_attempts == 1 and "550" in row.email_error
+    assert row.next_email_at > utcnow()
+    sink.refuse = False
+    assert thresholds.send_due_emails(db, settings) == 0  # not due yet: backoff
+    later = utcnow() + timedelta(hours=1)
+    assert thresholds.send_due_emails(db, settings, now=later) == 1
+    assert len(sink.messages) == 1
+
+
+def test_without_smtp_nothing_is_queued(db: Database) -> None:
+    user = make_user(db, credits=100)
+    spend(db, user, 55)
+    thresholds.record_crossings(db, SETTINGS, user_id=user)
+    assert thresholds.send_due_emails(db, SETTINGS) == 0

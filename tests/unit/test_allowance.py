@@ -1,0 +1,56 @@
+"""The current allowance and its thresholds: exact integer arithmetic."""
+
+import pytest
+
+from aicredits.domain.allowance import allowance, banner_text, crossed, level
+
+
+def test_no_top_up_means_no_allowance() -> None:
+    a = allowance(top_up_entry_id=None, size_after_top_up=0, balance=0)
+    assert (a.entry_id, a.size, a.used) == (None, 0, 0)
+    assert crossed(a, [50, 80, 100]) == []
+
+
+def test_used_is_what_left_the_balance_since_the_top_up() -> None:
+    a = allowance(top_up_entry_id=7, size_after_top_up=1_000, balance=400)
+    assert (a.size, a.used, a.remaining, a.percent_used) == (1_000, 600, 400, 60)
+
+
+def test_thresholds_are_reached_exactly_not_early() -> None:
+    just_below = allowance(top_up_entry_id=1, size_after_top_up=1_000, balance=501)
+    at = allowance(top_up_entry_id=1, size_after_top_up=1_000, balance=500)
+    assert crossed(just_below, [50, 80, 100]) == []
+    assert crossed(at, [50, 80, 100]) == [50]
+
+
+def test_odd_sizes_do_not_round_a_threshold_away() -> None:
+    # 80% of 7 is 5.6: 5 used is not 80%, 6 used is.
+    assert crossed(allowance(top_up_entry_id=1, size_after_top_up=7, balance=2), [80]) == []
+    assert crossed(allowance(top_up_entry_id=1, size_after_top_up=7, balance=1), [80]) == [80]
+
+
+def test_everything_gone_is_100_percent_and_blocking() -> None:
+    a = allowance(top_up_entry_id=3, size_after_top_up=50, balance=0)
+    assert a.percent_used == 100
+    assert crossed(a, [50, 80, 100]) == [50, 80, 100]
+    assert level(100) == "blocking"
+
+
+def test_a_balance_above_the_top_up_counts_as_nothing_used() -> None:
+    # e.g. a refund landed after the last top-up entry was written
+    a = allowance(top_up_entry_id=3, size_after_top_up=50, balance=80)
+    assert (a.used, a.percent_used) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "expected"),
+    [(50, "info"), (79, "info"), (80, "warning"), (99, "warning"), (100, "blocking")],
+)
+def test_levels(threshold: int, expected: str) -> None:
+    assert level(threshold) == expected
+
+
+def test_banner_text_says_how_much_is_left() -> None:
+    a = allowance(top_up_entry_id=1, size_after_top_up=2_000, balance=300)
+    assert banner_text(80, a) == "You have used 85% of your credits (300 of 2,000 left)."
+    assert "Buy credits" in banner_text(100, a)
