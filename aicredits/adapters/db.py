@@ -8,6 +8,7 @@ WHERE clause after waiting on a row lock, which is what makes a reservation atom
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -144,6 +145,28 @@ class Database:
         ins = postgresql.insert(target) if not self.is_sqlite else sqlite.insert(target)
         columns = [index] if isinstance(index, str) else list(index)
         return ins.on_conflict_do_nothing(index_elements=columns)
+
+    @contextmanager
+    def job_lock(self, name: str) -> Iterator[bool]:
+        """Yield whether this process got the job `name` to itself (Postgres: a session-level
+        advisory lock on a dedicated connection, released at the end; another worker asking
+        meanwhile gets False and skips the run). SQLite is one machine, where the jobs'
+        conditional updates already keep each piece of work to one writer."""
+        if self.is_sqlite:
+            yield True
+            return
+        key = int.from_bytes(
+            hashlib.sha256(f"aicredits-job:{name}".encode()).digest()[:8], "big", signed=True
+        )
+        with self.engine.connect() as conn:
+            got = bool(conn.exec_driver_sql("SELECT pg_try_advisory_lock(%s)", (key,)).scalar())
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (key,))
+                    conn.commit()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -1,11 +1,13 @@
 """The periodic jobs: release holds whose worker died, expire due grants, send threshold
-emails, forget old sign-in attempts. Each is idempotent and safe to run from several
-workers at once (each piece of work is claimed by a conditional update)."""
+emails, forget old sign-in attempts. Every worker runs the schedule; a Postgres advisory
+lock per job lets exactly one of them do each run, and every piece of work inside is also
+claimed by a conditional update, so a run repeated or raced changes nothing twice."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aicredits.adapters.blocking import run_blocking
@@ -24,12 +26,23 @@ class JobReport:
     sign_ins_forgotten: int
 
 
+def _locked(db: Database, name: str, job: Callable[[], int]) -> int:
+    with db.job_lock(name) as mine:
+        return job() if mine else 0
+
+
 def run_all(db: Database, settings: Settings) -> JobReport:
     return JobReport(
-        stale_holds=ledger.sweep_stale_holds(db),
-        credits_expired=ledger.expire_due_grants(db).credits_expired,
-        emails_sent=thresholds.send_due_emails(db, settings),
-        sign_ins_forgotten=auth.forget_old_login_attempts(db),
+        stale_holds=_locked(db, "sweep-stale-holds", lambda: ledger.sweep_stale_holds(db)),
+        credits_expired=_locked(
+            db, "expire-grants", lambda: ledger.expire_due_grants(db).credits_expired
+        ),
+        emails_sent=_locked(
+            db, "threshold-emails", lambda: thresholds.send_due_emails(db, settings)
+        ),
+        sign_ins_forgotten=_locked(
+            db, "forget-sign-ins", lambda: auth.forget_old_login_attempts(db)
+        ),
     )
 
 
