@@ -2,8 +2,10 @@
 
 import reflex as rx
 
+from aicredits.adapters.db import get_database
 from aicredits.api.routes import api_transformers
 from aicredits.pages import auth, chat, credits, home, keys, placeholders
+from aicredits.services import jobs
 from aicredits.settings import get_settings
 from aicredits.state.admin import AdminState
 from aicredits.state.chat import ChatState
@@ -14,6 +16,14 @@ from aicredits.state.login import LoginState
 from aicredits.state.session import SessionState
 
 app = rx.App(api_transformer=api_transformers(get_settings()))
+
+
+async def _periodic_jobs() -> None:
+    settings = get_settings()
+    await jobs.run_forever(get_database(), settings, interval=settings.jobs_interval_seconds)
+
+
+app.register_lifespan_task(_periodic_jobs)
 app.add_page(home.home, route="/", title="aicredits", on_load=HomeState.load)
 app.add_page(auth.login, route="/login", title="Sign in · aicredits", on_load=LoginState.load)
 app.add_page(
