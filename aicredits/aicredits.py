@@ -4,7 +4,7 @@ import reflex as rx
 
 from aicredits.adapters.db import get_database
 from aicredits.api.routes import api_transformers
-from aicredits.pages import auth, chat, credits, home, keys, placeholders
+from aicredits.pages import admin, auth, chat, credits, home, keys
 from aicredits.services import jobs
 from aicredits.settings import get_settings
 from aicredits.state.admin import AdminState
@@ -51,12 +51,20 @@ app.add_page(
     title="Checkout cancelled · aicredits",
     on_load=SessionState.require_login,
 )
-app.add_page(
-    placeholders.admin,
-    route="/admin",
-    title="Admin · aicredits",
-    on_load=[SessionState.require_admin, AdminState.load],
-)
+# The admin console. Each on_load and each handler checks the admin role on the server.
+for _route, _component, _title, _load in (
+    ("/admin", admin.overview, "Admin", AdminState.load),
+    ("/admin/users", admin.users, "Users · Admin", AdminState.load_users),
+    ("/admin/user", admin.user_page, "User · Admin", AdminState.load_user),
+    ("/admin/audit", admin.audit, "Audit log · Admin", AdminState.load_audit),
+    ("/admin/prices", admin.prices, "Prices · Admin", AdminState.load_prices),
+):
+    app.add_page(
+        _component,
+        route=_route,
+        title=f"{_title} · aicredits",
+        on_load=[SessionState.require_admin, _load],
+    )
 app.add_page(
     keys.keys_page,
     route="/keys",

@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 import socketio
+import sqlalchemy as sa
 from socketio.exceptions import ConnectionError as SocketConnectionError
 
-from aicredits.services import auth, users
+from aicredits.adapters.tables import account_flags, admin_actions, model_prices, utcnow
+from aicredits.services import auth, ledger, users
 from aicredits.state.admin import AdminState
 from aicredits.state.session import SessionState
 from tests.e2e.conftest import RunningApp
@@ -22,7 +24,12 @@ QUIET_SECONDS = 1.0
 
 
 def send_event(
-    app: RunningApp, handler: str, *, cookie: str = "", origin: str | None = None
+    app: RunningApp,
+    handler: str,
+    *,
+    cookie: str = "",
+    origin: str | None = None,
+    payload: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Open our own socket.io connection, send one event, collect the updates it causes."""
     updates: list[dict[str, Any]] = []
@@ -46,7 +53,11 @@ def send_event(
         path = "/admin" if "admin" in handler else "/chat"
         client.emit(
             "event",
-            {"name": handler, "payload": {}, "router_data": {"pathname": path, "asPath": path}},
+            {
+                "name": handler,
+                "payload": payload or {},
+                "router_data": {"pathname": path, "asPath": path},
+            },
             namespace=NAMESPACE,
         )
         # The backend sends the delta and the follow-up events as separate messages; an
@@ -158,3 +169,120 @@ def test_a_websocket_from_a_foreign_origin_is_refused(
             cookie=cookies["admin@example.test"],
             origin=origin,
         )
+
+
+# Every handler AdminState adds, each with the most damaging input a non-admin could send.
+ADMIN_HANDLERS = sorted(set(AdminState.event_handlers) - set(SessionState.event_handlers))
+ADMIN_VARS = {name for name in AdminState.__annotations__ if not name.startswith("_")}
+
+
+def _hostile_payload(handler: str, carol_id: int, flag_id: int) -> dict[str, Any]:
+    form = {
+        "user_id": str(carol_id),
+        "credits": "1000000",
+        "reason": "free money",
+        "form_token": uuid.uuid4().hex,
+        "expires_in_days": "",
+        "flag_id": str(flag_id),
+        "note": "nothing to see",
+        "model": "demo",
+        "input_per_mtok": "0",
+        "output_per_mtok": "0",
+        "effective_from": "",
+        "q": "",
+    }
+    takes_form = {
+        "adjust_balance",
+        "grant_credits",
+        "suspend_user",
+        "unsuspend_user",
+        "clear_flag",
+        "add_price",
+        "search_users",
+    }
+    return {"form_data": form} if handler in takes_form else {}
+
+
+def test_every_admin_handler_is_covered_here() -> None:
+    # A new handler must be added to the hostile payloads above if it takes input.
+    assert len(ADMIN_HANDLERS) >= 16
+    assert {"adjust_balance", "grant_credits", "suspend_user", "add_price"} <= set(ADMIN_HANDLERS)
+
+
+@pytest.mark.parametrize("handler", ADMIN_HANDLERS)
+def test_every_admin_handler_refuses_a_non_admin_on_the_server(
+    app: RunningApp, cookies: dict[str, str], handler: str
+) -> None:
+    db = app.db()
+    try:
+        carol = users.find_user_by_email(db, email="carol@example.test").id
+        with db.transaction() as conn:
+            flag_id = conn.execute(
+                sa.insert(account_flags)
+                .values(
+                    user_id=carol,
+                    kind="dispute",
+                    amount=5,
+                    detail="e2e",
+                    idempotency_key=f"e2e-{uuid.uuid4().hex}",
+                    created_at=utcnow(),
+                )
+                .returning(account_flags.c.id)
+            ).scalar_one()
+        before_balance = ledger.get_balance(db, user_id=carol).balance
+        with db.engine.connect() as conn:
+            before_actions = conn.execute(sa.select(sa.func.count()).select_from(admin_actions))
+            before_prices = conn.execute(sa.select(sa.func.count()).select_from(model_prices))
+            counts = (before_actions.scalar_one(), before_prices.scalar_one())
+
+        updates = send_event(
+            app,
+            f"{AdminState.get_full_name()}.{handler}",
+            cookie=cookies["carol@example.test"],
+            payload=_hostile_payload(handler, carol, flag_id),
+        )
+
+        assert redirects(updates) == ["/forbidden"]
+        leaked = {
+            name.split("_rx_state_")[0]
+            for update in updates
+            for substate in update.get("delta", {}).values()
+            for name in substate
+        } & ADMIN_VARS
+        assert leaked == set(), f"{handler} sent admin data to a non-admin: {leaked}"
+        assert ledger.get_balance(db, user_id=carol).balance == before_balance
+        assert not users.find_user_by_email(db, email="carol@example.test").is_suspended
+        with db.engine.connect() as conn:
+            after = (
+                conn.execute(sa.select(sa.func.count()).select_from(admin_actions)).scalar_one(),
+                conn.execute(sa.select(sa.func.count()).select_from(model_prices)).scalar_one(),
+            )
+            cleared = conn.execute(
+                sa.select(account_flags.c.cleared_at).where(account_flags.c.id == flag_id)
+            ).scalar_one()
+        assert after == counts
+        assert cleared is None
+    finally:
+        db.dispose()
+
+
+def test_an_admin_handler_with_input_does_act_for_an_admin(
+    app: RunningApp, cookies: dict[str, str]
+) -> None:
+    # The control for the test above: the same payload from an admin is applied.
+    db = app.db()
+    try:
+        carol = users.find_user_by_email(db, email="carol@example.test").id
+        before = ledger.get_balance(db, user_id=carol).balance
+        payload = _hostile_payload("grant_credits", carol, 0)
+        payload["form_data"]["credits"] = "7"
+        updates = send_event(
+            app,
+            f"{AdminState.get_full_name()}.grant_credits",
+            cookie=cookies["admin@example.test"],
+            payload=payload,
+        )
+        assert redirects(updates) == []
+        assert ledger.get_balance(db, user_id=carol).balance == before + 7
+    finally:
+        db.dispose()
