@@ -12,6 +12,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
+from aicredits.domain.allowance import TOP_UP_KINDS
+
 
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
     """Timezone-aware UTC in and out, on SQLite (which stores no zone) and on Postgres."""
@@ -163,6 +165,14 @@ class UsageEvent(SQLModel, table=True):
     created_at: datetime = _ts(index=True)
 
 
+# A ledger entry that starts a new allowance (domain.allowance.TOP_UP_KINDS). Written as SQL
+# with literal values, because a partial index is used only by a query whose WHERE repeats
+# its predicate with the same constants (bound parameters do not count, on either database).
+TOP_UP_PREDICATE = "amount > 0 AND kind IN ({})".format(
+    ", ".join(f"'{kind.value}'" for kind in sorted(TOP_UP_KINDS))
+)
+
+
 class LedgerEntry(SQLModel, table=True):
     """Append-only: one row per change of a balance. A database trigger refuses edits."""
 
@@ -171,6 +181,15 @@ class LedgerEntry(SQLModel, table=True):
         sa.CheckConstraint("amount <> 0", name="ck_ledger_entries_amount_nonzero"),
         sa.CheckConstraint("balance_after >= 0", name="ck_ledger_entries_balance_after"),
         sa.Index("ix_ledger_entries_user_id_id", "user_id", "id"),
+        # The last top-up, which starts the current allowance, is read after every charge:
+        # without this it is a scan back through all of a heavy user's spends.
+        sa.Index(
+            "ix_ledger_entries_top_ups",
+            "user_id",
+            "id",
+            postgresql_where=sa.text(TOP_UP_PREDICATE),
+            sqlite_where=sa.text(TOP_UP_PREDICATE),
+        ),
     )
 
     id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
 from aicredits.adapters import mailer
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import (
+    TOP_UP_PREDICATE,
     credit_accounts,
     ledger_entries,
     threshold_crossings,
@@ -19,7 +21,6 @@ from aicredits.adapters.tables import (
     utcnow,
 )
 from aicredits.domain.allowance import (
-    TOP_UP_KINDS,
     Allowance,
     Level,
     allowance,
@@ -42,18 +43,20 @@ class Banner:
     dismissible: bool
 
 
+def last_top_up_query(user_id: int) -> sa.Select[Any]:
+    """The entry that started the user's current allowance: read after every charge, and
+    served by the partial index ix_ledger_entries_top_ups (its predicate, literally)."""
+    return (
+        sa.select(ledger_entries.c.id, ledger_entries.c.balance_after)
+        .where(ledger_entries.c.user_id == user_id, sa.text(TOP_UP_PREDICATE))
+        .order_by(ledger_entries.c.id.desc())
+        .limit(1)
+    )
+
+
 def current_allowance(db: Database, *, user_id: int) -> Allowance:
     with db.read(snapshot=True) as conn:
-        top_up = conn.execute(
-            sa.select(ledger_entries.c.id, ledger_entries.c.balance_after)
-            .where(
-                ledger_entries.c.user_id == user_id,
-                ledger_entries.c.amount > 0,
-                ledger_entries.c.kind.in_([k.value for k in TOP_UP_KINDS]),
-            )
-            .order_by(ledger_entries.c.id.desc())
-            .limit(1)
-        ).first()
+        top_up = conn.execute(last_top_up_query(user_id)).first()
         balance = conn.execute(
             sa.select(credit_accounts.c.balance).where(credit_accounts.c.user_id == user_id)
         ).scalar_one_or_none()

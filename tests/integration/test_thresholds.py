@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
-from aicredits.adapters.tables import threshold_crossings, utcnow
+from aicredits.adapters.tables import TOP_UP_PREDICATE, threshold_crossings, utcnow
 from aicredits.services import ledger, thresholds
 from aicredits.settings import Settings
 from tests.factories import make_user, new_key
@@ -142,3 +142,44 @@ def test_without_smtp_nothing_is_queued(db: Database) -> None:
     spend(db, user, 55)
     thresholds.record_crossings(db, SETTINGS, user_id=user)
     assert thresholds.send_due_emails(db, SETTINGS) == 0
+
+
+def test_the_last_top_up_is_read_through_its_partial_index(db: Database) -> None:
+    """After every charge the allowance's start is read; on a heavy user's long ledger a scan
+    would cost milliseconds per call. The planner can use the partial index only when the
+    query repeats the index's predicate with literal constants, not bound parameters: only
+    the user id may be a parameter, and the plan must name the index even when Postgres
+    plans the statement generically (as it does once psycopg prepares it)."""
+    user = make_user(db)
+    ledger.grant(db, user_id=user, credits=1000, key=new_key(), reason="test")
+    spend(db, user, 10)
+    compiled = thresholds.last_top_up_query(user).compile(db.engine)
+    assert TOP_UP_PREDICATE in str(compiled)  # literally: not as parameters
+    with db.engine.connect() as conn:
+        if db.engine.dialect.name == "postgresql":
+            literal = thresholds.last_top_up_query(user).compile(
+                db.engine, compile_kwargs={"literal_binds": True}
+            )
+            sql = str(literal).replace(f"user_id = {user}", "user_id = $1")
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            conn.exec_driver_sql(f"PREPARE top_up(bigint) AS {sql}")
+            rows = conn.exec_driver_sql(f"EXPLAIN EXECUTE top_up({user})")
+        else:
+            params = tuple(compiled.params[name] for name in compiled.positiontup or ())
+            rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", params)
+        plan = "\n".join(str(r[-1]) for r in rows)
+    assert "ix_ledger_entries_top_ups" in plan, plan
+    assert thresholds.current_allowance(db, user_id=user).size == 1000
+
+
+def test_the_migration_and_the_model_agree_on_the_top_up_predicate() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "alembic/versions/0007_top_up_index.py"
+    spec = importlib.util.spec_from_file_location("m0007", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.PREDICATE == TOP_UP_PREDICATE
