@@ -3,9 +3,11 @@
 import reflex as rx
 
 from aicredits.adapters.db import get_database
+from aicredits.adapters.logs import configure_logging
 from aicredits.api.routes import api_transformers
 from aicredits.pages import admin, auth, chat, credits, home, keys
 from aicredits.services import jobs
+from aicredits.services.production import refuse_unless_ready
 from aicredits.settings import get_settings
 from aicredits.state.admin import AdminState
 from aicredits.state.chat import ChatState
@@ -15,6 +17,10 @@ from aicredits.state.keys import KeysState
 from aicredits.state.login import LoginState
 from aicredits.state.session import SessionState
 
+# First, so that every later line (a refused start included) is in the configured format.
+configure_logging(get_settings())
+# In production, a development default (Dev sign-in, simulated checkout...) stops the start.
+refuse_unless_ready(get_settings())
 app = rx.App(api_transformer=api_transformers(get_settings()))
 
 

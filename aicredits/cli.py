@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("dev", help="run the app with its local stand-ins (what `make run` does)")
     sub.add_parser("dev-idp", help="run the local OpenID provider behind Dev sign-in")
     sub.add_parser("fake-upstream", help="run the local fake OpenAI-compatible model")
+    sub.add_parser(
+        "check-config",
+        help="list what would stop a production start (dev defaults); exit 2 if any",
+    )
+    sub.add_parser(
+        "prod",
+        help="check the config, migrate, run `reflex run --env prod` "
+        "[--workers N] [--backend-only] [--port P] [--backend-port P]",
+    )
     return parser
 
 
@@ -87,7 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The development servers take their own options (and `dev` passes the rest to Reflex).
     if arguments and arguments[0] in DEV_COMMANDS:
         return _dev_command(arguments[0])(arguments[1:])
+    if arguments and arguments[0] == "prod":
+        from aicredits import prod_launcher
+
+        return prod_launcher.main(arguments[1:])
     args = _parser().parse_args(arguments)
+    if args.command == "check-config":
+        return _check_config()
     settings = get_settings()
     db = Database(settings.database_url)
     try:
@@ -105,6 +120,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         db.dispose()
     raise AssertionError(f"unhandled command {args.command}")  # pragma: no cover
+
+
+def _check_config() -> int:
+    """Judge the environment as production would, whatever AICREDITS_ENV says now."""
+    from aicredits import prod_launcher
+    from aicredits.services.production import production_problems
+
+    settings = prod_launcher.load_production_settings()
+    if isinstance(settings, str):
+        print(f"error: {settings}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    problems = production_problems(settings)
+    if problems:
+        print(f"not ready for production: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print("ready for production: no development default is in use")
+    return EXIT_OK
 
 
 def _migrate(db: Database) -> int:

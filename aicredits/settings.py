@@ -6,11 +6,12 @@ the simulated part for the real one (see README, "Configuration").
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from aicredits.adapters import oauth
@@ -109,6 +110,8 @@ class Settings(BaseSettings):
 
     environment: Literal["dev", "prod"] = Field(default="dev", alias="AICREDITS_ENV")
     database_url: str = "sqlite:///data/aicredits.db"
+    # Production refuses SQLite (one machine, one writer) unless this says it is meant.
+    allow_sqlite_in_prod: bool = False
     models: list[ModelSpec] = Field(default_factory=lambda: list(DEFAULT_MODELS))
 
     # Where users reach the app, and where the browser reaches the backend. In production
@@ -118,6 +121,9 @@ class Settings(BaseSettings):
 
     # Sign-in
     session_days: int = Field(default=14, gt=0)
+    # The HMAC key for the stored hashes of session tokens, sign-in states and API keys.
+    # Required in production; in development one is generated into data/session_secret.
+    session_secret: SecretStr = SecretStr("")
     admin_emails: Annotated[list[str], NoDecode] = Field(default_factory=list)
     free_trial_credits: int = Field(default=1000, ge=0)
     free_trial_days: int = Field(default=30, gt=0)
@@ -177,12 +183,47 @@ class Settings(BaseSettings):
     # The periodic jobs (stale holds, expiring grants, emails) run inside the app this often.
     jobs_interval_seconds: float = Field(default=60.0, gt=0)
 
+    # Observability. Logs: one JSON object per line (unset: JSON in prod, text in dev).
+    log_format: Literal["json", "text"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # /metrics answers a scraper with this Bearer token, or from these networks (CIDRs).
+    metrics_token: SecretStr = SecretStr("")
+    metrics_allow_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"]
+    )
+
     @field_validator("admin_emails", mode="before")
     @classmethod
     def _split_emails(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip().startswith("["):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("metrics_allow_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("metrics_allow_networks")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+        return value
+
+    @property
+    def json_logs(self) -> bool:
+        """JSON lines unless told otherwise; plain text by default in development."""
+        if self.log_format is not None:
+            return self.log_format == "json"
+        return self.environment == "prod"
 
     @field_validator("threshold_percents")
     @classmethod
@@ -243,6 +284,14 @@ class Settings(BaseSettings):
     def _real_models_for_a_real_upstream(self) -> Settings:
         if self.openai_api_key and "models" not in self.model_fields_set:
             object.__setattr__(self, "models", list(DEFAULT_OPENAI_MODELS))
+        return self
+
+    @model_validator(mode="after")
+    def _one_port_in_production(self) -> Settings:
+        # `reflex run --env prod` serves the frontend and the backend on one port, so the
+        # backend is where users are unless API_URL says otherwise.
+        if self.environment == "prod" and "api_url" not in self.model_fields_set:
+            object.__setattr__(self, "api_url", self.public_url)
         return self
 
     @property

@@ -26,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from aicredits.adapters import metrics
 from aicredits.domain.errors import AICreditsError
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,11 @@ class MemoryRateLimiter:
         self._next_sweep = clock() + limits.window_seconds
 
     async def acquire(self, *, user_id: int, ip: str | None, request_id: str) -> Slot:
-        return self._acquire(user_id, ip, request_id)
+        try:
+            return self._acquire(user_id, ip, request_id)
+        except RateLimited as refused:
+            metrics.rate_limit_refused(limit=refused.scope)
+            raise
 
     async def aclose(self) -> None:
         return None
@@ -367,6 +372,7 @@ class RedisRateLimiter:
             return _RedisSlot(self, slot_key, detail) if detail else NO_SLOT
         scope = _SCOPES[verdict]
         wait = CONCURRENT_RETRY_AFTER if scope == "concurrent" else int(detail) / 1000
+        metrics.rate_limit_refused(limit=scope)
         raise RateLimited(scope=scope, retry_after=wait)
 
     async def aclose(self) -> None:
@@ -378,6 +384,7 @@ class RedisRateLimiter:
         self._log_outage(exc)
         if self._fail_open:
             return NO_SLOT
+        metrics.rate_limit_refused(limit="unavailable")
         raise LimiterUnavailable(UNAVAILABLE_MESSAGE) from exc
 
     def _log_outage(self, exc: BaseException) -> None:

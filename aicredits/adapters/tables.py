@@ -498,6 +498,30 @@ class AdminAction(SQLModel, table=True):
     created_at: datetime = _ts()
 
 
+class SpikeReport(SQLModel, table=True):
+    """A user whose spending spiked, reported to the admins once per clock hour: the unique
+    key is what makes a repeated or raced job run report nothing twice."""
+
+    __tablename__ = "spike_reports"
+    __table_args__ = (
+        sa.UniqueConstraint("user_id", "hour", name="uq_spike_reports_once"),
+        sa.Index("ix_spike_reports_email_due", "emailed_at", "next_email_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id", index=True)
+    # The start of the clock hour (UTC) the spike was seen in.
+    hour: datetime = _ts()
+    last_hour: int = _credits()
+    previous_week: int = _credits()
+    reported_at: datetime = _ts()
+    # Email to the admins, when SMTP is configured: sent by the job, retried with backoff.
+    emailed_at: datetime | None = _ts(nullable=True)
+    email_attempts: int = Field(default=0)
+    next_email_at: datetime | None = _ts(nullable=True)
+    email_error: str = Field(default="", max_length=500)
+
+
 def table(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, for the ledger's hand-written statements."""
     t = model.__table__  # type: ignore[attr-defined]
@@ -524,3 +548,4 @@ stripe_customers = table(StripeCustomer)
 account_flags = table(AccountFlag)
 threshold_crossings = table(ThresholdCrossing)
 admin_actions = table(AdminAction)
+spike_reports = table(SpikeReport)

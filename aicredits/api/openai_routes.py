@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from aicredits.adapters import logs
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database, database_for
 from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
@@ -124,6 +125,7 @@ class OpenAIRoutes:
         user = await run_blocking(api_keys.resolve_api_key, self.db, self.settings, key.strip())
         if user is None:
             raise AuthenticationFailed("Invalid or revoked API key.")
+        logs.set_user_id(user.id)
         return user
 
     async def _body(self, request: Request) -> Any:
@@ -142,7 +144,7 @@ class OpenAIRoutes:
             raise InvalidRequest("The request body is not valid JSON.") from exc
 
     async def models(self, request: Request) -> Response:
-        request_id = new_request_id()
+        request_id = _request_id()
         try:
             await self._user(request)
         except AICreditsError as exc:
@@ -166,7 +168,7 @@ class OpenAIRoutes:
         return JSONResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
 
     async def chat_completions(self, request: Request) -> Response:
-        request_id = new_request_id()
+        request_id = _request_id()
         try:
             user = await self._user(request)
             body = await self._body(request)
@@ -200,6 +202,20 @@ class OpenAIRoutes:
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
         )
+
+
+def _request_id() -> str:
+    """The id this call is known by: in the response, the logs, and as the credit hold's key.
+    The one the middleware made for this request when it made it; a client's own X-Request-ID
+    never keys a hold (it need not be unique), so then a fresh one replaces it in the logs."""
+    request_id = logs.generated_request_id()
+    if request_id is None:
+        request_id = new_request_id()
+        given = logs.current_request_id()
+        if given is not None:
+            logger.info("client request id %s is %s", given, request_id)
+        logs.set_request_id(request_id)
+    return request_id
 
 
 def _charge_headers(result: TurnResult, headers: dict[str, str]) -> dict[str, str]:

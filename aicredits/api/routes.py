@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
+import psycopg
+import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -11,6 +14,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from aicredits.api import auth_routes, export_routes, stripe_routes
+from aicredits.api.health_routes import readyz_route
+from aicredits.api.observability import MetricsRoute, RequestContextMiddleware
 from aicredits.api.openai_routes import OpenAIRoutes
 from aicredits.api.security import SecurityMiddleware
 from aicredits.settings import Settings
@@ -18,10 +23,29 @@ from aicredits.settings import Settings
 # Routes authenticated by the session cookie: their POSTs must come from our own pages.
 COOKIE_ROUTES = ("/auth/", "/checkout/")
 
+logger = logging.getLogger(__name__)
+
+# The database cannot be reached (down, restarting, or a pooled connection it dropped). The
+# failed statement's transaction rolled back, so nothing was applied: a retry is safe.
+DATABASE_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.TimeoutError, psycopg.OperationalError)
+
 
 async def healthz(_request: Request) -> JSONResponse:
-    """Liveness: the process answers. Readiness (database, Redis) comes with production mode."""
+    """Liveness: the process answers. Readiness (database, Redis) is /readyz."""
     return JSONResponse({"status": "ok"})
+
+
+async def database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After instead of a bare 500, in the OpenAI error shape our API uses."""
+    logger.error("the database is unavailable: %s", exc)
+    body = {
+        "error": {
+            "message": "The service is temporarily unavailable; try again shortly.",
+            "type": "service_unavailable",
+            "code": "database_unavailable",
+        }
+    }
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
 def build_api(settings: Settings) -> Starlette:
@@ -29,24 +53,32 @@ def build_api(settings: Settings) -> Starlette:
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
+            readyz_route(settings),
             *auth_routes.routes,
             *openai_api.routes(),
             *stripe_routes.routes,
             *export_routes.routes,
-        ]
+            *MetricsRoute(settings).routes(),
+        ],
+        exception_handlers=dict.fromkeys(DATABASE_UNAVAILABLE, database_unavailable),
     )
 
 
 def api_transformers(settings: Settings) -> Sequence[Starlette | Callable[[ASGIApp], ASGIApp]]:
     """Our routes first (Reflex mounts itself inside them), then the security middleware
-    around everything, the websocket included."""
+    around everything, the websocket included, and outermost the request context (request
+    id, route, user for the logs; HTTP metrics), so it sees the security refusals too."""
+
+    api = build_api(settings)
+    routes = list(api.routes)  # ours, before Reflex mounts itself inside
 
     def secure(app: ASGIApp) -> ASGIApp:
-        return SecurityMiddleware(
+        checked = SecurityMiddleware(
             app,
             allowed_origins=settings.allowed_origins,
             cookie_route_prefixes=COOKIE_ROUTES,
             hsts=settings.https,
         )
+        return RequestContextMiddleware(checked, routes=routes)
 
-    return [build_api(settings), secure]
+    return [api, secure]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
+from aicredits.adapters import logs
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
 from aicredits.api import cookies
@@ -14,4 +15,6 @@ from aicredits.settings import Settings
 
 async def signed_in_user(request: Request, settings: Settings) -> CurrentUser | None:
     token = request.cookies.get(cookies.cookie_name(settings, cookies.SESSION))
-    return await run_blocking(auth.resolve_session, get_database(), settings, token)
+    user = await run_blocking(auth.resolve_session, get_database(), settings, token)
+    logs.set_user_id(user.id if user else None)
+    return user

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from aicredits.adapters import metrics
 from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
 from aicredits.adapters.db import get_database
 from aicredits.api.auth_routes import login_page_url
@@ -57,13 +58,19 @@ async def webhook(request: Request) -> Response:
         )
     except (payments.InvalidSignature, payments.MalformedEvent) as exc:
         logger.warning("refused a webhook: %s", exc)
+        metrics.webhook_event(event_type="unverified", outcome=exc.code)
         return _json_error(400, exc.code, str(exc))
     except payments.PurchaseBusy as exc:
+        metrics.webhook_event(event_type="unknown", outcome="busy")
         return _json_error(503, exc.code, exc.message, headers={"Retry-After": "5"})
     except sa.exc.SQLAlchemyError:
         # Nothing was marked processed: Stripe retries, and the retry applies it once.
         logger.exception("a webhook failed on the database; Stripe will retry it")
+        metrics.webhook_event(event_type="unknown", outcome="database_error")
         return _json_error(500, "database_error", "Temporary failure; please retry.")
+    metrics.webhook_event(
+        event_type=result.type, outcome="replayed" if result.replayed else result.outcome
+    )
     return JSONResponse({"received": True, "event": result.event_id, "outcome": result.outcome})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -43,10 +44,14 @@ def is_admin(email: str | None, *, email_verified: bool, admin_emails: Iterable[
     return wanted in {e for e in (normalise_email(a) for a in admin_emails) if e}
 
 
-def token_hash(token: str) -> str:
-    """What the database keeps of a session token or a sign-in state: never the value itself.
+def token_hash(token: str, *, key: bytes) -> str:
+    """What the database keeps of a session token, a sign-in state or an API key: never the
+    value itself.
 
-    The tokens are 256-bit random values, so a plain SHA-256 is enough (no salt or slow hash:
-    there is nothing to guess).
+    The tokens are 256-bit random values, so no salt or slow hash is needed (there is nothing
+    to guess). The HMAC key (the deployment's session secret) means a stolen copy of the
+    database alone cannot confirm a token either.
     """
-    return hashlib.sha256(token.encode()).hexdigest()
+    if not key:
+        raise ValueError("token_hash needs a non-empty key")
+    return hmac.new(key, token.encode(), hashlib.sha256).hexdigest()

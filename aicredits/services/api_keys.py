@@ -24,8 +24,9 @@ from sqlalchemy.engine import Connection, Row
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import api_keys, users, utcnow
 from aicredits.domain.errors import AICreditsError, InvalidRequest, UnknownUser
-from aicredits.domain.identity import is_admin, token_hash
+from aicredits.domain.identity import is_admin
 from aicredits.services.auth import LAST_USED_GRANULARITY, CurrentUser
+from aicredits.services.token_hashing import hash_token
 from aicredits.settings import Settings
 
 KEY_PREFIX = "aic_"
@@ -137,7 +138,7 @@ def create_api_key(
                 user_id=user_id,
                 name=cleaned,
                 prefix=secret[:SHOWN_PREFIX_LENGTH],
-                key_hash=token_hash(secret),
+                key_hash=hash_token(secret),
                 created_at=now,
             )
             .returning(*_VIEW_COLUMNS)
@@ -215,7 +216,7 @@ def resolve_api_key(
             )
             .select_from(api_keys.join(users, users.c.id == api_keys.c.user_id))
             .where(
-                api_keys.c.key_hash == token_hash(raw_key),
+                api_keys.c.key_hash == hash_token(raw_key),
                 api_keys.c.revoked_at.is_(None),
                 users.c.is_suspended.is_(False),
             )

@@ -34,8 +34,9 @@ from aicredits.adapters.tables import (
     utcnow,
 )
 from aicredits.domain.errors import AICreditsError, IdempotencyConflict
-from aicredits.domain.identity import is_admin, normalise_email, safe_next_path, token_hash
+from aicredits.domain.identity import is_admin, normalise_email, safe_next_path
 from aicredits.services import ledger
+from aicredits.services.token_hashing import hash_token
 from aicredits.settings import Settings
 
 LOGIN_TTL = timedelta(minutes=10)
@@ -142,8 +143,8 @@ async def start_login(
     with db.transaction() as conn:
         conn.execute(
             sa.insert(login_attempts).values(
-                state_hash=token_hash(state),
-                binder_hash=token_hash(binder),
+                state_hash=hash_token(state),
+                binder_hash=hash_token(binder),
                 provider=provider.name,
                 code_verifier=verifier,
                 nonce=nonce,
@@ -234,8 +235,8 @@ def _claim_attempt(
         row = conn.execute(
             sa.update(login_attempts)
             .where(
-                login_attempts.c.state_hash == token_hash(state),
-                login_attempts.c.binder_hash == token_hash(binder),
+                login_attempts.c.state_hash == hash_token(state),
+                login_attempts.c.binder_hash == hash_token(binder),
                 login_attempts.c.provider == provider,
                 login_attempts.c.used_at.is_(None),
                 login_attempts.c.expires_at > now,
@@ -399,7 +400,7 @@ def create_session(
         conn.execute(
             sa.insert(auth_sessions).values(
                 user_id=user_id,
-                token_hash=token_hash(token),
+                token_hash=hash_token(token),
                 created_at=now,
                 expires_at=now + timedelta(days=days),
                 last_used_at=now,
@@ -431,7 +432,7 @@ def resolve_session(
             )
             .select_from(auth_sessions.join(users, users.c.id == auth_sessions.c.user_id))
             .where(
-                auth_sessions.c.token_hash == token_hash(token),
+                auth_sessions.c.token_hash == hash_token(token),
                 auth_sessions.c.revoked_at.is_(None),
                 auth_sessions.c.expires_at > now,
                 users.c.is_suspended.is_(False),
@@ -479,7 +480,7 @@ def revoke_session(db: Database, token: str | None, *, now: datetime | None = No
         result = conn.execute(
             sa.update(auth_sessions)
             .where(
-                auth_sessions.c.token_hash == token_hash(token),
+                auth_sessions.c.token_hash == hash_token(token),
                 auth_sessions.c.revoked_at.is_(None),
             )
             .values(revoked_at=now or utcnow())

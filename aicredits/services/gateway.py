@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
+from aicredits.adapters import metrics
 from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
 from aicredits.adapters.db import Database
 from aicredits.adapters.ratelimit import RateLimiter, RateLimits, Slot, build_rate_limiter
@@ -182,6 +183,11 @@ class Turn:
                 )
             finally:
                 await self._slot.release()
+                metrics.upstream_call(
+                    model=self.request.model,
+                    outcome=outcome,
+                    error_kind=failure.kind if failure is not None else None,
+                )
         if failure is not None:
             logger.warning(
                 "upstream %s for %s (%s), outcome %s", failure.kind, self.request_id,
@@ -208,7 +214,11 @@ class Turn:
         text = "".join(delivered)
         gateway = self._gateway
         if outcome != "completed" and not delivered:
-            await run_blocking_to_completion(ledger.release, gateway.db, hold_id=self.hold.id)
+            hold = await run_blocking_to_completion(
+                ledger.release, gateway.db, hold_id=self.hold.id
+            )
+            if hold.status == "released":  # not swept as expired meanwhile
+                metrics.credits_released(model=self.request.model, credits=hold.amount)
             return self._result(text, 0, 0, False, 0, 0, 0, None, outcome, finish_reason)
         if outcome == "completed" and usage is not None:
             input_tokens, output_tokens, estimated = usage.input_tokens, usage.output_tokens, False
@@ -231,6 +241,16 @@ class Turn:
         )
         settled = await run_blocking_to_completion(
             ledger.settle, gateway.db, hold=self.hold, actual_credits=cost, usage=record
+        )
+        metrics.upstream_tokens(
+            model=self.request.model, input_tokens=input_tokens, output_tokens=output_tokens
+        )
+        metrics.credits_settled(
+            model=self.request.model,
+            charged=settled.charged,
+            # A hold already expired (swept) gave its credits back then, not now.
+            released=self.hold.amount - settled.charged if settled.applied else 0,
+            unbilled=settled.unbilled,
         )
         if settled.charged:
             gateway.note_spend(self.hold.user_id)
@@ -346,6 +366,7 @@ class Gateway:
             raise DuplicateRequest(
                 "A request with this idempotency key was already made; it was not run again."
             )
+        metrics.credits_reserved(model=request.model, credits=hold.amount)
         return Turn(
             self,
             request=request,

@@ -1,7 +1,8 @@
 """The periodic jobs: release holds whose worker died, expire due grants, send threshold
-emails, forget old sign-in attempts. Every worker runs the schedule; a Postgres advisory
-lock per job lets exactly one of them do each run, and every piece of work inside is also
-claimed by a conditional update, so a run repeated or raced changes nothing twice."""
+emails, forget old sign-in attempts, report spending spikes to the admins. Every worker runs
+the schedule; a Postgres advisory lock per job lets exactly one of them do each run, and
+every piece of work inside is also claimed by a conditional update (or a unique key), so a
+run repeated or raced changes nothing twice."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aicredits.adapters import metrics
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database
-from aicredits.services import auth, ledger, thresholds
+from aicredits.services import auth, ledger, spike_reports, thresholds
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -24,25 +26,53 @@ class JobReport:
     credits_expired: int
     emails_sent: int
     sign_ins_forgotten: int
+    spikes_reported: int = 0
+    spike_emails_sent: int = 0
 
 
 def _locked(db: Database, name: str, job: Callable[[], int]) -> int:
     with db.job_lock(name) as mine:
-        return job() if mine else 0
+        if not mine:
+            metrics.job_run(job=name, outcome="skipped")
+            return 0
+        try:
+            done = job()
+        except Exception:
+            metrics.job_run(job=name, outcome="failed")
+            raise
+        metrics.job_run(job=name, outcome="ran", items=done)
+        return done
+
+
+def _report_spikes(db: Database, settings: Settings) -> tuple[int, int]:
+    """New spike reports, then the admins' emails for any that are due (this run's or
+    earlier ones being retried), under one lock."""
+    emails = 0
+
+    def job() -> int:
+        nonlocal emails
+        reported = spike_reports.record_spikes(db, settings)
+        emails = spike_reports.send_due_emails(db, settings)
+        return reported
+
+    return _locked(db, "spike-report", job), emails
 
 
 def run_all(db: Database, settings: Settings) -> JobReport:
+    stale_holds = _locked(db, "sweep-stale-holds", lambda: ledger.sweep_stale_holds(db))
+    credits_expired = _locked(
+        db, "expire-grants", lambda: ledger.expire_due_grants(db).credits_expired
+    )
+    emails_sent = _locked(db, "threshold-emails", lambda: thresholds.send_due_emails(db, settings))
+    sign_ins_forgotten = _locked(db, "forget-sign-ins", lambda: auth.forget_old_login_attempts(db))
+    spikes, spike_emails = _report_spikes(db, settings)
     return JobReport(
-        stale_holds=_locked(db, "sweep-stale-holds", lambda: ledger.sweep_stale_holds(db)),
-        credits_expired=_locked(
-            db, "expire-grants", lambda: ledger.expire_due_grants(db).credits_expired
-        ),
-        emails_sent=_locked(
-            db, "threshold-emails", lambda: thresholds.send_due_emails(db, settings)
-        ),
-        sign_ins_forgotten=_locked(
-            db, "forget-sign-ins", lambda: auth.forget_old_login_attempts(db)
-        ),
+        stale_holds=stale_holds,
+        credits_expired=credits_expired,
+        emails_sent=emails_sent,
+        sign_ins_forgotten=sign_ins_forgotten,
+        spikes_reported=spikes,
+        spike_emails_sent=spike_emails,
     )
 
 
@@ -51,7 +81,13 @@ async def run_forever(db: Database, settings: Settings, *, interval: float) -> N
     while True:
         try:
             report = await run_blocking(run_all, db, settings)
-            if report.stale_holds or report.credits_expired or report.emails_sent:
+            if (
+                report.stale_holds
+                or report.credits_expired
+                or report.emails_sent
+                or report.spikes_reported
+                or report.spike_emails_sent
+            ):
                 logger.info("jobs: %s", report)
         except Exception:
             logger.exception("a periodic job run failed")

@@ -14,6 +14,7 @@ from urllib.parse import quote
 import reflex as rx
 from reflex_base.event import EventSpec
 
+from aicredits.adapters import logs
 from aicredits.adapters.db import get_database
 from aicredits.api import cookies
 from aicredits.domain.identity import safe_next_path
@@ -59,6 +60,10 @@ class SessionState(rx.State):
             self.router.headers.cookie, cookies.cookie_name(settings, cookies.SESSION)
         )
         user = await asyncio.to_thread(auth.resolve_session, get_database(), settings, token)
+        # A Reflex event has no HTTP request: its log lines get a fresh id, the page's route
+        # (its pattern, e.g. /admin/user) as their route, and this user.
+        page = self.router.route_id or "/"
+        logs.start_event(route=f"event:{page}", user_id=user.id if user else None)
         self._show(user)
         return user
 

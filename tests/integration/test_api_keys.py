@@ -11,11 +11,11 @@ import sqlalchemy as sa
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import api_keys, users, utcnow
 from aicredits.domain.errors import InvalidRequest
-from aicredits.domain.identity import token_hash
 from aicredits.services import api_keys as keys
 from aicredits.services import users as users_service
 from aicredits.services.api_keys import UnknownApiKey
 from aicredits.services.auth import LAST_USED_GRANULARITY, create_session, resolve_session
+from aicredits.services.token_hashing import hash_token
 from aicredits.settings import get_settings
 from tests.factories import make_user
 
@@ -65,7 +65,7 @@ def test_only_the_hash_and_the_prefix_are_stored(db: Database) -> None:
     user_id = make_user(db)
     secret = keys.create_api_key(db, user_id=user_id, name="ci").secret
     (row,) = _rows(db)
-    assert row["key_hash"] == token_hash(secret)
+    assert row["key_hash"] == hash_token(secret)
     assert row["prefix"] == secret[:12]
     for value in row.values():
         assert secret not in str(value)

@@ -46,11 +46,19 @@ def test_admins_come_from_the_list_and_need_a_verified_email() -> None:
 
 def test_only_a_hash_of_a_token_is_stored() -> None:
     token = "secret-token-value"
-    stored = token_hash(token)
+    key = b"k" * 32
+    stored = token_hash(token, key=key)
     assert token not in stored
     assert len(stored) == 64
-    assert stored == token_hash(token)
-    assert stored != token_hash(token + "x")
+    assert stored == token_hash(token, key=key)
+    assert stored != token_hash(token + "x", key=key)
+
+
+def test_the_stored_hash_depends_on_the_deployment_key() -> None:
+    token = "secret-token-value"
+    assert token_hash(token, key=b"one" * 11) != token_hash(token, key=b"two" * 11)
+    with pytest.raises(ValueError, match="non-empty key"):
+        token_hash(token, key=b"")
 
 
 def test_cookie_header_parsing_survives_junk_from_other_cookies() -> None:

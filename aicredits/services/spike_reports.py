@@ -1,0 +1,165 @@
+"""Spending spikes, reported to the admins: the periodic job's side of the admin alerts.
+
+Each run asks `admin.spike_alerts` who is spiking now and records each of them once per
+clock hour (a unique (user_id, hour) row, inserted with ON CONFLICT DO NOTHING), so a run
+repeated, or raced by another worker, reports nobody twice. A new report writes a warning
+log line and, when SMTP and ADMIN_EMAILS are configured, is emailed to the admins by the
+same job, outside any request: claimed first, retried with backoff, never sent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from aicredits.adapters import mailer
+from aicredits.adapters.db import Database
+from aicredits.adapters.tables import spike_reports, users, utcnow
+from aicredits.services import admin
+from aicredits.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_EMAIL_ATTEMPTS = 8
+
+
+def hour_of(moment: datetime) -> datetime:
+    """The start of the UTC clock hour `moment` falls in: one report per user per hour."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _emails_wanted(settings: Settings) -> bool:
+    return settings.smtp_configured and bool(settings.admin_emails)
+
+
+def record_spikes(db: Database, settings: Settings, *, now: datetime | None = None) -> int:
+    """Record every user spiking now who was not yet reported this hour. Returns how many
+    were newly recorded."""
+    now = now or utcnow()
+    hour = hour_of(now)
+    alerts = admin.spike_alerts(
+        db, factor=settings.spike_factor, min_credits=settings.spike_min_credits, now=now
+    )
+    new = 0
+    for alert in alerts:
+        with db.transaction() as conn:
+            inserted = conn.execute(
+                db.insert_ignoring_conflict(spike_reports, index=("user_id", "hour"))
+                .values(
+                    user_id=alert.user_id,
+                    hour=hour,
+                    last_hour=alert.last_hour,
+                    previous_week=alert.previous_week,
+                    reported_at=now,
+                    email_attempts=0,
+                    next_email_at=now if _emails_wanted(settings) else None,
+                    email_error="",
+                )
+                .returning(spike_reports.c.id)
+            ).first()
+        if inserted is None:
+            continue  # reported already this hour, by an earlier run or another worker
+        new += 1
+        logger.warning(
+            "spending spike: user %s (%s) spent %d credits in the last hour; usually %.1f an hour",
+            alert.user_id,
+            alert.email or "no email",
+            alert.last_hour,
+            float(alert.usual_hourly),
+            extra={"user_id": alert.user_id},
+        )
+    return new
+
+
+def _retry_delay(attempts: int) -> timedelta:
+    return timedelta(minutes=min(2**attempts, 360))
+
+
+def send_due_emails(
+    db: Database, settings: Settings, *, now: datetime | None = None, batch: int = 50
+) -> int:
+    """Email the admins each report that is due. Returns how many were sent."""
+    if not _emails_wanted(settings):
+        return 0
+    now = now or utcnow()
+    with db.read() as conn:
+        due = conn.execute(
+            sa.select(
+                spike_reports.c.id,
+                spike_reports.c.user_id,
+                spike_reports.c.reported_at,
+                spike_reports.c.last_hour,
+                spike_reports.c.previous_week,
+                spike_reports.c.email_attempts,
+                users.c.email,
+                users.c.name,
+            )
+            .select_from(spike_reports.join(users, users.c.id == spike_reports.c.user_id))
+            .where(
+                spike_reports.c.emailed_at.is_(None),
+                spike_reports.c.next_email_at.is_not(None),
+                spike_reports.c.next_email_at <= now,
+            )
+            .order_by(spike_reports.c.next_email_at)
+            .limit(batch)
+        ).all()
+    sent = 0
+    for row in due:
+        attempts = row.email_attempts + 1
+        # Claim it first (moving next_email_at on), so two workers never both send it.
+        with db.transaction() as conn:
+            claimed = conn.execute(
+                sa.update(spike_reports)
+                .where(
+                    spike_reports.c.id == row.id,
+                    spike_reports.c.emailed_at.is_(None),
+                    spike_reports.c.next_email_at <= now,
+                )
+                .values(email_attempts=attempts, next_email_at=now + _retry_delay(attempts))
+            ).rowcount
+        if not claimed:
+            continue
+        try:
+            mailer.send(
+                settings,
+                to=", ".join(settings.admin_emails),
+                subject=f"aicredits: spending spike by user {row.user_id}",
+                body=_email_body(settings, row),
+            )
+        except mailer.MailError as exc:
+            gave_up = attempts >= MAX_EMAIL_ATTEMPTS
+            logger.warning(
+                "spike email %s failed (%s)%s", row.id, exc, ", giving up" if gave_up else ""
+            )
+            with db.transaction() as conn:
+                conn.execute(
+                    sa.update(spike_reports)
+                    .where(spike_reports.c.id == row.id)
+                    .values(
+                        email_error=str(exc)[:500],
+                        next_email_at=None if gave_up else now + _retry_delay(attempts),
+                    )
+                )
+            continue
+        with db.transaction() as conn:
+            conn.execute(
+                sa.update(spike_reports)
+                .where(spike_reports.c.id == row.id)
+                .values(emailed_at=utcnow(), next_email_at=None, email_error="")
+            )
+        sent += 1
+    return sent
+
+
+def _email_body(settings: Settings, row: Any) -> str:
+    usual = row.previous_week / admin.SPIKE_BASELINE_HOURS
+    return (
+        f"User {row.user_id} ({row.name or 'no name'}, {row.email or 'no email'}) spent "
+        f"{row.last_hour:,} credits in the hour before {row.reported_at:%Y-%m-%d %H:%M} UTC, "
+        f"against a usual {usual:,.1f} an hour over the week before.\n\n"
+        f"Look into it: {settings.public_url}/admin/user?id={row.user_id}\n\n"
+        "You get one message per user per hour of spiking.\n"
+    )
