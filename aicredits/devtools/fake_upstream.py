@@ -7,9 +7,12 @@ down (latency before the first byte, a tokens-per-second pace) and told to fail 
 real upstreams do (500, 429, hanging, a stream cut mid-way, a malformed event).
 
 Run it with `python -m aicredits.devtools.fake_upstream --port 9500` and point the app at
-`http://127.0.0.1:9500/v1`. Per-request behaviour comes from `X-Fake-*` request headers or
-from a queue filled with `POST /_fake/next`; `GET /_fake/stats` reports what each chat
-request was sent, and `POST /_fake/reset` clears the queue and the stats.
+`http://127.0.0.1:9500/v1`. Per-request behaviour comes from `X-Fake-*` request headers, from
+markers in the prompt such as `[fake fault=cut:3]` or `[fake tokens-per-second=5]` (for
+callers that cannot set headers: the chat page, or the app's own /v1 API in front of this),
+or from a queue filled with `POST /_fake/next`, in that order of precedence; `GET
+/_fake/stats` reports what each chat request was sent, and `POST /_fake/reset` clears the
+queue and the stats.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import hmac
 import json
 import math
+import re
 import time
 import uuid
 from collections import deque
@@ -317,20 +321,47 @@ def _header_knobs(request: Request) -> _Knobs:
     )
 
 
-def _merge(header: _Knobs, queued: _Knobs, config: FakeUpstreamConfig) -> _Knobs:
-    """Headers win over the queue, field by field; the config fills the rest."""
+_PROMPT_MARKER = re.compile(r"\[fake ([a-z-]+)=([^\]\s]+)\]")
 
-    def pick(a: Any, b: Any, default: Any) -> Any:
-        return a if a is not None else b if b is not None else default
 
-    fault = pick(header.fault, queued.fault, None)
+def _prompt_knobs(messages: Sequence[Mapping[str, Any]]) -> _Knobs:
+    """Knobs from `[fake name=value]` markers in the last message's text (earlier turns of a
+    conversation repeat their markers, which must not apply again); the last one wins."""
+    knobs = _Knobs()
+    for message in messages[-1:]:
+        content = message.get("content")
+        if not isinstance(content, str):
+            continue
+        for name, raw in _PROMPT_MARKER.findall(content):
+            try:
+                if name == "fault":
+                    knobs.fault = _parse_fault(raw)
+                elif name == "reply-tokens":
+                    knobs.reply_tokens = _non_negative_int(int(raw), name)
+                elif name == "latency-ms":
+                    knobs.latency_ms = _non_negative_int(int(raw), name)
+                elif name == "tokens-per-second":
+                    knobs.tokens_per_second = _non_negative_number(float(raw), name)
+                else:
+                    raise _BadRequest(f"unknown prompt marker [fake {name}=...]")
+            except ValueError:
+                raise _BadRequest(f"prompt marker {name} has a bad value {raw!r}") from None
+    return knobs
+
+
+def _merge(*sources: _Knobs, config: FakeUpstreamConfig) -> _Knobs:
+    """The first source that sets a field wins, field by field; the config fills the rest."""
+
+    def pick(name: str, default: Any) -> Any:
+        values = (getattr(source, name) for source in sources)
+        return next((value for value in values if value is not None), default)
+
+    fault = pick("fault", None)
     return _Knobs(
         fault=None if fault == NO_FAULT else fault,
-        reply_tokens=pick(header.reply_tokens, queued.reply_tokens, config.reply_tokens),
-        latency_ms=pick(header.latency_ms, queued.latency_ms, config.latency_ms),
-        tokens_per_second=pick(
-            header.tokens_per_second, queued.tokens_per_second, config.tokens_per_second
-        ),
+        reply_tokens=pick("reply_tokens", config.reply_tokens),
+        latency_ms=pick("latency_ms", config.latency_ms),
+        tokens_per_second=pick("tokens_per_second", config.tokens_per_second),
     )
 
 
@@ -412,12 +443,13 @@ async def chat_completions(request: Request) -> Response:
             raise _BadRequest("stream must be a boolean")
         cap = _output_cap(body)
         header_knobs = _header_knobs(request)
+        prompt_knobs = _prompt_knobs(messages)
     except _BadRequest as exc:
         return _error(400, str(exc), headers=id_header)
 
     # Only a valid request takes its turn in the queue, so a typo in a test does not
     # silently use up a fault meant for the next call.
-    knobs = _merge(header_knobs, state.next_queued(), state.config)
+    knobs = _merge(header_knobs, prompt_knobs, state.next_queued(), config=state.config)
     wanted = knobs.reply_tokens or 0
     tokens = reply_tokens(wanted if cap is None else min(wanted, cap))
     finish_reason = "length" if cap is not None and cap < wanted else "stop"

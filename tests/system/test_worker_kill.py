@@ -1,0 +1,106 @@
+"""A worker is killed (SIGKILL) in the middle of a streamed reply: the client sees the cut,
+the other workers keep serving, and the sweeper releases the dead call's hold within its
+TTL and the jobs interval, so the user pays nothing for it and nothing twice."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from aicredits.adapters.db import Database
+from tests.system.clients import api_call
+from tests.system.conftest import accounts, assert_ledger_sound, holds_by_request, usage_by_request
+from tests.system.harness import CALL_COST, MODEL, RunningApp, provision, wait_until
+
+WORKERS = 2
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_worker_costs_the_user_nothing_and_the_others_keep_serving(
+    system_app: RunningApp, app_db: Database
+) -> None:
+    victim, bystander = provision(system_app.env, [1_000, 1_000], label="kill")
+    workers_before = system_app.worker_pids()
+    assert len(workers_before) >= WORKERS
+
+    # A slow stream (4 tokens a second), on a connection whose port we know.
+    conn = http.client.HTTPConnection("127.0.0.1", system_app.port, timeout=30)
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "messages": [{"role": "user", "content": "tell me slowly [fake tokens-per-second=4]"}],
+    }
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(body),
+        headers={"Authorization": f"Bearer {victim.api_key}", "Content-Type": "application/json"},
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    request_id = response.getheader("x-request-id")
+    assert request_id
+    first = response.readline()
+    assert first.startswith(b"data: "), first
+    assert conn.sock is not None
+    client_port = conn.sock.getsockname()[1]
+
+    serving = system_app.pid_serving(client_port)
+    assert serving is not None and serving in workers_before, (serving, workers_before)
+    killed_at = time.monotonic()
+    os.kill(serving, signal.SIGKILL)
+
+    # The client sees the reply end without its [DONE]: a cut, not a clean finish.
+    rest = b""
+    try:
+        while chunk := response.read1(65536):
+            rest += chunk
+    except (OSError, http.client.HTTPException):
+        pass
+    conn.close()
+    assert b"[DONE]" not in rest
+
+    # The other workers keep serving, straight away.
+    with httpx.Client(timeout=30) as client:
+        results = [
+            api_call(client, system_app.base_url, bystander.api_key, f"still there? {i}")
+            for i in range(10)
+        ]
+    server_exit = system_app.proc.poll()
+    assert [r.status for r in results] == [200] * 10, (
+        f"after one worker was killed the others did not serve (server exit code {server_exit}; "
+        "Granian stops every worker when one dies unless respawn_failed_workers is set):\n"
+        + system_app.log_tail(1500)
+    )
+
+    # Within the hold's TTL plus a jobs interval (and a little slack for a busy machine),
+    # the sweeper releases the dead call's hold: nothing charged, nothing double.
+    ttl = float(system_app.env["HOLD_TTL_SECONDS"])
+    interval = float(system_app.env["JOBS_INTERVAL_SECONDS"])
+
+    def released() -> bool:
+        hold = holds_by_request(app_db, [request_id])[request_id]
+        return hold.status != "pending"
+
+    wait_until(released, timeout=ttl + 2 * interval + 10, what="the dead call's hold released")
+    waited = time.monotonic() - killed_at
+    hold = holds_by_request(app_db, [request_id])[request_id]
+    assert hold.status == "expired" and not hold.charged, hold
+    assert waited <= ttl + 2 * interval + 10
+    assert usage_by_request(app_db, [request_id])[request_id] == []
+
+    balances = accounts(app_db, [victim.user_id, bystander.user_id])
+    assert (balances[victim.user_id].balance, balances[victim.user_id].held) == (1_000, 0)
+    assert balances[bystander.user_id].balance == 1_000 - 10 * CALL_COST
+    assert_ledger_sound(app_db)
+
+    # Still serving after the sweep, whether or not the server replaced the dead worker.
+    with httpx.Client(timeout=30) as client:
+        assert api_call(client, system_app.base_url, victim.api_key, "and now?").ok
+    assert serving not in system_app.worker_pids()
