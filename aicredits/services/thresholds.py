@@ -55,14 +55,22 @@ def last_top_up_query(user_id: int) -> sa.Select[Any]:
 
 
 def current_allowance(db: Database, *, user_id: int) -> Allowance:
-    with db.read(snapshot=True) as conn:
-        top_up = conn.execute(last_top_up_query(user_id)).first()
-        balance = conn.execute(
-            sa.select(credit_accounts.c.balance).where(credit_accounts.c.user_id == user_id)
-        ).scalar_one_or_none()
+    """One statement (so one consistent moment, and one round trip: it runs after every
+    charge): the balance and the last top-up, both through their indexes."""
+    top_up = last_top_up_query(user_id).subquery()
+    row = None
+    with db.read() as conn:
+        row = conn.execute(
+            sa.select(
+                credit_accounts.c.balance,
+                sa.select(top_up.c.id).scalar_subquery(),
+                sa.select(top_up.c.balance_after).scalar_subquery(),
+            ).where(credit_accounts.c.user_id == user_id)
+        ).first()
+    balance, top_up_id, size = row if row is not None else (0, None, 0)
     return allowance(
-        top_up_entry_id=top_up.id if top_up else None,
-        size_after_top_up=top_up.balance_after if top_up else 0,
+        top_up_entry_id=top_up_id,
+        size_after_top_up=size if top_up_id is not None else 0,
         balance=balance or 0,
     )
 
