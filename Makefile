@@ -9,13 +9,17 @@ JS_PATH = $$($(PY) scripts/js_runtime.py)
 REFLEX_ENV = REFLEX_USE_SYSTEM_BUN=1 REFLEX_TELEMETRY_ENABLED=false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run migrate lint format test test-fast bench clean
+.PHONY: help setup run prod check-config migrate lint format test test-fast bench clean bench-scale bench-chat
 
 help:
 	@echo "make run     install what is missing, migrate the database, start the app on :3000"
 	@echo "             (with Dev sign-in and the other local stand-ins)"
 	@echo "make test    install what is missing, start Postgres/Redis, lint, type-check, run all tests"
+	@echo "make prod    production mode: refuse dev defaults, migrate, reflex run --env prod"
+	@echo "             (PROD_ARGS='--workers 4 --port 3000' or '--backend-only --backend-port 8000')"
 	@echo "make bench   measure the ledger against plain psycopg (needs Postgres)"
+	@echo "make bench-scale  metered req/s and p99 of the prod app with 1, 2 and 4 workers"
+	@echo "make bench-chat   the chat in Chromium vs the /v1 API, then a 100-session soak"
 	@echo "make lint    ruff + mypy only;  make format  apply ruff's formatting"
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -34,10 +38,20 @@ migrate: $(STAMP)
 run: setup migrate
 	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) -m aicredits dev
 
+# Production: needs DATABASE_URL, REDIS_URL, SESSION_SECRET... (README, "Deployment"). The
+# command checks them, migrates, and runs several backend workers.
+PROD_ARGS ?=
+prod: setup
+	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) -m aicredits prod $(PROD_ARGS)
+
+check-config: $(STAMP)
+	$(PY) -m aicredits check-config
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
@@ -57,6 +71,17 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	bash scripts/services.sh
 	$(PY) bench/ledger.py
+
+# Starts its own Postgres cluster, Redis, fake upstream and the app in production mode.
+bench-scale: setup
+	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/scale.py
+
+# The real app, Postgres, Redis, the fake upstream and Chromium (scripts/chromium.sh).
+bench-chat: setup
+	bash scripts/services.sh
+	bash scripts/chromium.sh
+	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/chat_ui.py
+	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/chat_soak.py
 
 clean:
 	rm -rf .web .states .pytest_cache .mypy_cache .ruff_cache .hypothesis

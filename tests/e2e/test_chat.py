@@ -11,7 +11,10 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from aicredits.services import ledger, users
-from tests.e2e.conftest import RunningApp, sign_in
+from tests.e2e.conftest import ROOT, RunningApp, sign_in
+
+# Screenshots for people to look at (not compared by any test); not committed.
+ARTIFACTS = ROOT / "test-artifacts"
 
 
 def queue(app: RunningApp, **knobs: Any) -> None:
@@ -35,6 +38,11 @@ def charged(cost_line: str) -> int:
     return int(match.group(1))
 
 
+def save_screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))  # the viewport: what one sees
+
+
 def send(page: Page, text: str) -> None:
     page.locator("#chat-input").fill(text)
     page.locator("#chat-input").press("Enter")
@@ -48,6 +56,7 @@ def reset_upstream(app: RunningApp) -> None:
 def test_a_reply_streams_in_pieces_costs_what_it_says_and_survives_a_reload(
     app: RunningApp, page: Page
 ) -> None:
+    page.set_viewport_size({"width": 1280, "height": 800})
     sign_in(page, app, "streamer@example.test")
     before = header_balance(page)
     queue(app, reply_tokens=40, tokens_per_second=20)
@@ -67,6 +76,7 @@ def test_a_reply_streams_in_pieces_costs_what_it_says_and_survives_a_reload(
     expect(page.locator("#header-balance")).to_have_text(f"{before - spent} credits")
     expect(page.locator("#chat-input")).to_have_value("")
     expect(page.locator("#conversation-list")).to_contain_text("Tell me a story")
+    save_screenshot(page, "chat-desktop-1280x800")
 
     page.reload()
     expect(page.locator(".message-user")).to_have_text("Tell me a story")
@@ -165,3 +175,4 @@ def test_the_chat_fits_a_phone_screen(app: RunningApp, page: Page) -> None:
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page is {width}px wide on a 390px screen"
     expect(page.locator("#send-button")).to_be_in_viewport()
+    save_screenshot(page, "chat-phone-390x844")
