@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.pool import NullPool
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,5 +20,28 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
+# Postgres advisory lock key held while migrating ("aicr" in ASCII).
+MIGRATION_LOCK_KEY = 0x61696372
+
+
 def upgrade_to_head(database_url: str) -> None:
-    command.upgrade(alembic_config(database_url), "head")
+    """Apply every migration. On Postgres, under an advisory lock: several workers or
+    containers starting at once migrate one after the other (the later ones find nothing to
+    do) instead of racing to create the same tables."""
+    if not database_url.startswith("postgresql"):
+        command.upgrade(alembic_config(database_url), "head")
+        return
+    engine = sa.create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as lock:
+            lock.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            lock.commit()
+            try:
+                command.upgrade(alembic_config(database_url), "head")
+            finally:
+                lock.execute(
+                    sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
+                lock.commit()
+    finally:
+        engine.dispose()

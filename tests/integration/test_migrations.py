@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -63,3 +65,25 @@ def test_downgrade_to_base_and_upgrade_again(empty_url: str) -> None:
 def test_there_is_exactly_one_head() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     assert len(script.get_heads()) == 1
+
+
+def test_several_processes_migrating_at_once_all_succeed(empty_url: str) -> None:
+    """Workers or containers started together each migrate on start: on Postgres an advisory
+    lock makes them take turns, so none fails on a table another is creating."""
+    if not empty_url.startswith("postgresql"):
+        pytest.skip("the migration lock is for Postgres; SQLite is one machine's file")
+    code = (
+        "import sys; from aicredits.adapters.migrations import upgrade_to_head; "
+        "upgrade_to_head(sys.argv[1])"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, empty_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(4)
+    ]
+    outputs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], "\n".join(outputs)
+    assert _diff(empty_url) == []
