@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -30,18 +32,32 @@ def _diff(url: str) -> list[object]:
         engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> object:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
+@contextmanager
+def _fresh_postgres_database(tmp_path: Path) -> Iterator[str]:
     name = f"aicredits_migr_{tmp_path.name[-12:].replace('-', '_').lower()}"
     with psycopg.connect(pg_conninfo(PG_ADMIN_URL), autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.execute(f'CREATE DATABASE "{name}"')
-    yield "postgresql+psycopg://" + pg_conninfo(PG_ADMIN_URL, name).split("://", 1)[1]
-    with psycopg.connect(pg_conninfo(PG_ADMIN_URL), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield "postgresql+psycopg://" + pg_conninfo(PG_ADMIN_URL, name).split("://", 1)[1]
+    finally:
+        with psycopg.connect(pg_conninfo(PG_ADMIN_URL), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.db'}"
+        return
+    with _fresh_postgres_database(tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def empty_pg_url(tmp_path: Path) -> Iterator[str]:
+    with _fresh_postgres_database(tmp_path) as url:
+        yield url
 
 
 def test_upgrade_head_leaves_no_autogenerate_diff(empty_url: str) -> None:
@@ -67,11 +83,11 @@ def test_there_is_exactly_one_head() -> None:
     assert len(script.get_heads()) == 1
 
 
-def test_several_processes_migrating_at_once_all_succeed(empty_url: str) -> None:
+@pytest.mark.postgres
+def test_several_processes_migrating_at_once_all_succeed(empty_pg_url: str) -> None:
     """Workers or containers started together each migrate on start: on Postgres an advisory
     lock makes them take turns, so none fails on a table another is creating."""
-    if not empty_url.startswith("postgresql"):
-        pytest.skip("the migration lock is for Postgres; SQLite is one machine's file")
+    empty_url = empty_pg_url
     code = (
         "import sys; from aicredits.adapters.migrations import upgrade_to_head; "
         "upgrade_to_head(sys.argv[1])"
