@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser(
-        "run-jobs", help="release stale holds, expire due grants, send threshold emails, tidy"
+        "run-jobs",
+        help="release stale holds, expire due grants, send threshold emails, report spikes, tidy",
     )
     # Listed for --help; their own arguments are parsed by their own main() (see main()).
     sub.add_parser("dev", help="run the app with its local stand-ins (what `make run` does)")
@@ -204,6 +205,8 @@ def _run_jobs(db: Database) -> int:
     print(
         f"released {report.stale_holds} stale holds; expired {report.credits_expired} credits; "
         f"sent {report.emails_sent} threshold emails; "
+        f"reported {report.spikes_reported} spending spikes "
+        f"({report.spike_emails_sent} emails to admins); "
         f"forgot {report.sign_ins_forgotten} old sign-in attempts"
     )
     return EXIT_OK

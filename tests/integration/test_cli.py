@@ -137,3 +137,19 @@ def test_the_module_runs_as_a_command(tmp_path: Path) -> None:
         cwd=ROOT, env={**env, "DATABASE_URL": f"sqlite:///{tmp_path / 'b.db'}"},
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
+
+
+def test_run_jobs_reports_what_each_job_did(
+    env_db: Database, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.integration.test_spike_reports import quiet_then_heavy
+
+    monkeypatch.setenv("SPIKE_FACTOR", "5")
+    monkeypatch.setenv("SPIKE_MIN_CREDITS", "100")
+    get_settings.cache_clear()
+    quiet_then_heavy(env_db)
+    assert run("run-jobs") == 0
+    out = capsys.readouterr().out
+    assert "reported 1 spending spikes" in out, out
+    assert run("run-jobs") == 0  # once per user per hour
+    assert "reported 0 spending spikes" in capsys.readouterr().out
