@@ -8,9 +8,10 @@ import secrets
 from pathlib import Path
 
 
-def load_or_create_secret(path: Path) -> str:
-    """The secret kept in `path`, made on first use: 256 random bits, readable only by its
-    owner. Processes starting together agree on one: the first complete file wins."""
+def load_or_create_secret(path: Path, *, prefix: str = "") -> str:
+    """The secret kept in `path`, made on first use: `prefix` and 256 random bits, readable
+    only by its owner. Processes starting together agree on one: the first complete file
+    wins."""
     with contextlib.suppress(FileNotFoundError):
         existing = path.read_text().strip()
         if existing:
@@ -20,7 +21,7 @@ def load_or_create_secret(path: Path) -> str:
     fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
+            handle.write(prefix + secrets.token_hex(32) + "\n")
         # link() publishes the complete file, or fails when another process already did.
         with contextlib.suppress(FileExistsError):
             os.link(staging, path)

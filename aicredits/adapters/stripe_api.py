@@ -13,11 +13,9 @@ Everything else sees plain dataclasses, never SDK objects.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -30,6 +28,7 @@ import httpx
 import stripe
 from stripe._base_address import BaseAddresses
 
+from aicredits.adapters.local_secret import load_or_create_secret
 from aicredits.domain.errors import AICreditsError
 
 # Stripe's own default, and the window we also apply to timestamps in the future.
@@ -391,23 +390,7 @@ def stripe_api(secret_key: str, api_base: str = "") -> StripeApi:
 def load_or_create_dev_secret(path: Path) -> str:
     """The simulated checkout's webhook secret: made once per machine, readable only by its
     owner, never committed (data/ is ignored). Workers starting together agree on one."""
-    with contextlib.suppress(FileNotFoundError):
-        existing = path.read_text().strip()
-        if existing:
-            return existing
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = "whsec_dev_" + secrets.token_hex(32)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secret + "\n")
-        # link() publishes the complete file or fails if another process already did.
-        with contextlib.suppress(FileExistsError):
-            os.link(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-    return path.read_text().strip()
+    return load_or_create_secret(path, prefix="whsec_dev_")
 
 
 def simulated_event(event_type: str, obj: dict[str, Any], *, created: int) -> str:
