@@ -71,14 +71,12 @@ __all__ = [
     "MalformedEvent",
     "PackOffer",
     "PaymentError",
-    "PaymentsMisconfigured",
     "PaymentsUnavailable",
     "PurchaseBusy",
     "PurchaseView",
     "UnknownCheckoutSession",
     "UnknownPack",
     "WebhookResult",
-    "check_payment_settings",
     "confirm_checkout",
     "fulfil_checkout_session",
     "handle_webhook",
@@ -141,24 +139,7 @@ class PurchaseBusy(PaymentError):
     status = 503
 
 
-class PaymentsMisconfigured(AICreditsError):
-    """A startup error: these settings would take real money without verifying webhooks."""
-
-    code = "payments_misconfigured"
-
-
 # --- configuration --------------------------------------------------------------------------
-
-
-def check_payment_settings(settings: Settings) -> None:
-    """Refuse to start production with real Stripe but no webhook secret."""
-    if settings.environment != "prod" or not settings.stripe_secret_key:
-        return
-    if not settings.stripe_webhook_secret:
-        raise PaymentsMisconfigured(
-            "STRIPE_SECRET_KEY is set but STRIPE_WEBHOOK_SECRET is not: payments could not be "
-            "confirmed. Set STRIPE_WEBHOOK_SECRET to the endpoint's signing secret (whsec_...)."
-        )
 
 
 def simulated_checkout_enabled(settings: Settings) -> bool:
