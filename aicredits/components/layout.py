@@ -40,9 +40,7 @@ def sign_in_button(provider: Any, next_path: Any = "/chat") -> rx.Component:
 
 def sign_out_button() -> rx.Component:
     return PostForm.create(
-        rx.button(
-            "Sign out", type="submit", variant="soft", size="2", id="sign-out", white_space="nowrap"
-        ),
+        rx.button("Sign out", type="submit", variant="soft", size="2", id="sign-out"),
         action=f"{get_settings().api_url}/auth/logout",
         method="post",
     )
