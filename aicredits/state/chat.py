@@ -82,8 +82,7 @@ class ChatState(SessionState):
     # --- loading ------------------------------------------------------------------------------
 
     async def _refresh_conversations(self, user_id: int) -> None:
-        rows = await run_blocking(conversations.list_conversations, get_database(), user_id=user_id)
-        self.conversations = [{"id": str(c.id), "title": c.title} for c in rows]
+        self.conversations = await _fetch_conversations(user_id)
 
     async def _open(self, user_id: int, conversation_id: int) -> None:
         rows = await run_blocking(
@@ -222,25 +221,8 @@ class ChatState(SessionState):
     # --- composing ------------------------------------------------------------------------------
 
     async def _update_estimate(self, user_id: int, draft: str) -> None:
-        if not self.model:
-            self.estimate_text = ""
-            return
-        try:
-            result = await run_blocking(
-                chat.estimate,
-                get_database(),
-                get_settings(),
-                user_id=user_id,
-                conversation_id=int(self.conversation_id) if self.conversation_id else None,
-                model=self.model,
-                draft=draft,
-            )
-        except AICreditsError as exc:
-            self.estimate_text = str(exc)
-            return
-        self.estimate_text = result.problem or (
-            f"≈ {result.approx_credits} credits, at most {result.max_credits}"
-        )
+        conversation_id = int(self.conversation_id) if self.conversation_id else None
+        self.estimate_text = await _fetch_estimate(user_id, self.model, conversation_id, draft)
 
     @rx.event
     async def draft_changed(self, draft: str) -> EventSpec | None:
@@ -318,9 +300,16 @@ class ChatState(SessionState):
                 prompt=text,
                 result=result,
             )
+        replied = result is not None and result.outcome != "failed"
+        if replied:
+            # Read everything the page shows next before taking the state's lock: other
+            # events of this tab wait for that lock, so it is never held across the database.
+            listed = await _fetch_conversations(user.id)
+            balance = await self._fetch_balance(user.id)
+            estimate = await _fetch_estimate(user.id, model, conversation_id, "")
         async with self:
             self.streaming = False
-            if result is None or result.outcome == "failed":
+            if result is None or not replied:
                 self.messages = self.messages[:-2]  # nothing was stored or charged
                 self.error_kind = "upstream"
                 self.error = failure or "The model did not answer. Nothing was charged."
@@ -335,9 +324,9 @@ class ChatState(SessionState):
                     outcome_note(result.outcome),
                 )
                 self.conversation_id = str(conversation_id or "")
-                await self._refresh_conversations(user.id)
-                await self._refresh_balance(user)
-                await self._update_estimate(user.id, "")
+                self.conversations = listed
+                self._show_balance(*balance)
+                self.estimate_text = estimate
                 restore = _remember(self.conversation_id)
         yield restore
 
@@ -371,6 +360,30 @@ class ChatState(SessionState):
         except UpstreamFailed as exc:
             return None, describe_error(exc)[1]
         return turn.result, ""
+
+
+async def _fetch_conversations(user_id: int) -> list[dict[str, str]]:
+    rows = await run_blocking(conversations.list_conversations, get_database(), user_id=user_id)
+    return [{"id": str(c.id), "title": c.title} for c in rows]
+
+
+async def _fetch_estimate(user_id: int, model: str, conversation_id: int | None, draft: str) -> str:
+    """The line under the box: "≈ N credits, at most M", or why the draft cannot be sent."""
+    if not model:
+        return ""
+    try:
+        result = await run_blocking(
+            chat.estimate,
+            get_database(),
+            get_settings(),
+            user_id=user_id,
+            conversation_id=conversation_id,
+            model=model,
+            draft=draft,
+        )
+    except AICreditsError as exc:
+        return str(exc)
+    return result.problem or f"≈ {result.approx_credits} credits, at most {result.max_credits}"
 
 
 def _remember(conversation_id: str) -> EventSpec:

@@ -87,10 +87,19 @@ class SessionState(rx.State):
 
     async def _refresh_balance(self, user: CurrentUser) -> None:
         """The header's credits and the usage banner, read again (after any charge)."""
+        self._show_balance(*await self._fetch_balance(user.id))
+
+    @staticmethod
+    async def _fetch_balance(user_id: int) -> tuple[int, thresholds.Banner | None]:
+        """Read what the header shows, touching no state: a background event calls this
+        outside `async with self`, so the state's lock is never held across the database."""
         db = get_database()
-        balance = await asyncio.to_thread(ledger.get_balance, db, user_id=user.id)
-        self.available_credits = balance.available
-        banner = await asyncio.to_thread(thresholds.banner, db, get_settings(), user_id=user.id)
+        balance = await asyncio.to_thread(ledger.get_balance, db, user_id=user_id)
+        banner = await asyncio.to_thread(thresholds.banner, db, get_settings(), user_id=user_id)
+        return balance.available, banner
+
+    def _show_balance(self, available: int, banner: thresholds.Banner | None) -> None:
+        self.available_credits = available
         self._show_banner(banner)
 
     @rx.event
