@@ -7,11 +7,12 @@ from typing import Any
 import reflex as rx
 
 from aicredits.components.layout import page
-from aicredits.state.chat import INPUT_ID, ChatState
+from aicredits.state.chat import INPUT_ID, ChatState, ConversationsState
 
 
 def _conversation_item(conversation: Any) -> rx.Component:
-    selected = ChatState.conversation_id == conversation["id"]
+    # Reads only ConversationsState: a streamed reply (a ChatState update) leaves it alone.
+    selected = ConversationsState.conversation_id == conversation["id"]
     return rx.hstack(
         rx.button(
             rx.text(conversation["title"], trim="end", size="2"),
@@ -104,9 +105,9 @@ def _conversation_list() -> rx.Component:
             id="new-chat",
         ),
         rx.cond(
-            ChatState.conversations.length() > 0,  # type: ignore[attr-defined]
+            ConversationsState.conversations.length() > 0,  # type: ignore[attr-defined]
             rx.vstack(
-                rx.foreach(ChatState.conversations, _conversation_item),
+                rx.foreach(ConversationsState.conversations, _conversation_item),
                 spacing="1",
                 width="100%",
                 id="conversation-list",
@@ -218,7 +219,9 @@ def _composer() -> rx.Component:
 
 
 def _model_picker() -> rx.Component:
-    return rx.hstack(
+    # The trigger shows only the label, so it fits a phone; the prices of the selected model
+    # are on their own line under the picker, at every width.
+    return rx.vstack(
         rx.select.root(
             rx.select.trigger(
                 placeholder="Model",
@@ -226,19 +229,32 @@ def _model_picker() -> rx.Component:
                 width="100%",
                 max_width="100%",
                 overflow="hidden",
+                # The trigger repeats the selected item's text: there, only its label.
+                style={"& .model-item-prices": {"display": "none"}},
             ),
             rx.select.content(
                 rx.foreach(
                     ChatState.models,
-                    lambda m: rx.select.item(m["label"] + " · " + m["prices"], value=m["id"]),
+                    lambda m: rx.select.item(
+                        m["label"],
+                        rx.text.span(" · " + m["prices"], class_name="model-item-prices"),
+                        value=m["id"],
+                    ),
                 )
             ),
             value=ChatState.model,
             on_change=ChatState.pick_model,
             disabled=ChatState.streaming,
         ),
+        rx.text(
+            ChatState.model_prices,
+            size="1",
+            color_scheme="gray",
+            id="model-prices",
+        ),
         flex="1",
         min_width="0",
+        spacing="1",
     )
 
 

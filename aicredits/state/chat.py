@@ -66,9 +66,57 @@ def message_row(
     return {"role": role, "content": content, "meta": meta, "note": note, "streaming": streaming}
 
 
-class ChatState(SessionState):
+def as_conversation_id(value: str) -> int | None:
+    """The open conversation's id as the services take it: None for a new, unsaved one."""
+    return int(value) if value else None
+
+
+def choose_model(current: str, models: list[dict[str, str]]) -> str:
+    """Keep the chosen model while it is still offered, else the first one offered."""
+    if any(m["id"] == current for m in models):
+        return current
+    return models[0]["id"] if models else ""
+
+
+def choose_conversation(wanted: str, listed: list[dict[str, str]]) -> str:
+    """The conversation to open on load: the one in the address bar if it is the user's,
+    else the most recent, else "" (a new conversation)."""
+    ids = [c["id"] for c in listed]
+    return wanted if wanted in ids else (ids[0] if ids else "")
+
+
+def model_row(
+    model_id: str, label: str, input_per_mtok: int, output_per_mtok: int
+) -> dict[str, str]:
+    """A model as the picker shows it: its label, and its prices in credits per 1K tokens."""
+    given, taken = credits_per_1k(input_per_mtok), credits_per_1k(output_per_mtok)
+    return {
+        "id": model_id,
+        "label": label or model_id,
+        "prices": f"{given} in / {taken} out per 1K tokens",
+        "price_line": f"Credits per 1K tokens: {given} input, {taken} output",
+    }
+
+
+def price_line(model: str, models: list[dict[str, str]]) -> str:
+    """The line under the picker: the selected model's prices ("" when none is selected)."""
+    return next((m["price_line"] for m in models if m["id"] == model), "")
+
+
+class ConversationsState(SessionState):
+    """The sidebar: the user's conversations and which one is open.
+
+    Apart from ChatState on purpose: Reflex re-renders the components that read a state's
+    vars whenever that state changes, and a streamed reply changes ChatState every
+    PUSH_SECONDS. Kept here, the list (each row with its rename and delete dialogs) is
+    rendered again only when the list or the open conversation changes. ChatState's handlers
+    set these through `get_state`; this state has no handlers of its own."""
+
     conversations: list[dict[str, str]] = []
     conversation_id: str = ""  # "": a new, unsaved conversation
+
+
+class ChatState(SessionState):
     messages: list[dict[str, Any]] = []
     models: list[dict[str, str]] = []
     model: str = ""
@@ -76,41 +124,30 @@ class ChatState(SessionState):
     streaming: bool = False
     error: str = ""
     error_kind: str = ""
-    rename_value: str = ""
     _stop_requested: bool = False
+
+    @rx.var
+    def model_prices(self) -> str:
+        return price_line(self.model, self.models)
+
+    async def _sidebar(self) -> ConversationsState:
+        return await self.get_state(ConversationsState)
 
     # --- loading ------------------------------------------------------------------------------
 
     async def _refresh_conversations(self, user_id: int) -> None:
-        self.conversations = await _fetch_conversations(user_id)
+        (await self._sidebar()).conversations = await _fetch_conversations(user_id)
 
     async def _open(self, user_id: int, conversation_id: int) -> None:
-        rows = await run_blocking(
-            conversations.get_messages,
-            get_database(),
-            user_id=user_id,
-            conversation_id=conversation_id,
-        )
-        self.conversation_id = str(conversation_id)
-        self.messages = [
-            message_row(
-                m.role,
-                m.content,
-                cost_line(m.input_tokens, m.output_tokens, m.credits_charged, m.estimated)
-                if m.role == "assistant"
-                else "",
-                outcome_note(m.outcome),
-            )
-            for m in rows
-        ]
-        opened = await run_blocking(
-            conversations.get_conversation,
-            get_database(),
-            user_id=user_id,
-            conversation_id=conversation_id,
-        )
-        if any(m["id"] == opened.model for m in self.models):
-            self.model = opened.model
+        messages, model = await _fetch_opened(user_id, conversation_id)
+        (await self._sidebar()).conversation_id = str(conversation_id)
+        self.messages = messages
+        if any(m["id"] == model for m in self.models):
+            self.model = model
+
+    async def _start_new(self) -> None:
+        (await self._sidebar()).conversation_id = ""
+        self.messages = []
 
     @rx.event
     async def load(self) -> EventSpec | None:
@@ -118,33 +155,17 @@ class ChatState(SessionState):
         if user is None:
             return self._to_login()
         await self._refresh_balance(user)
-        settings = get_settings()
-        db = get_database()
-        models = []
-        for spec in settings.models:
-            with contextlib.suppress(AICreditsError):
-                price = await run_blocking(pricing.current_price, db, model=spec.id)
-                models.append(
-                    {
-                        "id": spec.id,
-                        "label": spec.label or spec.id,
-                        "prices": f"{credits_per_1k(price.input_per_mtok)} in / "
-                        f"{credits_per_1k(price.output_per_mtok)} out per 1K tokens",
-                    }
-                )
-        self.models = models
-        if not self.model or not any(m["id"] == self.model for m in models):
-            self.model = models[0]["id"] if models else ""
+        self.models = await _fetch_models()
+        self.model = choose_model(self.model, self.models)
         self.error = self.error_kind = ""
         self.streaming = False
         await self._refresh_conversations(user.id)
         wanted = self.router.url.query_parameters.get("c", "")
-        ids = [c["id"] for c in self.conversations]
-        target = wanted if wanted in ids else (ids[0] if ids else "")
+        target = choose_conversation(wanted, (await self._sidebar()).conversations)
         if target:
             await self._open(user.id, int(target))
         else:
-            self.conversation_id, self.messages = "", []
+            await self._start_new()
         await self._update_estimate(user.id, "")
         return None
 
@@ -163,7 +184,7 @@ class ChatState(SessionState):
             self.error_kind, self.error = "invalid", "That conversation does not exist."
             return None
         self.error = self.error_kind = ""
-        return _remember(self.conversation_id)
+        return _remember((await self._sidebar()).conversation_id)
 
     @rx.event
     async def new_conversation(self) -> EventSpec | None:
@@ -172,7 +193,7 @@ class ChatState(SessionState):
             return self._to_login()
         if self.streaming:
             return None
-        self.conversation_id, self.messages = "", []
+        await self._start_new()
         self.error = self.error_kind = ""
         await self._update_estimate(user.id, "")
         return _remember("")
@@ -213,15 +234,16 @@ class ChatState(SessionState):
         except (UnknownConversation, ValueError):
             self.error_kind, self.error = "invalid", "That conversation does not exist."
             return None
-        if conversation_id == self.conversation_id:
-            self.conversation_id, self.messages = "", []
+        sidebar = await self._sidebar()
+        if conversation_id == sidebar.conversation_id:
+            await self._start_new()
         await self._refresh_conversations(user.id)
-        return _remember(self.conversation_id)
+        return _remember(sidebar.conversation_id)
 
     # --- composing ------------------------------------------------------------------------------
 
     async def _update_estimate(self, user_id: int, draft: str) -> None:
-        conversation_id = int(self.conversation_id) if self.conversation_id else None
+        conversation_id = as_conversation_id((await self._sidebar()).conversation_id)
         self.estimate_text = await _fetch_estimate(user_id, self.model, conversation_id, draft)
 
     @rx.event
@@ -249,17 +271,22 @@ class ChatState(SessionState):
 
     @rx.event(background=True)
     async def send(self, form_data: dict[str, Any]) -> AsyncIterator[Any]:
+        """Every database read happens outside `async with self`: other events of this tab
+        wait for the state's lock, so it is held only to read and assign values."""
         text = str(form_data.get("message", "")).strip()
         async with self:
-            user = await self._authenticate()
+            session_key = self._session_key()
+            ip = self.router.session.client_ip or None
+        user = await self._fetch_user(*session_key)
+        async with self:
+            self._show(user)
             refused = user is None or self.streaming or not text or not self.model
             if user is not None and not refused:
                 self.streaming = True  # one reply at a time, whatever the browser sends
                 self._stop_requested = False
                 self.error = self.error_kind = ""
             model = self.model
-            conversation_id = int(self.conversation_id) if self.conversation_id else None
-            ip = self.router.session.client_ip or None
+            conversation_id = as_conversation_id((await self._sidebar()).conversation_id)
             to_login = self._to_login() if user is None else None
         if to_login is not None:
             yield to_login
@@ -302,8 +329,7 @@ class ChatState(SessionState):
             )
         replied = result is not None and result.outcome != "failed"
         if replied:
-            # Read everything the page shows next before taking the state's lock: other
-            # events of this tab wait for that lock, so it is never held across the database.
+            # Read everything the page shows next before taking the state's lock.
             listed = await _fetch_conversations(user.id)
             balance = await self._fetch_balance(user.id)
             estimate = await _fetch_estimate(user.id, model, conversation_id, "")
@@ -323,11 +349,12 @@ class ChatState(SessionState):
                     ),
                     outcome_note(result.outcome),
                 )
-                self.conversation_id = str(conversation_id or "")
-                self.conversations = listed
+                sidebar = await self._sidebar()
+                sidebar.conversation_id = str(conversation_id or "")
+                sidebar.conversations = listed
                 self._show_balance(*balance)
                 self.estimate_text = estimate
-                restore = _remember(self.conversation_id)
+                restore = _remember(sidebar.conversation_id)
         yield restore
 
     async def _stream_into_last_message(self, turn: Turn) -> tuple[TurnResult | None, str]:
@@ -360,6 +387,47 @@ class ChatState(SessionState):
         except UpstreamFailed as exc:
             return None, describe_error(exc)[1]
         return turn.result, ""
+
+
+async def _fetch_models() -> list[dict[str, str]]:
+    """The configured models that have a current price, as the picker lists them."""
+    db = get_database()
+    models = []
+    for spec in get_settings().models:
+        with contextlib.suppress(AICreditsError):
+            price = await run_blocking(pricing.current_price, db, model=spec.id)
+            models.append(
+                model_row(spec.id, spec.label, price.input_per_mtok, price.output_per_mtok)
+            )
+    return models
+
+
+async def _fetch_opened(user_id: int, conversation_id: int) -> tuple[list[dict[str, Any]], str]:
+    """A conversation's messages as the page shows them, and the model it last used."""
+    rows = await run_blocking(
+        conversations.get_messages,
+        get_database(),
+        user_id=user_id,
+        conversation_id=conversation_id,
+    )
+    opened = await run_blocking(
+        conversations.get_conversation,
+        get_database(),
+        user_id=user_id,
+        conversation_id=conversation_id,
+    )
+    messages = [
+        message_row(
+            m.role,
+            m.content,
+            cost_line(m.input_tokens, m.output_tokens, m.credits_charged, m.estimated)
+            if m.role == "assistant"
+            else "",
+            outcome_note(m.outcome),
+        )
+        for m in rows
+    ]
+    return messages, opened.model
 
 
 async def _fetch_conversations(user_id: int) -> list[dict[str, str]]:

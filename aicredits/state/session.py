@@ -55,16 +55,24 @@ class SessionState(rx.State):
 
     async def _authenticate(self) -> CurrentUser | None:
         """Resolve the session cookie against the database, now. None when signed out."""
+        user = await self._fetch_user(*self._session_key())
+        self._show(user)
+        return user
+
+    def _session_key(self) -> tuple[str, str]:
+        """(the Cookie header, the page's route): all `_fetch_user` needs from the state. A
+        background event reads these inside `async with self` and resolves them outside it."""
+        return self.router.headers.cookie, self.router.route_id or "/"
+
+    @staticmethod
+    async def _fetch_user(cookie_header: str, page: str) -> CurrentUser | None:
+        """Resolve a session cookie against the database, touching no state."""
         settings = get_settings()
-        token = cookies.read_cookie(
-            self.router.headers.cookie, cookies.cookie_name(settings, cookies.SESSION)
-        )
+        token = cookies.read_cookie(cookie_header, cookies.cookie_name(settings, cookies.SESSION))
         user = await asyncio.to_thread(auth.resolve_session, get_database(), settings, token)
         # A Reflex event has no HTTP request: its log lines get a fresh id, the page's route
         # (its pattern, e.g. /admin/user) as their route, and this user.
-        page = self.router.route_id or "/"
         logs.start_event(route=f"event:{page}", user_id=user.id if user else None)
-        self._show(user)
         return user
 
     def _show(self, user: CurrentUser | None) -> None:

@@ -6,7 +6,16 @@ from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
 from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
 from aicredits.services.conversations import clean_title, title_from
 from aicredits.services.gateway import UpstreamFailed
-from aicredits.state.chat import cost_line, describe_error, outcome_note
+from aicredits.state.chat import (
+    as_conversation_id,
+    choose_conversation,
+    choose_model,
+    cost_line,
+    describe_error,
+    model_row,
+    outcome_note,
+    price_line,
+)
 
 
 def test_cost_line_says_tokens_and_credits() -> None:
@@ -52,3 +61,36 @@ def test_titles_must_be_present_and_short() -> None:
         clean_title("   ")
     with pytest.raises(InvalidRequest):
         clean_title("x" * 121)
+
+
+MODELS = [
+    model_row("demo", "Demo model", 500, 1500),
+    model_row("big", "", 2000, 8000),
+]
+
+
+def test_model_rows_carry_prices_per_1k_tokens() -> None:
+    assert MODELS[0]["prices"] == "0.5 in / 1.5 out per 1K tokens"
+    assert MODELS[1]["label"] == "big"  # no label configured: the id
+    assert price_line("big", MODELS) == "Credits per 1K tokens: 2 input, 8 output"
+    assert price_line("gone", MODELS) == ""
+
+
+def test_the_chosen_model_is_kept_while_offered() -> None:
+    assert choose_model("big", MODELS) == "big"
+    assert choose_model("gone", MODELS) == "demo"
+    assert choose_model("", MODELS) == "demo"
+    assert choose_model("demo", []) == ""
+
+
+def test_load_opens_the_asked_conversation_only_if_listed() -> None:
+    listed = [{"id": "7", "title": "b"}, {"id": "3", "title": "a"}]
+    assert choose_conversation("3", listed) == "3"
+    assert choose_conversation("99", listed) == "7"  # not the user's: the most recent
+    assert choose_conversation("", listed) == "7"
+    assert choose_conversation("3", []) == ""
+
+
+def test_a_new_conversation_has_no_id() -> None:
+    assert as_conversation_id("") is None
+    assert as_conversation_id("42") == 42
