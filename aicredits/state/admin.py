@@ -409,26 +409,37 @@ class AdminState(SessionState):
         self._show_detail(detail)
         return None
 
-    @rx.event
-    async def adjust_balance(self, form_data: dict[str, Any]) -> Any:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    async def _credit_action(
+        self, user: CurrentUser, action: Any, form_data: dict[str, Any], **extra: Any
+    ) -> admin.ActionResult | None:
+        """Run one of the two balance actions from its form; None (with the error shown)
+        when the service refuses it. Refreshes the header when admins change themselves."""
         try:
-            result = await run_blocking(
-                admin.adjust_balance,
+            result: admin.ActionResult = await run_blocking(
+                action,
                 get_database(),
                 actor=self._actor(user),
                 user_id=admin.parse_id(form_data.get("user_id")),
                 credits=admin.parse_credits(form_data.get("credits")),
                 reason=str(form_data.get("reason") or ""),
                 form_token=str(form_data.get("form_token") or ""),
+                **extra,
             )
         except AICreditsError as exc:
             self._fail(exc)
             return None
         if result.target_user_id == user.id:
             await self._refresh_balance(user)
+        return result
+
+    @rx.event
+    async def adjust_balance(self, form_data: dict[str, Any]) -> Any:
+        user = await self._authenticate()
+        if user is None or not user.is_admin:
+            return self._refuse(user)
+        result = await self._credit_action(user, admin.adjust_balance, form_data)
+        if result is None:
+            return None
         return [
             *self._done(result, AdminState.load_user),
             rx.set_value("adjust-credits", ""),
@@ -441,21 +452,15 @@ class AdminState(SessionState):
         if user is None or not user.is_admin:
             return self._refuse(user)
         try:
-            result = await run_blocking(
-                admin.grant_credits,
-                get_database(),
-                actor=self._actor(user),
-                user_id=admin.parse_id(form_data.get("user_id")),
-                credits=admin.parse_credits(form_data.get("credits")),
-                reason=str(form_data.get("reason") or ""),
-                form_token=str(form_data.get("form_token") or ""),
-                expires_in_days=admin.parse_optional_days(form_data.get("expires_in_days")),
-            )
+            days = admin.parse_optional_days(form_data.get("expires_in_days"))
         except AICreditsError as exc:
             self._fail(exc)
             return None
-        if result.target_user_id == user.id:
-            await self._refresh_balance(user)
+        result = await self._credit_action(
+            user, admin.grant_credits, form_data, expires_in_days=days
+        )
+        if result is None:
+            return None
         return [
             *self._done(result, AdminState.load_user),
             rx.set_value("grant-credits", ""),
