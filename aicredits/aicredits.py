@@ -1,12 +1,16 @@
 """The Reflex app: pages, their guards, and the HTTP routes mounted beside them."""
 
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
 import reflex as rx
 
 from aicredits.adapters.db import get_database
 from aicredits.adapters.logs import configure_logging
 from aicredits.api.routes import api_transformers
 from aicredits.pages import admin, auth, chat, credits, home, keys
-from aicredits.services import jobs
+from aicredits.services import gateway, jobs
 from aicredits.services.production import refuse_unless_ready
 from aicredits.settings import get_settings
 from aicredits.state.admin import AdminState
@@ -29,7 +33,28 @@ async def _periodic_jobs() -> None:
     await jobs.run_forever(get_database(), settings, interval=settings.jobs_interval_seconds)
 
 
+async def _recover_dead_workers_holds() -> None:
+    settings = get_settings()
+    await jobs.recover_forever(
+        get_database(), settings, interval=settings.hold_sweep_interval_seconds
+    )
+
+
+@contextlib.asynccontextmanager
+async def _drain_on_shutdown() -> AsyncIterator[None]:
+    """On SIGTERM (a deploy, a reload, Ctrl-C) Granian stops taking connections and shuts
+    the app's lifespan down: replies in flight get the grace period, then are cut and
+    settled for what they delivered. Registered after Reflex's own event processor, so it
+    exits first, while the websockets can still carry the cut replies' last words."""
+    yield
+    cut = await gateway.drain_all(get_settings().drain_grace)
+    if cut:
+        logging.getLogger(__name__).warning("drained: %d replies cut by the shutdown", cut)
+
+
 app.register_lifespan_task(_periodic_jobs)
+app.register_lifespan_task(_recover_dead_workers_holds)
+app.register_lifespan_task(_drain_on_shutdown)
 app.add_page(home.home, route="/", title="aicredits", on_load=HomeState.load)
 app.add_page(auth.login, route="/login", title="Sign in · aicredits", on_load=LoginState.load)
 app.add_page(

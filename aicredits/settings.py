@@ -64,6 +64,7 @@ DEFAULT_OPENAI_MODELS: list[ModelSpec] = [
     )
 ]
 FAKE_UPSTREAM_URL = "http://127.0.0.1:9500/v1"
+DEV_DRAIN_GRACE_SECONDS = 1.0
 
 
 class CreditPack(BaseModel):
@@ -109,7 +110,7 @@ class Settings(BaseSettings):
     )
 
     environment: Literal["dev", "prod"] = Field(default="dev", alias="AICREDITS_ENV")
-    database_url: str = "sqlite:///data/aicredits.db"
+    database_url: str = "sqlite:///.data/aicredits.db"
     # Production refuses SQLite (one machine, one writer) unless this says it is meant.
     allow_sqlite_in_prod: bool = False
     models: list[ModelSpec] = Field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -122,7 +123,7 @@ class Settings(BaseSettings):
     # Sign-in
     session_days: int = Field(default=14, gt=0)
     # The HMAC key for the stored hashes of session tokens, sign-in states and API keys.
-    # Required in production; in development one is generated into data/session_secret.
+    # Required in production; in development one is generated into .data/session_secret.
     session_secret: SecretStr = SecretStr("")
     admin_emails: Annotated[list[str], NoDecode] = Field(default_factory=list)
     free_trial_credits: int = Field(default=1000, ge=0)
@@ -144,10 +145,18 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(default=5.0, gt=0)
     upstream_read_timeout: float = Field(default=60.0, gt=0)
     upstream_retries: int = Field(default=2, ge=0, le=5)
-    # A reply is cut after this long, well inside the hold's lifetime, so a hold is never
-    # swept while its call still runs.
+    # A reply is cut after this long.
     upstream_max_seconds: float = Field(default=300.0, gt=0)
-    hold_ttl_seconds: int = Field(default=600, gt=0)
+
+    # Replies in flight. The worker running a call renews its hold's lease and checkpoints
+    # how much it has delivered every STREAM_CHECKPOINT_SECONDS; a hold whose lease lapsed
+    # (its worker was killed) is settled for that much by the sweeper, which runs every
+    # HOLD_SWEEP_INTERVAL_SECONDS. On SIGTERM a worker lets its replies finish for up to
+    # DRAIN_GRACE_SECONDS, then cuts them and settles each for what it delivered.
+    hold_lease_seconds: float = Field(default=30.0, gt=0)
+    stream_checkpoint_seconds: float = Field(default=2.0, gt=0)
+    hold_sweep_interval_seconds: float = Field(default=5.0, gt=0)
+    drain_grace_seconds: float = Field(default=20.0, ge=0)
 
     # Limits before any credit is reserved (0 turns one off).
     redis_url: str = ""
@@ -180,7 +189,7 @@ class Settings(BaseSettings):
     spike_factor: float = Field(default=5.0, gt=1)
     spike_min_credits: int = Field(default=100, ge=0)
 
-    # The periodic jobs (stale holds, expiring grants, emails) run inside the app this often.
+    # The periodic jobs (expiring grants, emails, spike reports) run inside the app this often.
     jobs_interval_seconds: float = Field(default=60.0, gt=0)
 
     # Observability. Logs: one JSON object per line (unset: JSON in prod, text in dev).
@@ -285,6 +294,23 @@ class Settings(BaseSettings):
         if self.openai_api_key and "models" not in self.model_fields_set:
             object.__setattr__(self, "models", list(DEFAULT_OPENAI_MODELS))
         return self
+
+    @model_validator(mode="after")
+    def _checkpoints_inside_the_lease(self) -> Settings:
+        if self.stream_checkpoint_seconds * 2 > self.hold_lease_seconds:
+            raise ValueError(
+                "STREAM_CHECKPOINT_SECONDS must be at most half of HOLD_LEASE_SECONDS, so a "
+                "live call's lease is renewed before it lapses"
+            )
+        return self
+
+    @property
+    def drain_grace(self) -> float:
+        """How long a stopping worker lets replies finish. In development Reflex kills a
+        reloading worker 2 s after asking it to stop, so there it cuts them after 1 s."""
+        if self.environment == "dev":
+            return min(self.drain_grace_seconds, DEV_DRAIN_GRACE_SECONDS)
+        return self.drain_grace_seconds
 
     @model_validator(mode="after")
     def _one_port_in_production(self) -> Settings:

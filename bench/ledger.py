@@ -100,7 +100,7 @@ def drop(setup: Setup) -> None:
 
 
 def pair_ledger(db: Database, setup: Setup, user: int, request_id: str) -> None:
-    hold = ledger.reserve(db, user_id=user, credits=HOLD, request_id=request_id, ttl=TTL)
+    hold = ledger.reserve(db, user_id=user, credits=HOLD, request_id=request_id, lease=TTL)
     usage = ledger.UsageRecord(
         model=setup.model,
         price_version_id=setup.price_version_id,

@@ -149,7 +149,7 @@ def main() -> int:
             services,
             database_url,
             RATE_LIMIT_CONCURRENT=str(args.threads * args.procs),
-            HOLD_TTL_SECONDS="600",
+            HOLD_LEASE_SECONDS="30",
             UPSTREAM_MAX_SECONDS="300",
             JOBS_INTERVAL_SECONDS="60",
         )

@@ -77,6 +77,15 @@ class UsageRow:
 
 
 @dataclass(frozen=True, slots=True)
+class HoldPricing:
+    """What a hold's call is priced by, kept on the hold for the sweeper."""
+
+    model: str
+    price_version_id: int
+    input_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class Settled:
     balance_after: int
     usage_event_id: int | None
@@ -90,19 +99,24 @@ WITH acct AS (
     WHERE user_id = %(user_id)s AND balance - held >= %(amount)s
     RETURNING user_id
 )
-INSERT INTO holds (user_id, request_id, amount, status, unbilled, created_at, expires_at)
-SELECT user_id, %(request_id)s, %(amount)s, 'pending', 0, %(now)s, %(expires_at)s FROM acct
+INSERT INTO holds (user_id, request_id, amount, status, unbilled, created_at, expires_at,
+    model, price_version_id, input_tokens, delivered_tokens)
+SELECT user_id, %(request_id)s, %(amount)s, 'pending', 0, %(now)s, %(expires_at)s,
+    %(model)s, %(price_version_id)s, %(input_tokens)s, 0
+FROM acct
 RETURNING id
 """
 
 # Settle: move the hold out of pending (the exactly-once guard), free it and charge the
 # account, append the spend entry with the balance the account UPDATE returned.
-PG_SETTLE_WITH_USAGE = """
+# {lapsed} is empty for the worker's own settle; the sweeper adds that the lease has lapsed,
+# so a hold whose worker renewed it meanwhile is left to that worker.
+_PG_SETTLE_WITH_USAGE = """
 WITH h AS (
     UPDATE holds
     SET status = 'settled', charged = %(charged)s, unbilled = %(unbilled)s,
         finalized_at = %(now)s
-    WHERE id = %(hold_id)s AND status = 'pending' AND amount = %(amount)s
+    WHERE id = %(hold_id)s AND status = 'pending' AND amount = %(amount)s{lapsed}
     RETURNING id, user_id
 ),
 a AS (
@@ -133,12 +147,12 @@ e AS (
 SELECT a.balance, u.id AS usage_id FROM a, u
 """
 
-PG_SETTLE_WITHOUT_USAGE = """
+_PG_SETTLE_WITHOUT_USAGE = """
 WITH h AS (
     UPDATE holds
     SET status = 'settled', charged = %(charged)s, unbilled = %(unbilled)s,
         finalized_at = %(now)s
-    WHERE id = %(hold_id)s AND status = 'pending' AND amount = %(amount)s
+    WHERE id = %(hold_id)s AND status = 'pending' AND amount = %(amount)s{lapsed}
     RETURNING id, user_id
 ),
 a AS (
@@ -158,6 +172,11 @@ e AS (
 )
 SELECT a.balance, NULL AS usage_id FROM a
 """
+_LAPSED = " AND expires_at <= %(now)s"
+PG_SETTLE_WITH_USAGE = _PG_SETTLE_WITH_USAGE.format(lapsed="")
+PG_SETTLE_WITHOUT_USAGE = _PG_SETTLE_WITHOUT_USAGE.format(lapsed="")
+PG_SETTLE_LAPSED_WITH_USAGE = _PG_SETTLE_WITH_USAGE.format(lapsed=_LAPSED)
+PG_SETTLE_LAPSED_WITHOUT_USAGE = _PG_SETTLE_WITHOUT_USAGE.format(lapsed=_LAPSED)
 
 
 # --- the operations ---------------------------------------------------------------------------
@@ -171,6 +190,7 @@ def reserve_hold(
     request_id: str,
     now: datetime,
     expires_at: datetime,
+    pricing: HoldPricing | None = None,
 ) -> int | None:
     """Hold `amount` credits if the account has them available. Returns the hold id, or None
     when the account lacks the credits or does not exist (nothing changed either way).
@@ -181,6 +201,9 @@ def reserve_hold(
         "request_id": request_id,
         "now": now,
         "expires_at": expires_at,
+        "model": pricing.model if pricing else "",
+        "price_version_id": pricing.price_version_id if pricing else None,
+        "input_tokens": pricing.input_tokens if pricing else 0,
     }
     if db.is_sqlite:
         try:
@@ -225,6 +248,10 @@ def _reserve_sqlite(db: Database, p: dict[str, Any]) -> int | None:
                         unbilled=0,
                         created_at=p["now"],
                         expires_at=p["expires_at"],
+                        model=p["model"],
+                        price_version_id=p["price_version_id"],
+                        input_tokens=p["input_tokens"],
+                        delivered_tokens=0,
                     )
                     .returning(holds.c.id)
                 ).scalar_one()
@@ -246,9 +273,11 @@ def settle_hold(
     usage: UsageRow | None,
     reason: str,
     now: datetime,
+    only_if_lapsed: bool = False,
 ) -> Settled | None:
     """Move a pending hold to settled: charge `charged`, free the whole hold, record the usage
-    event and the spend entry. Returns None (and changes nothing) if the hold is not pending."""
+    event and the spend entry. Returns None (and changes nothing) if the hold is not pending,
+    or, with `only_if_lapsed`, if its lease has not lapsed by `now`."""
     params: dict[str, Any] = {
         "hold_id": hold_id,
         "request_id": request_id,
@@ -272,8 +301,11 @@ def settle_hold(
             outcome=usage.outcome,
         )
     if db.is_sqlite:
-        return _settle_sqlite(db, params, user_id, usage is not None)
-    sql = PG_SETTLE_WITH_USAGE if usage is not None else PG_SETTLE_WITHOUT_USAGE
+        return _settle_sqlite(db, params, user_id, usage is not None, only_if_lapsed)
+    if only_if_lapsed:
+        sql = PG_SETTLE_LAPSED_WITH_USAGE if usage is not None else PG_SETTLE_LAPSED_WITHOUT_USAGE
+    else:
+        sql = PG_SETTLE_WITH_USAGE if usage is not None else PG_SETTLE_WITHOUT_USAGE
     with _gate(user_id):
         row = db.execute_one(sql, params)
     if row is None:
@@ -282,15 +314,17 @@ def settle_hold(
 
 
 def _settle_sqlite(
-    db: Database, p: dict[str, Any], user_id: int, with_usage: bool
+    db: Database, p: dict[str, Any], user_id: int, with_usage: bool, only_if_lapsed: bool
 ) -> Settled | None:
     with db.transaction() as conn:
+        lapsed = [holds.c.expires_at <= p["now"]] if only_if_lapsed else []
         moved = conn.execute(
             sa.update(holds)
             .where(
                 holds.c.id == p["hold_id"],
                 holds.c.status == "pending",
                 holds.c.amount == p["amount"],
+                *lapsed,
             )
             .values(
                 status="settled",

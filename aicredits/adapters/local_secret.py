@@ -1,4 +1,4 @@
-"""Secrets a development machine makes for itself, once, in data/ (ignored by git)."""
+"""Secrets a development machine makes for itself, once, in .data/ (ignored by git)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
+
+# What a development machine keeps for itself: the SQLite file (and its -wal and -shm), the
+# secrets below. A hidden folder, so neither Reflex's reloader nor the launcher's (which
+# watches only the source) restarts the app when the app writes to it.
+LOCAL_DATA_DIR = Path(".data")
 
 
 def load_or_create_secret(path: Path, *, prefix: str = "") -> str:

@@ -49,7 +49,8 @@ class RateLimits:
     concurrent_per_user: int  # 0 = no limit
     # The per-minute limits count requests over this window (tests and benches shorten it).
     window_seconds: float = 60.0
-    # A slot older than this is presumed leaked by a crashed worker and dropped.
+    # A slot not renewed for this long is presumed leaked by a crashed worker and dropped
+    # (the gateway renews the slots of its calls with their holds' leases).
     slot_ttl_seconds: float = 900.0
 
     def __post_init__(self) -> None:
@@ -95,6 +96,11 @@ class Slot(Protocol):
         """Free the concurrency slot. Idempotent; never raises."""
         ...
 
+    async def renew(self) -> None:
+        """Keep the slot for another slot_ttl_seconds (its call is still running). Never
+        raises: a slot that could not be renewed at worst expires early."""
+        ...
+
 
 class RateLimiter(Protocol):
     async def acquire(self, *, user_id: int, ip: str | None, request_id: str) -> Slot:
@@ -112,6 +118,9 @@ class _NoSlot:
     __slots__ = ()
 
     async def release(self) -> None:
+        return None
+
+    async def renew(self) -> None:
         return None
 
 
@@ -189,6 +198,12 @@ class MemoryRateLimiter:
             return None
         return slots
 
+    def _renew(self, user_id: int, member: str) -> None:
+        with self._lock:
+            slots = self._slots.get(user_id)
+            if slots is not None and member in slots:
+                slots[member] = self._clock()
+
     def _release(self, user_id: int, member: str) -> None:
         with self._lock:
             slots = self._slots.get(user_id)
@@ -257,6 +272,10 @@ class _MemorySlot:
             self._released = True
             self._limiter._release(self._user_id, self._member)
 
+    async def renew(self) -> None:
+        if not self._released:
+            self._limiter._renew(self._user_id, self._member)
+
 
 # --- shared through Redis --------------------------------------------------------------------
 
@@ -316,6 +335,17 @@ return {0, slot}
 """
 
 _SCOPES: dict[int, Scope] = {1: "user", 2: "ip", 3: "concurrent"}
+
+# A call still running keeps its slot: re-score it now (only if it is still there).
+RENEW_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
+return 1
+"""
 # Redis down or unreachable. Anything else (a script error) is a bug and propagates.
 _OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -336,6 +366,7 @@ class RedisRateLimiter:
         self._fail_open = fail_open
         self._prefix = key_prefix
         self._script = client.register_script(ACQUIRE_LUA)
+        self._renew_script = client.register_script(RENEW_LUA)
         self._window_ms = max(1, round(limits.window_seconds * 1000))
         self._slot_ttl_ms = max(1, round(limits.slot_ttl_seconds * 1000))
         self._clock: Callable[[], float] = time.monotonic  # for outage logs only
@@ -428,6 +459,12 @@ class RedisRateLimiter:
             # the error being handled.
             logger.exception("rate limiter: could not free slot %s of %s", member, slot_key)
 
+    async def _renew(self, slot_key: str, member: str) -> None:
+        try:
+            await self._renew_script(keys=[slot_key], args=[member, self._slot_ttl_ms])
+        except (RedisError, OSError) as exc:
+            self._log_outage(exc)
+
     def _free_orphan(self, call: asyncio.Future[Any], slot_key: str) -> None:
         if call.cancelled() or call.exception() is not None:
             return
@@ -459,6 +496,10 @@ class _RedisSlot:
         # Shielded: release runs in `finally` blocks of cancelled requests (a client that
         # went away), and a ZREM cut short would leak the slot for slot_ttl_seconds.
         await asyncio.shield(self._limiter._start_release(self._slot_key, self._member))
+
+    async def renew(self) -> None:
+        if not self._released:
+            await self._limiter._renew(self._slot_key, self._member)
 
 
 # --- choosing one ----------------------------------------------------------------------------

@@ -389,7 +389,7 @@ def stripe_api(secret_key: str, api_base: str = "") -> StripeApi:
 
 def load_or_create_dev_secret(path: Path) -> str:
     """The simulated checkout's webhook secret: made once per machine, readable only by its
-    owner, never committed (data/ is ignored). Workers starting together agree on one."""
+    owner, never committed (.data/ is ignored). Workers starting together agree on one."""
     return load_or_create_secret(path, prefix="whsec_dev_")
 
 

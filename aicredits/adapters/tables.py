@@ -118,7 +118,13 @@ class PriceVersion(SQLModel, table=True):
 
 
 class Hold(SQLModel, table=True):
-    """Credits reserved for one in-flight call; settled, released or expired exactly once."""
+    """Credits reserved for one in-flight call; settled, released or expired exactly once.
+
+    `expires_at` is the hold's lease: the worker running the call renews it every few
+    seconds, and records how much it has delivered (`delivered_tokens`). When the lease lapses
+    (the worker died), the sweeper settles the hold for that much, priced by the columns the
+    reservation stored, since nothing else remembers the call.
+    """
 
     __tablename__ = "holds"
     __table_args__ = (
@@ -139,6 +145,13 @@ class Hold(SQLModel, table=True):
     created_at: datetime = _ts()
     expires_at: datetime = _ts()
     finalized_at: datetime | None = _ts(nullable=True)
+    model: str = Field(default="", max_length=100, sa_column_kwargs={"server_default": ""})
+    price_version_id: int | None = Field(default=None, foreign_key="model_prices.id")
+    # The prompt's tokens as counted when the call was reserved.
+    input_tokens: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    # Output tokens delivered as of the last checkpoint: what a dead worker's call is charged.
+    delivered_tokens: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    checkpoint_at: datetime | None = _ts(nullable=True)
 
 
 class UsageEvent(SQLModel, table=True):
@@ -318,6 +331,13 @@ class ChatMessage(SQLModel, table=True):
     __table_args__ = (
         sa.CheckConstraint("role IN ('user', 'assistant')", name="ck_chat_messages_role"),
         sa.Index("ix_chat_messages_conversation_id_id", "conversation_id", "id"),
+        # The replies still being written: few, and looked up by the sweeper every few seconds.
+        sa.Index(
+            "ix_chat_messages_streaming",
+            "request_id",
+            sqlite_where=sa.text("outcome = 'streaming'"),
+            postgresql_where=sa.text("outcome = 'streaming'"),
+        ),
     )
 
     id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))

@@ -32,6 +32,8 @@ from aicredits.services.gateway import (
     DuplicateRequest,
     Gateway,
     ReplyCut,
+    ReplyInterrupted,
+    ServerRestarting,
     Turn,
     TurnResult,
     UpstreamFailed,
@@ -77,6 +79,9 @@ def error_body(
         status, kind, message = 413, "invalid_request_error", str(exc)
     elif isinstance(exc, DuplicateRequest):
         status, kind, message = 409, "invalid_request_error", str(exc)
+    elif isinstance(exc, ServerRestarting):
+        status, kind, message = 503, "service_unavailable", str(exc)
+        headers["Retry-After"] = "5"
     elif isinstance(exc, UpstreamFailed | ReplyCut):
         status, kind, message = 502, "upstream_error", str(exc)
     elif isinstance(exc, InvalidRequest):
@@ -187,7 +192,7 @@ class OpenAIRoutes:
         if not chat.stream:
             try:
                 result = await turn.run()
-            except UpstreamFailed as exc:
+            except (UpstreamFailed, ServerRestarting) as exc:
                 return self._error(exc, request_id)
             return JSONResponse(_completion(chat, result), headers=_charge_headers(result, headers))
         replies = turn.stream()
@@ -195,7 +200,7 @@ class OpenAIRoutes:
             first = await anext(replies)
         except StopAsyncIteration:
             first = None
-        except UpstreamFailed as exc:
+        except (UpstreamFailed, ServerRestarting) as exc:
             return self._error(exc, request_id)
         return StreamingResponse(
             _sse(chat, turn, first, replies),
@@ -278,8 +283,15 @@ async def _sse(
             async for text in rest:
                 yield delta(text, role=False)
     except ReplyCut as cut:
+        # The stream ends with an OpenAI-shaped error event and no [DONE].
         logger.info("chat %s cut after %d tokens", turn.request_id, cut.result.output_tokens)
-        message = {"message": str(cut), "type": "upstream_error", "code": "upstream_cut"}
+        kind = "server_error" if isinstance(cut, ReplyInterrupted) else "upstream_error"
+        message = {
+            "message": str(cut),
+            "type": kind,
+            "code": cut.code,
+            "aicredits": _extras(cut.result),
+        }
         yield f"data: {json.dumps({'error': message})}\n\n"
         return
     result = turn.result

@@ -3,6 +3,10 @@
 Starts, when they are needed and not already running, the local OpenID provider (Dev
 sign-in, when no real provider is configured) and the fake OpenAI-compatible upstream (when
 there is no OPENAI_API_KEY), then `reflex run`; stops them all when Reflex stops or on Ctrl-C.
+
+Hot reload watches the source only (WATCHED): left to itself, Reflex watches every folder at
+the project root, so each write the app makes there (SQLite's -wal and -shm files among them)
+restarted the backend and cut every reply in flight. The tests start the app through here too.
 """
 
 from __future__ import annotations
@@ -14,12 +18,23 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from aicredits.devtools.dev_idp import DEV_USERS
 from aicredits.settings import Settings, get_settings
 
 DEV_ADMIN = "admin@example.test"
+# What a change to restarts the backend: the app's code, its assets and Reflex's config.
+# Nothing the app writes lives there (its database and secrets are in .data/).
+ROOT = Path(__file__).resolve().parents[2]
+WATCHED = ("aicredits", "assets", "rxconfig.py")
+RELOAD_PATHS = "REFLEX_HOT_RELOAD_OVERRIDE_PATHS"
+
+
+def reload_paths(root: Path = ROOT) -> str:
+    """The value for Reflex's reload paths: the source folders and files, absolute."""
+    return os.pathsep.join(str(root / name) for name in WATCHED if (root / name).exists())
 
 
 def _answers(url: str) -> bool:
@@ -102,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-ins and Reflex; extra arguments go to `reflex run`."""
     settings = get_settings()
     procs, env = start_stand_ins(settings)
+    env.setdefault(RELOAD_PATHS, os.environ.get(RELOAD_PATHS) or reload_paths())
     print(_banner(settings, env), flush=True)
     reflex = subprocess.Popen(
         [sys.executable, "-m", "reflex", "run", *(argv or [])], env={**os.environ, **env}

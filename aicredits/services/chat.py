@@ -1,18 +1,24 @@
 """The chat page's use cases: what the next message would cost, and one metered reply in a
-stored conversation. The gateway does the metering; this module only builds the prompt
-from the conversation and stores the exchange once it is over."""
+stored conversation. The gateway does the metering; this module builds the prompt from the
+conversation and keeps the exchange in it: the question is stored before the model is
+called, the reply as it streams (with the gateway's checkpoints) and finished with its cost
+when the turn settles, whatever becomes of the page that asked."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.engine import Connection
+
+from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database
 from aicredits.domain.chat import ChatRequest
 from aicredits.domain.errors import InvalidRequest, UnknownModel
 from aicredits.domain.pricing import usage_cost
 from aicredits.services import conversations, pricing
-from aicredits.services.conversations import Reply
+from aicredits.services.conversations import Exchange, Reply
 from aicredits.services.gateway import Gateway, Turn, TurnResult
 from aicredits.settings import Settings
 
@@ -77,6 +83,14 @@ def estimate(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ChatReply:
+    """A reply under way: the reserved turn, and where it is stored."""
+
+    turn: Turn
+    exchange: Exchange
+
+
 async def start_reply(
     gateway: Gateway,
     db: Database,
@@ -86,36 +100,58 @@ async def start_reply(
     conversation_id: int | None,
     model: str,
     text: str,
-) -> Turn:
-    """Reserve and get ready to stream a reply to `text`. Raises the gateway's typed errors
-    (nothing is stored and nothing charged when it does)."""
+) -> ChatReply:
+    """Reserve, store the question, and get ready to stream a reply to `text`. Raises the
+    gateway's typed errors (nothing is stored and nothing charged when it does)."""
     text = text.strip()
     if not text:
         raise InvalidRequest("Type a message first.")
     if len(text) > MAX_PROMPT_CHARS:
         raise InvalidRequest(f"A message can be at most {MAX_PROMPT_CHARS:,} characters.")
-    messages = prompt_messages(db, user_id=user_id, conversation_id=conversation_id, text=text)
+    messages = await run_blocking(
+        prompt_messages, db, user_id=user_id, conversation_id=conversation_id, text=text
+    )
     request = ChatRequest(model=model, messages=messages)
-    return await gateway.start(user_id=user_id, request=request, ip=ip)
+    turn = await gateway.start(user_id=user_id, request=request, ip=ip)
+    try:
+        exchange = await run_blocking(
+            conversations.begin_exchange,
+            db,
+            user_id=user_id,
+            conversation_id=conversation_id,
+            model=model,
+            prompt=text,
+            request_id=turn.request_id,
+        )
+    except BaseException:
+        await turn.abandon()
+        raise
+    turn.on_progress = functools.partial(_save_progress, exchange.reply_id)
+    turn.on_finished = functools.partial(_record_end, db, exchange)
+    return ChatReply(turn=turn, exchange=exchange)
 
 
-def record_reply(
-    db: Database,
-    *,
-    user_id: int,
-    conversation_id: int | None,
-    model: str,
-    prompt: str,
-    result: TurnResult,
-) -> int:
-    """Store the question and the reply (what was delivered, if it was cut short)."""
-    return conversations.record_exchange(
+def nothing_delivered(result: TurnResult) -> bool:
+    """The model never answered (or the server stopped it first): nothing to keep."""
+    return result.outcome == "failed" or (
+        result.outcome == "interrupted" and not result.text and not result.charged
+    )
+
+
+def _save_progress(reply_id: int, conn: Connection, text: str) -> None:
+    conversations.save_partial_reply(conn, reply_id=reply_id, text=text)
+
+
+def _record_end(db: Database, exchange: Exchange, result: TurnResult) -> None:
+    """The reply as delivered, with its cost; a question that got no reply is withdrawn (the
+    chat puts it back in the message box, with why)."""
+    if nothing_delivered(result):
+        conversations.withdraw_exchange(db, exchange=exchange)
+        return
+    conversations.finish_reply(
         db,
-        user_id=user_id,
-        conversation_id=conversation_id,
-        model=model,
-        prompt=prompt.strip(),
-        reply=result.text,
+        reply_id=exchange.reply_id,
+        text=result.text,
         usage=Reply(
             request_id=result.request_id,
             outcome=result.outcome,

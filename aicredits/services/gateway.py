@@ -9,6 +9,11 @@
 
 Nothing is spent upstream before the reservation succeeds. What a cut reply costs is the
 refund policy in the README: every token delivered is paid for, nothing else is.
+
+While a turn runs, its gateway's InFlight renews the hold's lease and checkpoints what the
+turn has delivered, so if this process dies the sweeper (services.recovery) charges the
+delivered part. On shutdown, `drain_all()` refuses new turns, lets the running ones finish
+for a grace period, then cuts the rest; each is settled for what it delivered.
 """
 
 from __future__ import annotations
@@ -18,17 +23,21 @@ import contextlib
 import logging
 import secrets
 import weakref
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
+from sqlalchemy.engine import Connection
+
 from aicredits.adapters import metrics
 from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
 from aicredits.adapters.db import Database
+from aicredits.adapters.ledger_sql import HoldPricing
 from aicredits.adapters.ratelimit import RateLimiter, RateLimits, Slot, build_rate_limiter
+from aicredits.adapters.tables import utcnow
 from aicredits.adapters.tokenizer import count_text_tokens
-from aicredits.adapters.upstream import Delta, Upstream, UpstreamError, Usage
+from aicredits.adapters.upstream import Delta, Finished, Upstream, UpstreamError, Usage
 from aicredits.domain.chat import ChatRequest
 from aicredits.domain.errors import AICreditsError, UnknownModel
 from aicredits.services import ledger, pricing, thresholds
@@ -38,7 +47,13 @@ from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-Outcome = Literal["completed", "stopped", "cut", "failed"]
+# completed; stopped (the caller went away); cut (the upstream broke off); interrupted (this
+# server was shutting down); failed (nothing delivered, nothing charged).
+Outcome = Literal["completed", "stopped", "cut", "interrupted", "failed"]
+# Written in the checkpoint's transaction with the delivered text (the chat saves its reply).
+ProgressSink = Callable[[Connection, str], None]
+# Called in the settling thread right after the settle, with the result.
+FinishHook = Callable[["TurnResult"], None]
 
 
 class UpstreamFailed(AICreditsError):
@@ -57,8 +72,25 @@ class ReplyCut(AICreditsError):
         self.result = result
 
 
+class ReplyInterrupted(ReplyCut):
+    """This server was shutting down and cut the reply. The delivered part was charged."""
+
+    code = "server_restarting"
+
+
+class ServerRestarting(AICreditsError):
+    """This server is shutting down (a deploy, a reload): it takes no new calls, and cut a
+    call that had delivered nothing yet. Nothing was charged; the call can be retried."""
+
+    code = "server_restarting"
+
+
 class DuplicateRequest(AICreditsError):
     code = "duplicate_request"
+
+
+_END = object()  # the upstream finished
+_INTERRUPT = object()  # drain: stop now
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +116,8 @@ def new_request_id() -> str:
 
 class Turn:
     """A reserved call, ready to run once. Iterate `stream()` (text as it arrives) or await
-    `run()` (the whole reply); either way `result` is set when it ends."""
+    `run()` (the whole reply); either way `result` is set when it ends. A turn that will not
+    be run must be given up with `abandon()`."""
 
     def __init__(
         self,
@@ -106,6 +139,13 @@ class Turn:
         self.max_tokens = max_tokens
         self.result: TurnResult | None = None
         self._started = False
+        self._delivered: list[str] = []
+        self._delivered_chars = 0
+        self._checkpointed_chars = 0
+        self._queue: asyncio.Queue[object] | None = None
+        self._interrupted = False
+        self.on_progress: ProgressSink | None = None
+        self.on_finished: FinishHook | None = None
 
     async def stream(
         self, *, upstream_headers: dict[str, str] | None = None
@@ -131,63 +171,129 @@ class Turn:
         assert self.result is not None
         return self.result
 
+    async def abandon(self) -> None:
+        """Give up a turn that was reserved but will not run: its hold and slot go back."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            await run_blocking_to_completion(ledger.release, self._gateway.db, hold_id=self.hold.id)
+        finally:
+            await self._slot.release()
+
+    def interrupt(self) -> None:
+        """Cut this turn now (the server is shutting down): it ends as `interrupted`, settled
+        for what it delivered."""
+        if not self._interrupted:
+            self._interrupted = True
+            if self._queue is not None:
+                self._queue.put_nowait(_INTERRUPT)
+
+    def undelivered_progress(self) -> str | None:
+        """The text delivered so far if more was delivered since the last checkpoint."""
+        if self._delivered_chars == self._checkpointed_chars:
+            return None
+        return "".join(self._delivered)
+
+    def checkpointed(self, text: str) -> None:
+        self._checkpointed_chars = max(self._checkpointed_chars, len(text))
+
+    async def _read_upstream(
+        self, call: dict[str, Any], incremental: bool, queue: asyncio.Queue[object]
+    ) -> None:
+        """Runs as its own task, so a drain can cut the turn while it waits on the upstream."""
+        upstream = self._gateway.upstream
+        try:
+            if incremental:
+                async for event in upstream.stream(**call):
+                    queue.put_nowait(event)
+            else:
+                # Nothing is delivered before the end, so the upstream need not stream.
+                text, finished = await upstream.complete(**call)
+                queue.put_nowait(Delta(text))
+                queue.put_nowait(finished)
+            queue.put_nowait(_END)
+        except Exception as error:  # noqa: BLE001 - handed to the turn, which raises it
+            queue.put_nowait(error)
+
     async def _run(
         self, *, incremental: bool, headers: dict[str, str] | None
     ) -> AsyncGenerator[str, None]:
         if self._started:
             raise RuntimeError("a turn runs once")
         self._started = True
-        delivered: list[str] = []
         usage: Usage | None = None
         finish_reason: str | None = None
         outcome: Outcome = "failed"
         failure: UpstreamError | None = None
         spec = self._gateway.settings.model_spec(self.request.model)
         assert spec is not None
+        call: dict[str, Any] = {
+            "model": spec.upstream_model,
+            "messages": self.request.messages,
+            "max_tokens": self.max_tokens,
+            "request_id": self.request_id,
+            "params": self.request.params,
+            "headers": headers,
+        }
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        self._queue = queue
+        inflight = self._gateway.inflight
+        inflight.add(self)
+        if inflight.draining:
+            self.interrupt()
+        reader = asyncio.ensure_future(self._read_upstream(call, incremental, queue))
         try:
-            upstream = self._gateway.upstream
-            call: dict[str, Any] = {
-                "model": spec.upstream_model,
-                "messages": self.request.messages,
-                "max_tokens": self.max_tokens,
-                "request_id": self.request_id,
-                "params": self.request.params,
-                "headers": headers,
-            }
-            if incremental:
-                async for event in upstream.stream(**call):
-                    if isinstance(event, Delta):
-                        delivered.append(event.text)
-                        yield event.text
-                    else:
-                        usage, finish_reason = event.usage, event.finish_reason
-            else:
-                # Nothing is delivered before the end, so the upstream need not stream.
-                text, finished = await upstream.complete(**call)
-                delivered.append(text)
-                usage, finish_reason = finished.usage, finished.finish_reason
-            outcome = "completed"
+            while True:
+                item = await queue.get()
+                if self._interrupted:
+                    outcome = "interrupted"
+                    break
+                if item is _END:
+                    outcome = "completed"
+                    break
+                if isinstance(item, Delta):
+                    self._delivered.append(item.text)
+                    self._delivered_chars += len(item.text)
+                    if incremental:
+                        yield item.text
+                elif isinstance(item, Finished):
+                    usage, finish_reason = item.usage, item.finish_reason
+                elif isinstance(item, BaseException):
+                    raise item
         except UpstreamError as error:
             failure = error
-            outcome = "cut" if incremental and delivered else "failed"
+            outcome = "cut" if incremental and self._delivered else "failed"
         except BaseException:
             outcome = "stopped"  # the caller went away (closed the stream, or was cancelled)
             raise
         finally:
+            reader.cancel()
+            reader.add_done_callback(_ignore_outcome)
+            delivered = self._delivered if (incremental or outcome == "completed") else []
             try:
-                self.result = await self._settle(
-                    outcome,
-                    delivered if (incremental or outcome == "completed") else [],
-                    usage,
-                    finish_reason,
-                )
+                self.result = await self._settle(outcome, delivered, usage, finish_reason)
+                await self._finished(self.result)
             finally:
+                inflight.discard(self)
                 await self._slot.release()
                 metrics.upstream_call(
                     model=self.request.model,
                     outcome=outcome,
                     error_kind=failure.kind if failure is not None else None,
                 )
+        if outcome == "interrupted":
+            assert self.result is not None
+            if not self.result.charged and not self.result.text:
+                raise ServerRestarting(
+                    "The server is restarting and stopped this call before any reply. "
+                    "Nothing was charged; try again in a few seconds."
+                )
+            raise ReplyInterrupted(
+                "The server restarted and cut this reply; you were charged "
+                f"{self.result.charged} credits for the part delivered.",
+                self.result,
+            )
         if failure is not None:
             logger.warning(
                 "upstream %s for %s (%s), outcome %s", failure.kind, self.request_id,
@@ -203,6 +309,16 @@ class Turn:
                 f"{self.result.charged} credits for the part delivered.",
                 self.result,
             ) from failure
+
+    async def _finished(self, result: TurnResult) -> None:
+        if self.on_finished is None:
+            return
+        try:
+            await run_blocking_to_completion(self.on_finished, result)
+        except Exception:
+            # The charge is settled; what failed is the caller's record of the reply (the
+            # sweeper's recovery finishes a chat reply left half-written).
+            logger.exception("recording the end of %s failed", self.request_id)
 
     async def _settle(
         self,
@@ -296,6 +412,108 @@ class Turn:
         )
 
 
+def _ignore_outcome(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: the turn already handled what the reader reported
+
+
+class InFlight:
+    """The turns running in this process through one gateway. Every `checkpoint_seconds` it
+    renews their holds' leases and their rate-limit slots, and records what each has
+    delivered (with the caller's own record of it, `Turn.on_progress`), in one transaction.
+    On shutdown it drains them."""
+
+    def __init__(self, db: Database, *, lease_seconds: float, checkpoint_seconds: float) -> None:
+        self.db = db
+        self.lease = timedelta(seconds=lease_seconds)
+        self.interval = checkpoint_seconds
+        self.draining = False
+        self._turns: set[Turn] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    def add(self, turn: Turn) -> None:
+        self._turns.add(turn)
+        self._idle.clear()
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    def discard(self, turn: Turn) -> None:
+        self._turns.discard(turn)
+        if not self._turns:
+            self._idle.set()
+
+    async def _tick(self) -> None:
+        try:
+            while self._turns:
+                await asyncio.sleep(self.interval)
+                try:
+                    await self.checkpoint()
+                except Exception:
+                    # A missed checkpoint costs at most one more interval of tokens if this
+                    # worker dies now; the next one catches up.
+                    logger.exception("checkpointing %d replies in flight failed", len(self))
+        finally:
+            self._ticker = None
+
+    async def checkpoint(self) -> None:
+        """Renew every running turn's lease and slot; record new progress."""
+        turns = list(self._turns)
+        if not turns:
+            return
+        progress = [(turn, turn.undelivered_progress()) for turn in turns]
+        await asyncio.gather(*(turn._slot.renew() for turn in turns))
+        await run_blocking(self._write, progress)
+
+    def _write(self, progress: list[tuple[Turn, str | None]]) -> None:
+        now = utcnow()
+        until = now + self.lease
+        done: list[tuple[Turn, str]] = []
+        with self.db.transaction() as conn:
+            ledger.renew_leases(
+                conn, hold_ids=[t.hold.id for t, text in progress if text is None], until=until
+            )
+            for turn, text in progress:
+                if text is None:
+                    continue
+                recorded = ledger.record_progress(
+                    conn,
+                    hold_id=turn.hold.id,
+                    delivered_tokens=count_text_tokens(text),
+                    until=until,
+                    now=now,
+                )
+                if recorded and turn.on_progress is not None:
+                    turn.on_progress(conn, text)
+                done.append((turn, text))
+        for turn, text in done:
+            turn.checkpointed(text)
+
+    async def drain(self, grace: float, *, settle_wait: float = 5.0) -> int:
+        """Take no new turns; let the running ones finish for up to `grace` seconds, then cut
+        the rest and wait (up to `settle_wait`) for them to settle. Returns how many were cut."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        cut = list(self._turns)
+        for turn in cut:
+            turn.interrupt()
+        if cut:
+            logger.warning("shutting down: cut %d replies in flight after %.0f s", len(cut), grace)
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=settle_wait)
+            except TimeoutError:
+                # Settling is stuck (the database?): leave what was delivered on record, for
+                # the sweeper to charge once the leases lapse.
+                with contextlib.suppress(Exception):
+                    await self.checkpoint()
+        return len(cut)
+
+
 class Gateway:
     def __init__(
         self, *, db: Database, settings: Settings, upstream: Upstream, limiter: RateLimiter
@@ -304,6 +522,11 @@ class Gateway:
         self.settings = settings
         self.upstream = upstream
         self.limiter = limiter
+        self.inflight = InFlight(
+            db,
+            lease_seconds=settings.hold_lease_seconds,
+            checkpoint_seconds=settings.stream_checkpoint_seconds,
+        )
         self._background: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
@@ -336,6 +559,10 @@ class Gateway:
         idempotency_key: str | None = None,
     ) -> Turn:
         """Validate, check the limits and reserve the worst case. Nothing is sent upstream."""
+        if self.inflight.draining:
+            raise ServerRestarting(
+                "The server is restarting and takes no new calls; try again in a few seconds."
+            )
         request_id = request_id or new_request_id()
         spec = self.settings.model_spec(request.model)
         if spec is None:
@@ -356,7 +583,12 @@ class Gateway:
                 user_id=user_id,
                 credits=quote.credits,
                 request_id=hold_key,
-                ttl=timedelta(seconds=self.settings.hold_ttl_seconds),
+                lease=timedelta(seconds=self.settings.hold_lease_seconds),
+                pricing=HoldPricing(
+                    model=request.model,
+                    price_version_id=quote.price.version_id,
+                    input_tokens=quote.prompt_tokens,
+                ),
             )
         except BaseException:
             await slot.release()
@@ -383,7 +615,7 @@ def rate_limits(settings: Settings) -> RateLimits:
         user_per_minute=settings.rate_limit_user_per_minute,
         ip_per_minute=settings.rate_limit_ip_per_minute,
         concurrent_per_user=settings.rate_limit_concurrent,
-        slot_ttl_seconds=float(settings.hold_ttl_seconds),
+        slot_ttl_seconds=settings.hold_lease_seconds,
     )
 
 
@@ -400,6 +632,14 @@ def shared_gateway(settings: Settings, db: Database) -> Gateway:
     if gateway is None or gateway.settings is not settings:
         gateway = per_loop[id(settings)] = build_gateway(settings, db)
     return gateway
+
+
+async def drain_all(grace: float) -> int:
+    """Drain every gateway of the running event loop (the app's shutdown): see InFlight.drain.
+    Returns how many replies were cut."""
+    gateways = list(_shared.get(asyncio.get_running_loop(), {}).values())
+    cut = await asyncio.gather(*(g.inflight.drain(grace) for g in gateways))
+    return sum(cut)
 
 
 def build_gateway(settings: Settings, db: Database) -> Gateway:

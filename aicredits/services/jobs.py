@@ -1,5 +1,6 @@
-"""The periodic jobs: release holds whose worker died, expire due grants, send threshold
-emails, forget old sign-in attempts, report spending spikes to the admins. Every worker runs
+"""The periodic jobs: settle holds whose worker died (every few seconds, so a crash strands
+credits for seconds), and, less often, expire due grants, send threshold emails, forget old
+sign-in attempts, report spending spikes to the admins. Every worker runs
 the schedule; a Postgres advisory lock per job lets exactly one of them do each run, and
 every piece of work inside is also claimed by a conditional update (or a unique key), so a
 run repeated or raced changes nothing twice."""
@@ -10,11 +11,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from aicredits.adapters import metrics
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database
-from aicredits.services import auth, ledger, spike_reports, thresholds
+from aicredits.services import auth, ledger, recovery, spike_reports, thresholds
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -58,8 +60,21 @@ def _report_spikes(db: Database, settings: Settings) -> tuple[int, int]:
     return _locked(db, "spike-report", job), emails
 
 
+def recover_holds(db: Database, settings: Settings) -> int:
+    """Settle the holds whose worker died and finish their chat replies. Returns how many
+    holds it closed."""
+
+    def job() -> int:
+        report = recovery.recover(db, lease=timedelta(seconds=settings.hold_lease_seconds))
+        if report.holds or report.replies_finished:
+            logger.info("recovery: %s", report)
+        return report.holds
+
+    return _locked(db, "recover-holds", job)
+
+
 def run_all(db: Database, settings: Settings) -> JobReport:
-    stale_holds = _locked(db, "sweep-stale-holds", lambda: ledger.sweep_stale_holds(db))
+    stale_holds = recover_holds(db, settings)
     credits_expired = _locked(
         db, "expire-grants", lambda: ledger.expire_due_grants(db).credits_expired
     )
@@ -74,6 +89,16 @@ def run_all(db: Database, settings: Settings) -> JobReport:
         spikes_reported=spikes,
         spike_emails_sent=spike_emails,
     )
+
+
+async def recover_forever(db: Database, settings: Settings, *, interval: float) -> None:
+    """Inside the app: settle dead workers' holds every `interval` seconds until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await run_blocking(recover_holds, db, settings)
+        except Exception:
+            logger.exception("recovering lapsed holds failed")
 
 
 async def run_forever(db: Database, settings: Settings, *, interval: float) -> None:

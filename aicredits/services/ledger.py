@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection
 
 from aicredits.adapters import ledger_sql
 from aicredits.adapters.db import Database
+from aicredits.adapters.ledger_sql import HoldPricing
 from aicredits.adapters.tables import (
     credit_accounts,
     credit_lots,
@@ -61,7 +62,9 @@ from aicredits.domain.ledger import (
     split_settlement,
 )
 
-DEFAULT_HOLD_TTL = timedelta(minutes=10)
+# A hold's lease: renewed every few seconds by the worker running its call (see
+# services.gateway); when it lapses, the sweeper settles the hold for what was delivered.
+DEFAULT_HOLD_LEASE = timedelta(seconds=30)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,11 @@ class HoldView:
     expires_at: datetime
     # True when this call found the hold already made by an earlier call with the same id.
     replayed: bool = False
+    # What the call is priced by, and what it had delivered at its last checkpoint.
+    model: str = ""
+    price_version_id: int | None = None
+    input_tokens: int = 0
+    delivered_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +173,10 @@ def _hold_view(row: Any, *, replayed: bool = False) -> HoldView:
         unbilled=row.unbilled,
         expires_at=row.expires_at,
         replayed=replayed,
+        model=row.model,
+        price_version_id=row.price_version_id,
+        input_tokens=row.input_tokens,
+        delivered_tokens=row.delivered_tokens,
     )
 
 
@@ -464,14 +476,19 @@ def reserve(
     user_id: int,
     credits: int,
     request_id: str,
-    ttl: timedelta = DEFAULT_HOLD_TTL,
+    lease: timedelta = DEFAULT_HOLD_LEASE,
+    pricing: HoldPricing | None = None,
     now: datetime | None = None,
 ) -> HoldView:
-    """Reserve credits for one call, or raise InsufficientCredits. Replays return the first hold."""
+    """Reserve credits for one call, or raise InsufficientCredits. Replays return the first hold.
+
+    The hold lives for `lease` unless renewed (renew_leases, record_progress). `pricing` lets
+    the sweeper charge a call whose worker died for what it had delivered; without it such a
+    hold is only released."""
     now = now or utcnow()
     require_non_negative(credits)
     request_id = require_key(request_id, "request id")
-    expires_at = now + ttl
+    expires_at = now + lease
     try:
         hold_id = ledger_sql.reserve_hold(
             db,
@@ -480,6 +497,7 @@ def reserve(
             request_id=request_id,
             now=now,
             expires_at=expires_at,
+            pricing=pricing,
         )
     except ledger_sql.DuplicateRequest:
         with db.read() as conn:
@@ -502,6 +520,9 @@ def reserve(
         charged=None,
         unbilled=0,
         expires_at=expires_at,
+        model=pricing.model if pricing else "",
+        price_version_id=pricing.price_version_id if pricing else None,
+        input_tokens=pricing.input_tokens if pricing else 0,
     )
 
 
@@ -512,12 +533,14 @@ def settle(
     actual_credits: int,
     usage: UsageRecord | None = None,
     now: datetime | None = None,
+    only_if_lapsed: bool = False,
 ) -> SettleResult:
     """Charge min(actual, hold), return the rest of the hold, and record the usage event.
 
     Exactly once per hold. If the hold was already released or expired (a very late worker),
     nothing is charged and the usage is recorded as unbilled, so the call is still on record.
-    Pass the HoldView from reserve() to save a read; an id works too.
+    Pass the HoldView from reserve() to save a read; an id works too. With `only_if_lapsed`
+    (the sweeper), a hold whose lease was renewed meanwhile is left alone.
     """
     now = now or utcnow()
     require_non_negative(actual_credits, "actual credits")
@@ -538,6 +561,11 @@ def settle(
             usage=_usage_row(usage),
             reason=f"{usage.model} call" if usage else "metered call",
             now=now,
+            only_if_lapsed=only_if_lapsed,
+        )
+    if settled is None and only_if_lapsed:
+        return SettleResult(
+            hold=get_hold(db, hold_id=hold.id), charged=0, unbilled=0, applied=False
         )
     if settled is None:  # already settled, released or expired, perhaps by a concurrent call
         return _settle_finished_hold(db, hold.id, actual_credits, usage, now)
@@ -647,27 +675,56 @@ def release(db: Database, *, hold_id: int, now: datetime | None = None) -> HoldV
     return hold
 
 
-def sweep_stale_holds(db: Database, *, now: datetime | None = None, batch: int = 500) -> int:
-    """Release holds whose worker never came back (past expires_at). Returns how many."""
+def lapsed_holds(db: Database, *, now: datetime | None = None, batch: int = 500) -> list[HoldView]:
+    """Pending holds whose lease has lapsed: their worker stopped renewing them (it died)."""
     now = now or utcnow()
     with db.read() as conn:
-        due: Sequence[int] = (
-            conn.execute(
-                sa.select(holds.c.id)
-                .where(holds.c.status == HoldStatus.PENDING.value, holds.c.expires_at <= now)
-                .order_by(holds.c.expires_at)
-                .limit(batch)
-            )
-            .scalars()
-            .all()
+        rows = conn.execute(
+            sa.select(holds)
+            .where(holds.c.status == HoldStatus.PENDING.value, holds.c.expires_at <= now)
+            .order_by(holds.c.expires_at)
+            .limit(batch)
+        ).all()
+    return [_hold_view(row) for row in rows]
+
+
+def expire_lapsed_hold(db: Database, *, hold_id: int, now: datetime | None = None) -> bool:
+    """Return a lapsed hold's credits untouched (status expired), if its lease is still
+    lapsed. Returns whether it did."""
+    _, changed = _finish_hold(
+        db, hold_id=hold_id, status=HoldStatus.EXPIRED, now=now or utcnow(), due_only=True
+    )
+    return changed
+
+
+def renew_leases(conn: Connection, *, hold_ids: Sequence[int], until: datetime) -> None:
+    """Extend the leases of these holds (those still pending) to `until`."""
+    if hold_ids:
+        conn.execute(
+            sa.update(holds)
+            .where(holds.c.id.in_(hold_ids), holds.c.status == HoldStatus.PENDING.value)
+            .values(expires_at=until)
         )
-    expired = 0
-    for hold_id in due:
-        _, changed = _finish_hold(
-            db, hold_id=hold_id, status=HoldStatus.EXPIRED, now=now, due_only=True
+
+
+def record_progress(
+    conn: Connection, *, hold_id: int, delivered_tokens: int, until: datetime, now: datetime
+) -> bool:
+    """Checkpoint how many output tokens a call has delivered, and renew its lease. Never
+    lowers the count. Returns False when the hold is no longer pending."""
+    require_non_negative(delivered_tokens, "delivered tokens")
+    moved = conn.execute(
+        sa.update(holds)
+        .where(holds.c.id == hold_id, holds.c.status == HoldStatus.PENDING.value)
+        .values(
+            delivered_tokens=sa.func.max(holds.c.delivered_tokens, delivered_tokens)
+            if conn.dialect.name == "sqlite"
+            else sa.func.greatest(holds.c.delivered_tokens, delivered_tokens),
+            checkpoint_at=now,
+            expires_at=until,
         )
-        expired += changed
-    return expired
+    )
+    return bool(moved.rowcount)
 
 
 def expire_due_grants(

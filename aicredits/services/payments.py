@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -40,6 +39,7 @@ from sqlalchemy.engine import Connection
 
 from aicredits.adapters import stripe_api
 from aicredits.adapters.db import Database
+from aicredits.adapters.local_secret import LOCAL_DATA_DIR
 from aicredits.adapters.stripe_api import (
     CheckoutSession,
     CheckoutSessionNotFound,
@@ -86,7 +86,7 @@ __all__ = [
 ]
 
 SIMULATED_PREFIX = "cs_test_sim_"
-DEV_WEBHOOK_SECRET_PATH = Path("data/dev_webhook_secret")
+DEV_WEBHOOK_SECRET_PATH = LOCAL_DATA_DIR / "dev_webhook_secret"
 WEBHOOK_PATH = "/api/stripe/webhook"
 LEASE = timedelta(seconds=60)
 LEASE_WAIT_SECONDS = 10.0

@@ -57,6 +57,15 @@ PRICE_CACHE_SECONDS = 5.0
 _price_cache: dict[tuple[str, str], tuple[float, Price]] = {}
 
 
+def price_version(db: Database, *, version_id: int) -> Price:
+    """One version of a price, by id: what a call reserved at that version is charged by."""
+    with db.read() as conn:
+        row = conn.execute(sa.select(model_prices).where(model_prices.c.id == version_id)).first()
+    if row is None:
+        raise UnknownModel(f"no price version {version_id}")
+    return _price(row)
+
+
 def cached_price(db: Database, *, model: str) -> Price | None:
     """recent_price if it is remembered (no database call, so no thread needed)."""
     cached = _price_cache.get((db.url, model))

@@ -3,7 +3,7 @@ session secret, so a copy of the database alone cannot check a guessed or leaked
 
 Every process of one deployment must hash alike (the app's workers, the operator's
 commands, the tests' helpers), so the key comes from the process's settings: SESSION_SECRET,
-or in development a secret made once into data/session_secret. Changing it signs everyone
+or in development a secret made once into .data/session_secret. Changing it signs everyone
 out and invalidates every API key.
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from aicredits.adapters.local_secret import load_or_create_secret
+from aicredits.adapters.local_secret import LOCAL_DATA_DIR, load_or_create_secret
 from aicredits.domain.identity import token_hash
 from aicredits.settings import Settings, get_settings
 
-DEV_SESSION_SECRET_PATH = Path("data/session_secret")
+DEV_SESSION_SECRET_PATH = LOCAL_DATA_DIR / "session_secret"
 
 
 def hashing_key(settings: Settings) -> bytes:

@@ -18,8 +18,15 @@ from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
 from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
 from aicredits.domain.pricing import credits_per_1k
 from aicredits.services import chat, conversations, pricing
-from aicredits.services.conversations import UnknownConversation
-from aicredits.services.gateway import ReplyCut, Turn, TurnResult, UpstreamFailed, shared_gateway
+from aicredits.services.chat import ChatReply
+from aicredits.services.conversations import STREAMING, UnknownConversation
+from aicredits.services.gateway import (
+    ReplyCut,
+    ServerRestarting,
+    TurnResult,
+    UpstreamFailed,
+    shared_gateway,
+)
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState
 
@@ -38,6 +45,11 @@ def outcome_note(outcome: str) -> str:
     return {
         "stopped": "Stopped: you paid only for what was shown.",
         "cut": "The model broke off: you paid only for what was shown.",
+        "interrupted": "Cut by a server restart: you paid only for what was shown.",
+        "lost": "Cut off when the server stopped unexpectedly: you paid at most for what "
+        "was shown.",
+        "streaming": "Still being written, or cut off by a server stop: its cost is settled "
+        "within a minute.",
     }.get(outcome, "")
 
 
@@ -55,15 +67,42 @@ def describe_error(exc: AICreditsError) -> tuple[str, str]:
         return "rate", "The service is busy: try again in a few seconds."
     if isinstance(exc, UpstreamFailed):
         return "upstream", "The model did not answer. Nothing was charged; try again."
+    if isinstance(exc, ServerRestarting):
+        return (
+            "upstream",
+            "The server is restarting. Nothing was charged; send again in a few seconds.",
+        )
     if isinstance(exc, InvalidRequest):
         return "invalid", str(exc)
     return "invalid", str(exc)
 
 
 def message_row(
-    role: str, content: str, meta: str = "", note: str = "", streaming: bool = False
+    role: str,
+    content: str,
+    meta: str = "",
+    note: str = "",
+    streaming: bool = False,
+    message_id: int = 0,
 ) -> dict[str, Any]:
-    return {"role": role, "content": content, "meta": meta, "note": note, "streaming": streaming}
+    return {
+        "id": message_id,
+        "role": role,
+        "content": content,
+        "meta": meta,
+        "note": note,
+        "streaming": streaming,
+    }
+
+
+def with_reply_text(rows: list[dict[str, Any]], reply_id: int, text: str) -> bool:
+    """Show `text` as the reply `reply_id` so far. False when the row is not on the page
+    (the user opened another conversation, or reloaded into another)."""
+    for index, row in enumerate(rows):
+        if row["id"] == reply_id:
+            rows[index] = {**row, "content": text}
+            return True
+    return False
 
 
 def as_conversation_id(value: str) -> int | None:
@@ -295,7 +334,7 @@ class ChatState(SessionState):
             return
         db = get_database()
         try:
-            turn = await chat.start_reply(
+            reply = await chat.start_reply(
                 shared_gateway(get_settings(), db),
                 db,
                 user_id=user.id,
@@ -309,83 +348,94 @@ class ChatState(SessionState):
                 self.error_kind, self.error = describe_error(exc)
                 self.streaming = False
             return  # the message stays in the box
+        # The question is stored: the sidebar and the address bar show its conversation now,
+        # so a reload in the middle of the reply comes back to it.
+        exchange = reply.exchange
+        listed = await _fetch_conversations(user.id)
         async with self:
             self.messages = [
                 *self.messages,
-                message_row("user", text),
-                message_row("assistant", "", streaming=True),
+                message_row("user", text, message_id=exchange.question_id),
+                message_row("assistant", "", streaming=True, message_id=exchange.reply_id),
             ]
+            sidebar = await self._sidebar()
+            sidebar.conversation_id = str(exchange.conversation_id)
+            sidebar.conversations = listed
         yield rx.set_value(INPUT_ID, "")
-        result, failure = await self._stream_into_last_message(turn)
-        if result is not None and result.outcome != "failed":
-            conversation_id = await run_blocking(
-                chat.record_reply,
-                db,
-                user_id=user.id,
-                conversation_id=conversation_id,
-                model=model,
-                prompt=text,
-                result=result,
-            )
-        replied = result is not None and result.outcome != "failed"
-        if replied:
-            # Read everything the page shows next before taking the state's lock.
-            listed = await _fetch_conversations(user.id)
-            balance = await self._fetch_balance(user.id)
-            estimate = await _fetch_estimate(user.id, model, conversation_id, "")
+        yield _remember(str(exchange.conversation_id))
+        result, failure = await self._stream_reply(reply)
+        replied = result is not None and not chat.nothing_delivered(result)
+        # Read everything the page shows next before taking the state's lock.
+        listed = await _fetch_conversations(user.id)
+        balance = await self._fetch_balance(user.id)
+        shown_id = str(exchange.conversation_id if replied else conversation_id or "")
+        estimate = await _fetch_estimate(user.id, model, as_conversation_id(shown_id), "")
         async with self:
             self.streaming = False
+            sidebar = await self._sidebar()
+            sidebar.conversations = listed
+            self._show_balance(*balance)
+            self.estimate_text = estimate
             if result is None or not replied:
-                self.messages = self.messages[:-2]  # nothing was stored or charged
+                # Nothing was delivered or charged, and the question was withdrawn: it goes
+                # back in the box, with why.
+                gone = {exchange.question_id, exchange.reply_id}
+                self.messages = [m for m in self.messages if m["id"] not in gone]
                 self.error_kind = "upstream"
                 self.error = failure or "The model did not answer. Nothing was charged."
-                restore = rx.set_value(INPUT_ID, text)
+                if sidebar.conversation_id == str(exchange.conversation_id):
+                    sidebar.conversation_id = shown_id
+                restore: list[Any] = [rx.set_value(INPUT_ID, text), _remember(shown_id)]
             else:
-                self.messages[-1] = message_row(
-                    "assistant",
-                    result.text,
-                    cost_line(
-                        result.input_tokens, result.output_tokens, result.charged, result.estimated
-                    ),
-                    outcome_note(result.outcome),
-                )
-                sidebar = await self._sidebar()
-                sidebar.conversation_id = str(conversation_id or "")
-                sidebar.conversations = listed
-                self._show_balance(*balance)
-                self.estimate_text = estimate
-                restore = _remember(sidebar.conversation_id)
-        yield restore
+                for index, row in enumerate(self.messages):
+                    if row["id"] == exchange.reply_id:
+                        self.messages[index] = message_row(
+                            "assistant",
+                            result.text,
+                            cost_line(
+                                result.input_tokens,
+                                result.output_tokens,
+                                result.charged,
+                                result.estimated,
+                            ),
+                            outcome_note(result.outcome),
+                            message_id=exchange.reply_id,
+                        )
+                restore = []
+        for event in restore:
+            yield event
 
-    async def _stream_into_last_message(self, turn: Turn) -> tuple[TurnResult | None, str]:
-        """Append the reply to the last message as it arrives; stop when asked. Pieces are
-        pushed to the browser at most every PUSH_SECONDS, so a fast model does not flood
-        the websocket with one update per token."""
-        pending: list[str] = []
+    async def _stream_reply(self, reply: ChatReply) -> tuple[TurnResult | None, str]:
+        """Show the reply as it arrives; stop when asked. The page is updated at most every
+        PUSH_SECONDS, so a fast model does not flood the websocket with one update per
+        token. Each update carries the whole reply so far, so a page reloaded meanwhile
+        (which shows what was stored) is brought up to date, not doubled."""
+        turn, reply_id = reply.turn, reply.exchange.reply_id
+        shown: list[str] = []
         last_push = 0.0
+        pushed = 0
 
         async def push() -> bool:
-            nonlocal last_push
+            nonlocal last_push, pushed
             async with self:
-                last = self.messages[-1]
-                self.messages[-1] = {**last, "content": last["content"] + "".join(pending)}
+                with_reply_text(self.messages, reply_id, "".join(shown))
                 stop = self._stop_requested
-            pending.clear()
+            pushed = len(shown)
             last_push = time.monotonic()
             return stop
 
         try:
             async with contextlib.aclosing(turn.stream()) as replies:
                 async for piece in replies:
-                    pending.append(piece)
+                    shown.append(piece)
                     if time.monotonic() - last_push >= PUSH_SECONDS and await push():
                         break
-                if pending:
+                if len(shown) > pushed:
                     await push()
         except ReplyCut as cut:
             return cut.result, ""
-        except UpstreamFailed as exc:
-            return None, describe_error(exc)[1]
+        except (UpstreamFailed, ServerRestarting) as exc:
+            return turn.result, describe_error(exc)[1]
         return turn.result, ""
 
 
@@ -421,9 +471,10 @@ async def _fetch_opened(user_id: int, conversation_id: int) -> tuple[list[dict[s
             m.role,
             m.content,
             cost_line(m.input_tokens, m.output_tokens, m.credits_charged, m.estimated)
-            if m.role == "assistant"
+            if m.role == "assistant" and m.outcome != STREAMING
             else "",
             outcome_note(m.outcome),
+            message_id=m.id,
         )
         for m in rows
     ]

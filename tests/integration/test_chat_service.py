@@ -42,17 +42,14 @@ def reply(db: Database, settings: Settings, user: int, conversation: int | None,
     async def run() -> int:
         gateway = build_gateway(settings, db)
         try:
-            turn = await chat.start_reply(
+            started = await chat.start_reply(
                 gateway, db, user_id=user, ip=None, conversation_id=conversation,
                 model=MODEL.id, text=text,
             )  # fmt: skip
-            result = await turn.run()
+            await started.turn.run()
         finally:
             await gateway.aclose()
-        return chat.record_reply(
-            db, user_id=user, conversation_id=conversation, model=MODEL.id, prompt=text,
-            result=result,
-        )  # fmt: skip
+        return started.exchange.conversation_id
 
     return asyncio.run(run())
 

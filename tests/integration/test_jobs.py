@@ -49,7 +49,7 @@ def test_jobs_run_by_many_workers_at_once_do_each_thing_once(db: Database) -> No
         user_id=user,
         credits=30,
         request_id="dead",
-        ttl=timedelta(seconds=1),
+        lease=timedelta(seconds=1),
         now=now - timedelta(minutes=5),
     )
     time.sleep(1.1)  # the grant's date passes

@@ -22,7 +22,7 @@ from aicredits.domain.errors import (
     UnknownHold,
     UnknownUser,
 )
-from aicredits.services import ledger, pricing
+from aicredits.services import ledger, pricing, recovery
 from aicredits.services.ledger import UsageRecord
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import DEFAULT_MODELS
@@ -349,28 +349,128 @@ def test_expiry_leaves_credits_held_by_an_in_flight_call_until_it_finishes(db: D
     assert verify_ledger(db) == []
 
 
-# --- stale holds -------------------------------------------------------------------------------
+# --- leases: holds whose worker died ------------------------------------------------------------
 
 
-def test_sweeper_releases_only_holds_past_their_expiry(db: Database) -> None:
+def priced(db: Database, *, input_tokens: int = 10) -> ledger.HoldPricing:
+    pricing.seed_prices(db, DEFAULT_MODELS)
+    price = pricing.current_price(db, model=DEFAULT_MODELS[0].id)
+    return ledger.HoldPricing(
+        model=price.model, price_version_id=price.version_id, input_tokens=input_tokens
+    )
+
+
+def test_only_holds_whose_lease_lapsed_are_reclaimed_and_a_late_worker_charges_nothing(
+    db: Database,
+) -> None:
     now = utcnow()
     user = make_user(db, credits=100)
     stale = ledger.reserve(
-        db, user_id=user, credits=30, request_id="old", ttl=timedelta(minutes=1), now=now
+        db, user_id=user, credits=30, request_id="old", lease=timedelta(minutes=1), now=now
     )
     fresh = ledger.reserve(
-        db, user_id=user, credits=20, request_id="new", ttl=timedelta(hours=1), now=now
+        db, user_id=user, credits=20, request_id="new", lease=timedelta(hours=1), now=now
     )
-    assert ledger.sweep_stale_holds(db, now=now + timedelta(minutes=5)) == 1
+    later = now + timedelta(minutes=5)
+    assert [h.id for h in ledger.lapsed_holds(db, now=later)] == [stale.id]
+    assert recovery.reclaim_lapsed_holds(db, now=later).holds_released == 1
     assert ledger.get_hold(db, hold_id=stale.id).status == "expired"
     assert ledger.get_hold(db, hold_id=fresh.id).status == "pending"
     assert ledger.get_balance(db, user_id=user).held == 20
-    assert ledger.sweep_stale_holds(db, now=now + timedelta(minutes=5)) == 0
+    assert recovery.reclaim_lapsed_holds(db, now=later).holds == 0
     # The crashed worker comes back late: nothing is charged.
     late = ledger.settle(db, hold=stale.id, actual_credits=7)
     assert not late.applied
     assert ledger.get_balance(db, user_id=user).balance == 100
     assert verify_ledger(db) == []
+
+
+def test_a_renewed_lease_keeps_a_hold_from_the_sweeper(db: Database) -> None:
+    now = utcnow()
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(
+        db, user_id=user, credits=30, request_id="live", lease=timedelta(seconds=30), now=now
+    )
+    with db.transaction() as conn:
+        ledger.renew_leases(conn, hold_ids=[hold.id], until=now + timedelta(minutes=10))
+    assert ledger.lapsed_holds(db, now=now + timedelta(minutes=5)) == []
+    assert ledger.lapsed_holds(db, now=now + timedelta(minutes=11)) != []
+
+
+def test_a_dead_workers_hold_is_charged_for_its_last_checkpoint_never_more(db: Database) -> None:
+    now = utcnow()
+    user = make_user(db, credits=1_000)
+    terms = priced(db, input_tokens=100)
+    hold = ledger.reserve(
+        db, user_id=user, credits=500, request_id="crashed", lease=timedelta(seconds=30),
+        pricing=terms, now=now,
+    )  # fmt: skip
+    with db.transaction() as conn:
+        assert ledger.record_progress(
+            conn, hold_id=hold.id, delivered_tokens=40, until=now + timedelta(seconds=30), now=now
+        )
+        # A late, smaller count (a retried checkpoint) never lowers what was recorded.
+        ledger.record_progress(
+            conn, hold_id=hold.id, delivered_tokens=25, until=now + timedelta(seconds=30), now=now
+        )
+    assert ledger.get_hold(db, hold_id=hold.id).delivered_tokens == 40
+    assert recovery.reclaim_lapsed_holds(db, now=now + timedelta(seconds=10)).holds == 0
+    report = recovery.reclaim_lapsed_holds(db, now=now + timedelta(seconds=31))
+    price = pricing.price_version(db, version_id=terms.price_version_id)
+    expected = -(-(100 * price.input_per_mtok + 40 * price.output_per_mtok) // 1_000_000)
+    assert (report.holds_settled, report.credits_charged) == (1, expected)
+    settled = ledger.get_hold(db, hold_id=hold.id)
+    assert (settled.status, settled.charged) == ("settled", expected)
+    assert ledger.get_balance(db, user_id=user) == ledger.Balance(user, 1_000 - expected, 0)
+    with db.read() as conn:
+        event = conn.execute(
+            sa.select(usage_events).where(usage_events.c.request_id == "crashed")
+        ).one()
+    assert (event.outcome, event.output_tokens, event.estimated) == ("lost", 40, True)
+    # The worker was not dead after all: its settle changes nothing.
+    assert not ledger.settle(db, hold=hold.id, actual_credits=999).applied
+    assert verify_ledger(db) == []
+
+
+def test_a_dead_workers_charge_never_exceeds_the_hold(db: Database) -> None:
+    now = utcnow()
+    user = make_user(db, credits=1_000)
+    hold = ledger.reserve(
+        db, user_id=user, credits=3, request_id="small", lease=timedelta(seconds=1),
+        pricing=priced(db, input_tokens=10_000), now=now,
+    )  # fmt: skip
+    with db.transaction() as conn:
+        ledger.record_progress(
+            conn, hold_id=hold.id, delivered_tokens=50_000, until=now + timedelta(seconds=1),
+            now=now,
+        )  # fmt: skip
+    report = recovery.reclaim_lapsed_holds(db, now=now + timedelta(seconds=2))
+    assert report.credits_charged == 3
+    assert ledger.get_balance(db, user_id=user).balance == 997
+    assert verify_ledger(db) == []
+
+
+def test_the_sweeper_leaves_a_hold_renewed_after_it_looked(db: Database) -> None:
+    now = utcnow()
+    user = make_user(db, credits=100)
+    hold = ledger.reserve(
+        db, user_id=user, credits=30, request_id="racing", lease=timedelta(seconds=1),
+        pricing=priced(db), now=now,
+    )  # fmt: skip
+    with db.transaction() as conn:
+        ledger.record_progress(
+            conn, hold_id=hold.id, delivered_tokens=5, until=now + timedelta(seconds=1), now=now
+        )
+    (seen,) = ledger.lapsed_holds(db, now=now + timedelta(seconds=2))
+    with db.transaction() as conn:  # the worker was only slow: it renews now
+        ledger.renew_leases(conn, hold_ids=[hold.id], until=now + timedelta(minutes=1))
+    result = ledger.settle(
+        db, hold=seen, actual_credits=10, now=now + timedelta(seconds=2), only_if_lapsed=True
+    )
+    assert not result.applied
+    assert ledger.get_hold(db, hold_id=hold.id).status == "pending"
+    assert not ledger.expire_lapsed_hold(db, hold_id=hold.id, now=now + timedelta(seconds=2))
+    assert ledger.get_balance(db, user_id=user) == ledger.Balance(user, 100, 30)
 
 
 # --- the ledger is append-only -----------------------------------------------------------------

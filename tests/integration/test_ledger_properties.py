@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 
 from aicredits.adapters.db import Database
 from aicredits.domain.errors import InsufficientCredits
-from aicredits.services import ledger, users
+from aicredits.services import ledger, recovery, users
 from aicredits.services.verify import verify_ledger
 from tests.dbutil import truncate_postgres
 
@@ -129,7 +129,7 @@ def make_machine(new_db: Callable[[], Database]) -> type[RuleBasedStateMachine]:
                     user_id=user,
                     credits=credits,
                     request_id=f"r{self.seq}",
-                    ttl=TTL,
+                    lease=TTL,
                     now=self.now,
                 )
             except InsufficientCredits:
@@ -192,7 +192,7 @@ def make_machine(new_db: Callable[[], Database]) -> type[RuleBasedStateMachine]:
         @rule(minutes=st.integers(1, 60))
         def advance_and_run_jobs(self, minutes: int) -> None:
             self.now += timedelta(minutes=minutes)
-            ledger.sweep_stale_holds(self.db, now=self.now)
+            recovery.reclaim_lapsed_holds(self.db, now=self.now)
             for hold in self.holds.values():
                 if hold.status == "pending" and hold.expires_at <= self.now:
                     hold.status = "expired"

@@ -283,7 +283,11 @@ def app_env(services: Services, database_url: str, **overrides: str) -> dict[str
             "STRIPE_SECRET_KEY": "sk_test_fake_system_tests",
             "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "FREE_TRIAL_CREDITS": "0",
-            "HOLD_TTL_SECONDS": "6",
+            # Short leases and sweeps, so a killed worker's holds are settled within seconds
+            # of the test killing it (production: 30 s and 5 s).
+            "HOLD_LEASE_SECONDS": "4",
+            "STREAM_CHECKPOINT_SECONDS": "1",
+            "HOLD_SWEEP_INTERVAL_SECONDS": "1",
             "UPSTREAM_MAX_SECONDS": "4",
             "UPSTREAM_RETRIES": "1",
             "JOBS_INTERVAL_SECONDS": "1",
