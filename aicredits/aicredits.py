@@ -1,11 +1,12 @@
 """The Reflex app: pages, their guards, and the HTTP routes mounted beside them."""
 
+import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 import reflex as rx
 
+from aicredits.adapters import stop_signals
 from aicredits.adapters.db import get_database
 from aicredits.adapters.logs import configure_logging
 from aicredits.api.routes import api_transformers
@@ -42,14 +43,18 @@ async def _recover_dead_workers_holds() -> None:
 
 @contextlib.asynccontextmanager
 async def _drain_on_shutdown() -> AsyncIterator[None]:
-    """On SIGTERM (a deploy, a reload, Ctrl-C) Granian stops taking connections and shuts
-    the app's lifespan down: replies in flight get the grace period, then are cut and
-    settled for what they delivered. Registered after Reflex's own event processor, so it
-    exits first, while the websockets can still carry the cut replies' last words."""
+    """On SIGTERM or SIGINT (a deploy, a reload, Ctrl-C) replies in flight get the grace
+    period, then are cut and settled for what they delivered (services.gateway). Started
+    by the signal itself, since Granian runs the lifespan's shutdown only once every
+    connection has closed; the lifespan's end drains too, for servers that get there."""
+    loop = asyncio.get_running_loop()
+    grace = get_settings().drain_grace
+    draining: list[asyncio.Task[int]] = []
+    stop_signals.call_before_stop(
+        loop, lambda: draining.append(loop.create_task(gateway.drain_all(grace)))
+    )
     yield
-    cut = await gateway.drain_all(get_settings().drain_grace)
-    if cut:
-        logging.getLogger(__name__).warning("drained: %d replies cut by the shutdown", cut)
+    await asyncio.gather(gateway.drain_all(grace), *draining, return_exceptions=True)
 
 
 app.register_lifespan_task(_periodic_jobs)

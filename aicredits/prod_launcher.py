@@ -68,8 +68,8 @@ def load_production_settings() -> Settings | str:
 
 
 def reflex_command(args: argparse.Namespace) -> list[str]:
-    # Reflex's command line, with Granian set to replace a worker that dies (reflex_prod).
-    command = [sys.executable, "-m", "aicredits.reflex_prod", "run", "--env", "prod"]
+    # Reflex's command line, with Granian's defaults changed (granian_patches).
+    command = [sys.executable, "-m", "aicredits.granian_patches", "run", "--env", "prod"]
     if args.backend_only:
         port = args.backend_port or args.port or DEFAULT_BACKEND_ONLY_PORT
         command += ["--backend-only", "--backend-port", str(port)]

@@ -119,8 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs, env = start_stand_ins(settings)
     env.setdefault(RELOAD_PATHS, os.environ.get(RELOAD_PATHS) or reload_paths())
     print(_banner(settings, env), flush=True)
+    # Reflex's command line, with Granian's defaults changed as in production (granian_patches).
     reflex = subprocess.Popen(
-        [sys.executable, "-m", "reflex", "run", *(argv or [])], env={**os.environ, **env}
+        [sys.executable, "-m", "aicredits.granian_patches", "run", *(argv or [])],
+        env={**os.environ, **env},
     )
     procs.append(reflex)
 

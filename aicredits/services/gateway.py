@@ -432,6 +432,7 @@ class InFlight:
         self._ticker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._drain: asyncio.Future[int] | None = None
 
     def __len__(self) -> int:
         return len(self._turns)
@@ -493,10 +494,16 @@ class InFlight:
         for turn, text in done:
             turn.checkpointed(text)
 
-    async def drain(self, grace: float, *, settle_wait: float = 5.0) -> int:
+    def drain(self, grace: float, *, settle_wait: float = 5.0) -> asyncio.Future[int]:
         """Take no new turns; let the running ones finish for up to `grace` seconds, then cut
-        the rest and wait (up to `settle_wait`) for them to settle. Returns how many were cut."""
-        self.draining = True
+        the rest and wait (up to `settle_wait`) for them to settle. Returns how many were cut.
+        Asked again (the signal, then the lifespan's end), it is the same drain."""
+        if self._drain is None:
+            self.draining = True
+            self._drain = asyncio.ensure_future(self._drain_now(grace, settle_wait))
+        return asyncio.shield(self._drain)
+
+    async def _drain_now(self, grace: float, settle_wait: float) -> int:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout=grace)
         cut = list(self._turns)
@@ -627,17 +634,25 @@ _shared: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Gateway]
 def shared_gateway(settings: Settings, db: Database) -> Gateway:
     """The gateway for these settings in the running event loop: the chat page and the API
     share it, and so share one in-process rate limiter and one upstream connection pool."""
-    per_loop = _shared.setdefault(asyncio.get_running_loop(), {})
+    loop = asyncio.get_running_loop()
+    per_loop = _shared.setdefault(loop, {})
     gateway = per_loop.get(id(settings))
     if gateway is None or gateway.settings is not settings:
         gateway = per_loop[id(settings)] = build_gateway(settings, db)
+        gateway.inflight.draining = loop in _draining
     return gateway
+
+
+# Event loops whose app is shutting down: a gateway made there from now on takes no calls.
+_draining: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 async def drain_all(grace: float) -> int:
     """Drain every gateway of the running event loop (the app's shutdown): see InFlight.drain.
     Returns how many replies were cut."""
-    gateways = list(_shared.get(asyncio.get_running_loop(), {}).values())
+    loop = asyncio.get_running_loop()
+    _draining.add(loop)
+    gateways = list(_shared.get(loop, {}).values())
     cut = await asyncio.gather(*(g.inflight.drain(grace) for g in gateways))
     return sum(cut)
 

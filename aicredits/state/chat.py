@@ -474,6 +474,7 @@ async def _fetch_opened(user_id: int, conversation_id: int) -> tuple[list[dict[s
             if m.role == "assistant" and m.outcome != STREAMING
             else "",
             outcome_note(m.outcome),
+            streaming=m.outcome == STREAMING,
             message_id=m.id,
         )
         for m in rows

@@ -1,4 +1,5 @@
-"""Start the real app (`reflex run`, as `make run` does) and drive it with Debian's Chromium."""
+"""Start the real app as `make run` does (`python -m aicredits migrate`, then the dev launcher
+`python -m aicredits dev`) and drive it with Debian's Chromium."""
 
 from __future__ import annotations
 
@@ -98,23 +99,22 @@ def app(tmp_path_factory: pytest.TempPathFactory, idp: str, upstream: str) -> It
     frontend_port, backend_port = free_port(), free_port()
     frontend = f"http://localhost:{frontend_port}"
     backend = f"http://localhost:{backend_port}"
-    no_reload = work / "no-reload"
-    no_reload.mkdir()
     env = {
         **os.environ,
+        # Where, not how: a database of its own, free ports (so a developer's `make run` can
+        # keep running), and the stand-ins this session started (the launcher starts its own
+        # only when none answers at the configured address).
         "DATABASE_URL": database_url,
         "PUBLIC_URL": frontend,
         "API_URL": backend,
         "DEV_OIDC_ISSUER": idp,
         "OPENAI_BASE_URL": f"{upstream}/v1",
+        # The launcher's own defaults, spelled out because the tests rely on them.
         "ADMIN_EMAILS": "admin@example.test",
         "FREE_TRIAL_CREDITS": str(TRIAL_CREDITS),
         "REFLEX_USE_SYSTEM_BUN": "1",
         "REFLEX_TELEMETRY_ENABLED": "false",
         "PYTHONUNBUFFERED": "1",
-        # Watch an empty folder: an edit elsewhere in the tree (or a file the app writes)
-        # must not restart the backend in the middle of a test.
-        "REFLEX_HOT_RELOAD_OVERRIDE_PATHS": str(no_reload),
     }
     for key in (
         "GOOGLE_CLIENT_ID",
@@ -122,6 +122,8 @@ def app(tmp_path_factory: pytest.TempPathFactory, idp: str, upstream: str) -> It
         "OIDC_ISSUER",
         "OPENAI_API_KEY",
         "REDIS_URL",
+        # The launcher sets which files hot reload watches; a caller's value would change it.
+        "REFLEX_HOT_RELOAD_OVERRIDE_PATHS",
     ):
         env.pop(key, None)  # Dev sign-in is what the browser tests use
     subprocess.run(
@@ -131,7 +133,7 @@ def app(tmp_path_factory: pytest.TempPathFactory, idp: str, upstream: str) -> It
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "reflex", "run", "--loglevel", "info",
+                sys.executable, "-m", "aicredits", "dev", "--loglevel", "info",
                 "--frontend-port", str(frontend_port), "--backend-port", str(backend_port),
             ],
             cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,

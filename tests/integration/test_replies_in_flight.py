@@ -123,7 +123,7 @@ def test_a_drain_lets_a_short_reply_finish_and_refuses_new_calls(
             )
             pieces = turn.stream()
             await anext(pieces)
-            drain = asyncio.ensure_future(gateway.inflight.drain(grace=5))
+            drain = gateway.inflight.drain(grace=5)
             await asyncio.sleep(0)
             with pytest.raises(ServerRestarting):
                 await gateway.start(user_id=user, request=ask("another"), ip=None)
@@ -153,7 +153,7 @@ def test_a_drain_cuts_a_long_reply_after_the_grace_and_charges_what_was_delivere
                 async for _ in turn.stream():
                     got += 1
                     if got == 3:
-                        drain = asyncio.ensure_future(gateway.inflight.drain(grace=0.5))
+                        drain = gateway.inflight.drain(grace=0.5)
             assert drain is not None and await drain == 1
             return got, cut.value.result
 
@@ -181,9 +181,11 @@ def test_a_reply_cut_by_a_drain_before_its_first_token_costs_nothing(
             turn = await gateway.start(
                 user_id=user, request=ask("slow [fake latency-ms=5000]"), ip=None
             )
-            drain = asyncio.ensure_future(gateway.inflight.drain(grace=0.3))
+            running = asyncio.ensure_future(turn.run())
+            await asyncio.sleep(0.2)  # waiting for the upstream's first byte
+            drain = gateway.inflight.drain(grace=0.3)
             with pytest.raises(ServerRestarting):
-                await turn.run()
+                await running
             assert await drain == 1
             return turn.request_id
 

@@ -16,7 +16,7 @@ def _command(*argv: str) -> list[str]:
 
 def test_the_full_app_runs_in_prod_mode_on_one_port() -> None:
     command = _command("--port", "8080")
-    assert command[1:6] == ["-m", "aicredits.reflex_prod", "run", "--env", "prod"]
+    assert command[1:6] == ["-m", "aicredits.granian_patches", "run", "--env", "prod"]
     assert "--single-port" in command
     assert command[command.index("--frontend-port") + 1] == "8080"
     assert command[command.index("--backend-port") + 1] == "8080"
@@ -69,15 +69,32 @@ def test_an_explicit_reflex_redis_url_is_kept(monkeypatch: pytest.MonkeyPatch) -
     Path(env["PROMETHEUS_MULTIPROC_DIR"]).rmdir()
 
 
-def test_granian_servers_respawn_failed_workers_once_patched() -> None:
+def test_granian_defaults_are_changed_once_and_can_be_undone() -> None:
     from granian import Granian
-    from granian.constants import Interfaces
+    from granian.constants import Interfaces, RuntimeModes
 
-    from aicredits.reflex_prod import respawn_failed_workers_by_default
+    from aicredits import granian_patches
 
-    respawn_failed_workers_by_default()
-    respawn_failed_workers_by_default()  # idempotent: not wrapped twice
-    server = Granian(target="aicredits.aicredits:app", interface=Interfaces.ASGI, workers=2)
-    assert server.respawn_failed_workers is True
-    explicit = Granian(target="x:y", interface=Interfaces.ASGI, respawn_failed_workers=False)
-    assert explicit.respawn_failed_workers is False
+    before = Granian(target="x:y", interface=Interfaces.ASGI, workers=2)
+    assert before.respawn_failed_workers is False  # Granian's own default: the reason for this
+    undo = granian_patches.apply(drain_grace=20)
+    try:
+        assert granian_patches.apply(drain_grace=5)() is None  # not wrapped twice
+        server = Granian(target="aicredits.aicredits:app", interface=Interfaces.ASGI, workers=2)
+        assert server.respawn_failed_workers is True
+        assert server.runtime_mode == RuntimeModes.st
+        assert server.workers_kill_timeout == 20 + granian_patches.KILL_MARGIN_SECONDS
+        explicit = Granian(
+            target="x:y",
+            interface=Interfaces.ASGI,
+            respawn_failed_workers=False,
+            workers_kill_timeout=2,
+            runtime_mode=RuntimeModes.mt,
+        )
+        assert explicit.respawn_failed_workers is False
+        assert explicit.workers_kill_timeout == 2
+        assert explicit.runtime_mode == RuntimeModes.mt
+    finally:
+        undo()
+    after = Granian(target="x:y", interface=Interfaces.ASGI, workers=2)
+    assert after.respawn_failed_workers is False
