@@ -433,6 +433,7 @@ class InFlight:
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain: asyncio.Future[int] | None = None
+        self._consumers: set[asyncio.Task[Any]] = set()
 
     def __len__(self) -> int:
         return len(self._turns)
@@ -440,6 +441,12 @@ class InFlight:
     def add(self, turn: Turn) -> None:
         self._turns.add(turn)
         self._idle.clear()
+        # The task showing this turn to its caller (a chat tab's event, an API response):
+        # a drain waits for it too, so a cut reply's last words reach the caller.
+        consumer = asyncio.current_task()
+        if consumer is not None:
+            self._consumers.add(consumer)
+            consumer.add_done_callback(self._consumers.discard)
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
@@ -518,6 +525,9 @@ class InFlight:
                 # the sweeper to charge once the leases lapse.
                 with contextlib.suppress(Exception):
                     await self.checkpoint()
+        callers = self._consumers - {asyncio.current_task()}
+        if callers:
+            await asyncio.wait(callers, timeout=settle_wait)
         return len(cut)
 
 

@@ -26,6 +26,7 @@ from aicredits.services.gateway import (
     Gateway,
     ReplyInterrupted,
     ServerRestarting,
+    Turn,
     build_gateway,
 )
 from aicredits.services.verify import verify_ledger
@@ -111,6 +112,16 @@ def test_a_streaming_reply_checkpoints_what_it_delivered_and_renews_its_lease(
     assert verify_ledger(db) == []
 
 
+async def consume(turn: Turn, pieces: list[str], *, then: float = 0.0) -> None:
+    """A caller showing a reply: it reads it to the end, then (like the chat page pushing
+    its last update) takes `then` seconds more."""
+    try:
+        async for piece in turn.stream():
+            pieces.append(piece)
+    finally:
+        await asyncio.sleep(then)
+
+
 def test_a_drain_lets_a_short_reply_finish_and_refuses_new_calls(
     db: Database, settings: Settings
 ) -> None:
@@ -119,17 +130,18 @@ def test_a_drain_lets_a_short_reply_finish_and_refuses_new_calls(
     async def run() -> str:
         async with gateway_for(settings, db) as gateway:
             turn = await gateway.start(
-                user_id=user, request=ask("quick [fake tokens-per-second=100]"), ip=None
+                user_id=user, request=ask("quick [fake tokens-per-second=50]"), ip=None
             )
-            pieces = turn.stream()
-            await anext(pieces)
+            pieces: list[str] = []
+            caller = asyncio.ensure_future(consume(turn, pieces, then=0.5))
+            while not pieces:
+                await asyncio.sleep(0.01)
             drain = gateway.inflight.drain(grace=5)
-            await asyncio.sleep(0)
             with pytest.raises(ServerRestarting):
                 await gateway.start(user_id=user, request=ask("another"), ip=None)
-            async for _ in pieces:
-                pass
             assert await drain == 0  # nothing had to be cut
+            assert caller.done()  # the drain waited for its caller to finish too
+            assert len(pieces) == REPLY_TOKENS
             assert turn.result is not None
             return turn.result.outcome
 
@@ -147,15 +159,15 @@ def test_a_drain_cuts_a_long_reply_after_the_grace_and_charges_what_was_delivere
             turn = await gateway.start(
                 user_id=user, request=ask("long [fake tokens-per-second=10]"), ip=None
             )
-            got = 0
-            drain: asyncio.Future[int] | None = None
+            pieces: list[str] = []
+            caller = asyncio.ensure_future(consume(turn, pieces, then=0.3))
+            while len(pieces) < 3:
+                await asyncio.sleep(0.01)
+            assert await gateway.inflight.drain(grace=0.5) == 1
+            assert caller.done()
             with pytest.raises(ReplyInterrupted) as cut:
-                async for _ in turn.stream():
-                    got += 1
-                    if got == 3:
-                        drain = gateway.inflight.drain(grace=0.5)
-            assert drain is not None and await drain == 1
-            return got, cut.value.result
+                caller.result()
+            return len(pieces), cut.value.result
 
     got, result = asyncio.run(run())
     assert 3 <= got < REPLY_TOKENS

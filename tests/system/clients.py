@@ -118,10 +118,12 @@ class ChatClient:
     _updates: list[dict[str, Any]] = field(default_factory=list)
     _changed: threading.Condition = field(default_factory=threading.Condition)
     _sio: socketio.Client | None = None
+    _connects: int = 0
 
     def __enter__(self) -> ChatClient:
         sio = socketio.Client(websocket_extra_options={"origin": PUBLIC_URL})
         sio.on("event", self._receive, namespace=NAMESPACE)
+        sio.on("connect", self._connected, namespace=NAMESPACE)
         sio.connect(
             f"{self.base_url}?token={uuid.uuid4()}",
             socketio_path="_event",
@@ -139,6 +141,20 @@ class ChatClient:
         if self._sio is not None:
             self._sio.disconnect()
 
+    def _connected(self) -> None:
+        # As the browser does: a tab that reconnects (its worker stopped) loads the page
+        # again, on whichever worker it reached.
+        self._connects += 1
+        if self._connects > 1 and self._sio is not None:
+            self._sio.emit("event", self._event("load", {}), namespace=NAMESPACE)
+
+    def _event(self, handler: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": f"{ChatState.get_full_name()}.{handler}",
+            "payload": payload,
+            "router_data": {"pathname": "/chat", "asPath": "/chat"},
+        }
+
     def _receive(self, data: dict[str, Any]) -> None:
         with self._changed:
             self._updates.append(data)
@@ -148,15 +164,7 @@ class ChatClient:
         assert self._sio is not None
         with self._changed:
             self._updates.clear()
-        self._sio.emit(
-            "event",
-            {
-                "name": f"{ChatState.get_full_name()}.{handler}",
-                "payload": payload,
-                "router_data": {"pathname": "/chat", "asPath": "/chat"},
-            },
-            namespace=NAMESPACE,
-        )
+        self._sio.emit("event", self._event(handler, payload), namespace=NAMESPACE)
 
     def _wait_for(self, done: Any, *, timeout: float, what: str) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -167,6 +175,35 @@ class ChatClient:
                     raise TimeoutError(f"{what}: no answer within {timeout:.0f} s")
                 self._changed.wait(left)
             return list(self._updates)
+
+    def local_port(self) -> int:
+        """The client side port of the websocket: finds the worker serving this tab."""
+        assert self._sio is not None
+        return int(self._sio.eio.ws.sock.getsockname()[1])
+
+    def start_send(self, text: str) -> None:
+        self._emit("send", {"form_data": {"message": text}})
+
+    def _last_message(self) -> dict[str, Any]:
+        rows = [m for u in self._updates for m in _var(u, "messages")]
+        return dict(rows[-1][-1]) if rows and rows[-1] else {}
+
+    def wait_for_reply_text(self, *, min_words: int, timeout: float = 30) -> None:
+        self._wait_for(
+            lambda u: any(
+                len(str(rows[-1].get("content", "")).split()) >= min_words
+                for rows in _var(u, "messages")
+                if rows and rows[-1].get("role") == "assistant"
+            ),
+            timeout=timeout,
+            what=f"a reply of {min_words} words",
+        )
+
+    def wait_for_reply_end(self, *, timeout: float) -> dict[str, Any]:
+        """The reply as the page shows it once it has ended."""
+        self._wait_for(lambda u: False in _var(u, "streaming"), timeout=timeout, what="the end")
+        with self._changed:
+            return self._last_message()
 
     def send(self, text: str, *, timeout: float = 60) -> CallResult:
         """Send a message; wait until the reply has finished (or was refused)."""
