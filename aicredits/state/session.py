@@ -59,20 +59,28 @@ class SessionState(rx.State):
         self._show(user)
         return user
 
-    def _session_key(self) -> tuple[str, str]:
-        """(the Cookie header, the page's route): all `_fetch_user` needs from the state. A
-        background event reads these inside `async with self` and resolves them outside it."""
-        return self.router.headers.cookie, self.router.route_id or "/"
+    def _session_key(self) -> tuple[str, str, str]:
+        """(the Cookie header, the page's route, the client's address): all `_fetch_user`
+        needs from the state. A background event reads these inside `async with self` and
+        resolves them outside it."""
+        return (
+            self.router.headers.cookie,
+            self.router.route_id or "/",
+            self.router.session.client_ip,
+        )
 
     @staticmethod
-    async def _fetch_user(cookie_header: str, page: str) -> CurrentUser | None:
+    async def _fetch_user(cookie_header: str, page: str, client_ip: str = "") -> CurrentUser | None:
         """Resolve a session cookie against the database, touching no state."""
         settings = get_settings()
         token = cookies.read_cookie(cookie_header, cookies.cookie_name(settings, cookies.SESSION))
         user = await asyncio.to_thread(auth.resolve_session, get_database(), settings, token)
         # A Reflex event has no HTTP request: its log lines get a fresh id, the page's route
-        # (its pattern, e.g. /admin/user) as their route, and this user.
-        logs.start_event(route=f"event:{page}", user_id=user.id if user else None)
+        # (its pattern, e.g. /admin/user) as their route, this user, and the websocket's
+        # client (the real one behind a trusted proxy).
+        logs.start_event(
+            route=f"event:{page}", user_id=user.id if user else None, client_ip=client_ip
+        )
         return user
 
     def _show(self, user: CurrentUser | None) -> None:
