@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     admin_emails: Annotated[list[str], NoDecode] = Field(default_factory=list)
     free_trial_credits: int = Field(default=1000, ge=0)
     free_trial_days: int = Field(default=30, gt=0)
+    # New accounts that get the free trial, per client address (an IPv6 client: per /64)
+    # per UTC day; later ones that day are created without it. 0: no limit.
+    trials_per_address_per_day: int = Field(default=3, ge=0)
     google_client_id: str = ""
     google_client_secret: str = ""
     github_client_id: str = ""

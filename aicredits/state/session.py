@@ -18,7 +18,7 @@ from aicredits.adapters import logs
 from aicredits.adapters.db import get_database
 from aicredits.api import cookies
 from aicredits.domain.identity import safe_next_path
-from aicredits.services import auth, ledger, thresholds
+from aicredits.services import auth, ledger, thresholds, trials
 from aicredits.services.auth import CurrentUser
 from aicredits.settings import get_settings
 
@@ -52,6 +52,9 @@ class SessionState(rx.State):
     banner_text: str = ""
     banner_threshold: int = 0
     banner_dismissible: bool = False
+    # Why this account has no free trial, on /chat and /credits ("" when it has one, or has
+    # had credits since).
+    trial_notice: str = ""
 
     async def _authenticate(self) -> CurrentUser | None:
         """Resolve the session cookie against the database, now. None when signed out."""
@@ -94,6 +97,7 @@ class SessionState(rx.State):
         if user is None:
             self.available_credits = 0
             self._show_banner(None)
+            self.trial_notice = ""
 
     def _show_banner(self, banner: thresholds.Banner | None) -> None:
         self.banner_level = banner.level if banner else ""
@@ -113,6 +117,10 @@ class SessionState(rx.State):
         balance = await asyncio.to_thread(ledger.get_balance, db, user_id=user_id)
         banner = await asyncio.to_thread(thresholds.banner, db, get_settings(), user_id=user_id)
         return balance.available, banner
+
+    async def _refresh_trial_notice(self, user: CurrentUser) -> None:
+        notice = await asyncio.to_thread(trials.trial_notice, get_database(), user_id=user.id)
+        self.trial_notice = notice or ""
 
     def _show_balance(self, available: int, banner: thresholds.Banner | None) -> None:
         self.available_credits = available
