@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     admin_emails: Annotated[list[str], NoDecode] = Field(default_factory=list)
     free_trial_credits: int = Field(default=1000, ge=0)
     free_trial_days: int = Field(default=30, gt=0)
+    # New accounts that get the free trial, per client address (an IPv6 client: per /64)
+    # per UTC day; later ones that day are created without it. 0: no limit.
+    trials_per_address_per_day: int = Field(default=3, ge=0)
     google_client_id: str = ""
     google_client_secret: str = ""
     github_client_id: str = ""
@@ -166,6 +169,10 @@ class Settings(BaseSettings):
     # What to do when Redis is down: refuse calls (closed) or let them through (open).
     rate_limit_fail_open: bool = False
     max_request_bytes: int = Field(default=1_000_000, gt=0)
+    # The proxies in front (TLS terminator, load balancer), by address or CIDR network. Only
+    # a request whose peer is one of them has its client taken from X-Forwarded-For (and its
+    # scheme from X-Forwarded-Proto). Empty: the peer is the client, whatever it sends.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Payments. With no key, a clearly labelled simulated checkout runs the whole fulfilment
     # path locally, signing its events with a dev secret generated on first use.
@@ -213,7 +220,7 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("metrics_allow_networks", mode="before")
+    @field_validator("metrics_allow_networks", "trusted_proxies", mode="before")
     @classmethod
     def _split_networks(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip().startswith("["):
@@ -226,6 +233,25 @@ class Settings(BaseSettings):
         for network in value:
             ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, value: list[str]) -> list[str]:
+        """Each an IP address or a CIDR network, written the canonical way: a host name or
+        a typo would otherwise be a proxy that silently never matches."""
+        normalised = []
+        for entry in value:
+            try:
+                if "/" in entry:
+                    normalised.append(str(ipaddress.ip_network(entry, strict=False)))
+                else:
+                    normalised.append(str(ipaddress.ip_address(entry)))
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or a CIDR network (such as 10.0.0.5 or "
+                    "10.0.0.0/8); list the addresses of your proxies, not host names"
+                ) from None
+        return normalised
 
     @property
     def json_logs(self) -> bool:

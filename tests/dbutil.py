@@ -11,6 +11,7 @@ PG_ADMIN_URL = os.environ.get(
     "AICREDITS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 TABLES = [
+    "trial_addresses",
     "spike_reports",
     "admin_actions",
     "threshold_crossings",

@@ -1,11 +1,12 @@
 """Logging: one JSON object per line in production, and who/what each line is about.
 
-Every line carries the request id, the user id and the route of the request (or Reflex
-event) it was written in. They live in context variables, so they follow the work across
-`await`s and into `run_blocking` threads (which copy the context) without being passed
-around: the HTTP middleware sets the request id and route, and whoever resolves the user
-(API key, session cookie, the Reflex state) adds the user id. A log call can also name them
-itself with `extra={"user_id": ...}` (the periodic jobs do, having no request).
+Every line carries the request id, the user id, the route and the client's address of the
+request (or Reflex event) it was written in. They live in context variables, so they follow
+the work across `await`s and into `run_blocking` threads (which copy the context) without
+being passed around: the HTTP middleware sets the request id, route and client, and whoever
+resolves the user (API key, session cookie, the Reflex state) adds the user id. A log call
+can also name them itself with `extra={"user_id": ...}` (the periodic jobs do, having no
+request).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from aicredits.settings import Settings
 
-CONTEXT_FIELDS = ("request_id", "user_id", "route")
+CONTEXT_FIELDS = ("request_id", "user_id", "route", "client_ip")
 CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore")
 # A client's X-Request-ID is kept only when it is short and plain: it goes into every log
 # line and back out in a header, so nothing that could forge a line or a header passes.
@@ -32,6 +33,8 @@ _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+=/-]{0,127}$")
 _request_id: ContextVar[str | None] = ContextVar("aicredits_request_id", default=None)
 _route: ContextVar[str | None] = ContextVar("aicredits_route", default=None)
 _user_id: ContextVar[int | None] = ContextVar("aicredits_user_id", default=None)
+# The client's address as the app sees it: behind a trusted proxy, the forwarded one.
+_client_ip: ContextVar[str | None] = ContextVar("aicredits_client_ip", default=None)
 # True when the request id was made here (so it is unique and safe to reuse as a key).
 _generated: ContextVar[bool] = ContextVar("aicredits_request_id_generated", default=False)
 
@@ -65,6 +68,10 @@ def current_user_id() -> int | None:
     return _user_id.get()
 
 
+def current_client_ip() -> str | None:
+    return _client_ip.get()
+
+
 def set_user_id(user_id: int | None) -> None:
     """The signed-in user, once known, for the rest of this request or event."""
     _user_id.set(user_id)
@@ -75,17 +82,24 @@ def set_request_id(request_id: str, *, generated: bool = True) -> None:
     _generated.set(generated)
 
 
-def start_event(*, route: str, user_id: int | None) -> None:
-    """A Reflex event: no HTTP request, so a fresh request id, the page as the route, and
-    the user. Each event runs in its own asyncio task, so this ends with the event."""
+def start_event(*, route: str, user_id: int | None, client_ip: str | None = None) -> None:
+    """A Reflex event: no HTTP request, so a fresh request id, the page as the route, the
+    user and the websocket's client. Each event runs in its own asyncio task, so this ends
+    with the event."""
     set_request_id(new_request_id())
     _route.set(route)
     _user_id.set(user_id)
+    _client_ip.set(client_ip or None)
 
 
 @contextmanager
 def request_scope(
-    *, request_id: str, route: str, generated: bool, user_id: int | None = None
+    *,
+    request_id: str,
+    route: str,
+    generated: bool,
+    user_id: int | None = None,
+    client_ip: str | None = None,
 ) -> Iterator[None]:
     """Bind a request's context for the duration of the block, then restore the old one."""
     tokens = (
@@ -93,10 +107,12 @@ def request_scope(
         _route.set(route),
         _user_id.set(user_id),
         _generated.set(generated),
+        _client_ip.set(client_ip),
     )
     try:
         yield
     finally:
+        _client_ip.reset(tokens[4])
         _generated.reset(tokens[3])
         _user_id.reset(tokens[2])
         _route.reset(tokens[1])
@@ -105,13 +121,18 @@ def request_scope(
 
 def _context_of(record: logging.LogRecord) -> dict[str, Any]:
     """The record's own fields (given with `extra=`) win over the ambient context."""
-    ambient = {"request_id": _request_id.get(), "user_id": _user_id.get(), "route": _route.get()}
+    ambient = {
+        "request_id": _request_id.get(),
+        "user_id": _user_id.get(),
+        "route": _route.get(),
+        "client_ip": _client_ip.get(),
+    }
     return {name: getattr(record, name, ambient[name]) for name in CONTEXT_FIELDS}
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request_id, user_id, route,
-    and the exception's traceback as text when there is one."""
+    client_ip, and the exception's traceback as text when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

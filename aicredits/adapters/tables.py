@@ -6,7 +6,7 @@ cap a balance at about two million dollars.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -80,6 +80,11 @@ class User(SQLModel, table=True):
     is_suspended: bool = Field(default=False)
     created_at: datetime = _ts()
     last_seen_at: datetime | None = _ts(nullable=True)
+    # Set when the account was created past its address's daily limit of free trials: it
+    # never gets the trial (not at a later sign-in either), and its pages say why. `others`
+    # is how many accounts from that address had got the trial that day.
+    trial_withheld_at: datetime | None = _ts(nullable=True)
+    trial_withheld_others: int | None = Field(default=None)
 
 
 class CreditAccount(SQLModel, table=True):
@@ -542,6 +547,24 @@ class SpikeReport(SQLModel, table=True):
     email_error: str = Field(default="", max_length=500)
 
 
+class TrialAddress(SQLModel, table=True):
+    """New accounts given the free trial, and refused it, per client address (an IPv6
+    client: its /64) per UTC day. A sign-up takes a trial with one conditional UPDATE of
+    its row, so sign-ups at the same moment from many workers never exceed the limit."""
+
+    __tablename__ = "trial_addresses"
+    __table_args__ = (
+        sa.CheckConstraint("granted >= 0", name="ck_trial_addresses_granted_non_negative"),
+        sa.CheckConstraint("refused >= 0", name="ck_trial_addresses_refused_non_negative"),
+        sa.Index("ix_trial_addresses_day", "day"),
+    )
+
+    address: str = Field(primary_key=True, max_length=64)
+    day: date = Field(primary_key=True)
+    granted: int = Field(default=0)
+    refused: int = Field(default=0)
+
+
 def table(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, for the ledger's hand-written statements."""
     t = model.__table__  # type: ignore[attr-defined]
@@ -569,3 +592,4 @@ account_flags = table(AccountFlag)
 threshold_crossings = table(ThresholdCrossing)
 admin_actions = table(AdminAction)
 spike_reports = table(SpikeReport)
+trial_addresses = table(TrialAddress)

@@ -93,6 +93,9 @@ async def callback(request: Request) -> Response:
             error=params.get("error"),
             binder=request.cookies.get(cookies.cookie_name(settings, cookies.LOGIN_BINDER)),
             user_agent=request.headers.get("user-agent", ""),
+            # The real client behind a trusted proxy (api/proxies.py): what the free trial's
+            # limit per address counts.
+            client_address=request.client.host if request.client else None,
         )
     except auth.SignInError as exc:
         logger.info("sign-in refused: %s (%s)", exc.code, request.path_params["provider"])

@@ -3,7 +3,8 @@
 `RequestContextMiddleware` wraps everything the backend serves. For each HTTP request it
 takes the client's `X-Request-ID` when it is sane (else makes one), names the route by its
 template (`/v1/chat/completions`, never a raw path that a client could vary), binds both
-for the log lines written while the request runs, echoes the id in the response, and
+and the client's address (the real one behind a trusted proxy: see api/proxies.py) for the
+log lines written while the request runs, echoes the id in the response, and
 counts the request and its duration.
 
 `GET /metrics` is the Prometheus scrape. It answers a Bearer token equal to
@@ -84,7 +85,13 @@ class RequestContextMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
-        with logs.request_scope(request_id=request_id, route=route, generated=given is None):
+        client = scope.get("client")
+        with logs.request_scope(
+            request_id=request_id,
+            route=route,
+            generated=given is None,
+            client_ip=str(client[0]) if client else None,
+        ):
             try:
                 await self.app(scope, receive, send_with_id)
             finally:

@@ -17,6 +17,7 @@ from aicredits.api import auth_routes, export_routes, stripe_routes
 from aicredits.api.health_routes import readyz_route
 from aicredits.api.observability import MetricsRoute, RequestContextMiddleware
 from aicredits.api.openai_routes import OpenAIRoutes
+from aicredits.api.proxies import behind_proxies
 from aicredits.api.security import SecurityMiddleware
 from aicredits.settings import Settings
 
@@ -66,8 +67,10 @@ def build_api(settings: Settings) -> Starlette:
 
 def api_transformers(settings: Settings) -> Sequence[Starlette | Callable[[ASGIApp], ASGIApp]]:
     """Our routes first (Reflex mounts itself inside them), then the security middleware
-    around everything, the websocket included, and outermost the request context (request
-    id, route, user for the logs; HTTP metrics), so it sees the security refusals too."""
+    around everything, the websocket included, then the request context (request id, route,
+    user and client for the logs; HTTP metrics), so it sees the security refusals too, and
+    outermost the real client's address behind a trusted proxy, so that everything inside
+    (the per-address limits, the logs, Reflex's websocket) sees the client, not the proxy."""
 
     api = build_api(settings)
     routes = list(api.routes)  # ours, before Reflex mounts itself inside
@@ -79,6 +82,7 @@ def api_transformers(settings: Settings) -> Sequence[Starlette | Callable[[ASGIA
             cookie_route_prefixes=COOKIE_ROUTES,
             hsts=settings.https,
         )
-        return RequestContextMiddleware(checked, routes=routes)
+        observed = RequestContextMiddleware(checked, routes=routes)
+        return behind_proxies(observed, settings.trusted_proxies)
 
     return [api, secure]

@@ -125,6 +125,25 @@ def usage_banner() -> rx.Component:
     )
 
 
+def trial_notice() -> rx.Component:
+    """Why this account got no free trial (it was created past its address's daily limit),
+    on the pages a new user lands on, until the account first gets credits."""
+    return rx.cond(
+        SessionState.trial_notice != "",
+        rx.callout.root(
+            rx.callout.icon(rx.icon("info")),
+            rx.callout.text(
+                SessionState.trial_notice,
+                " ",
+                rx.link("Buy credits", href="/credits", weight="bold", id="trial-notice-buy"),
+            ),
+            color_scheme="amber",
+            id="trial-notice",
+            width="100%",
+        ),
+    )
+
+
 def page(*children: rx.Component, signed_in_only: bool = False) -> rx.Component:
     """A page in the shared frame. Signed-in-only content renders once the server has
     resolved the session, so a signed-out visitor never sees it, not even for a moment."""

@@ -190,6 +190,20 @@ def overview() -> rx.Component:
             row_id="spike",
             link=("User", "user"),
         ),
+        rx.heading("Sign-ups past the free trial limit", size="4"),
+        rx.text(AdminState.trial_rule, size="2"),
+        _table(
+            AdminState.limited_addresses,
+            [
+                ("Address", "address"),
+                ("Day (UTC)", "day"),
+                ("Accounts with a trial", "granted"),
+                ("Accounts refused", "refused"),
+            ],
+            table_id="admin-limited-addresses",
+            empty="No address reached the limit in the last 30 days.",
+            row_id="limited",
+        ),
     )
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import reflex as rx
 
-from aicredits.components.layout import page
+from aicredits.components.layout import page, trial_notice
 from aicredits.state.chat import INPUT_ID, ChatState, ConversationsState
 
 
@@ -287,6 +287,7 @@ def chat() -> rx.Component:
                     width="100%",
                     align="center",
                 ),
+                trial_notice(),
                 rx.cond(
                     ChatState.messages.length() > 0,  # type: ignore[attr-defined]
                     rx.vstack(

@@ -7,7 +7,7 @@ from typing import Any
 
 import reflex as rx
 
-from aicredits.components.layout import PostForm, page
+from aicredits.components.layout import PostForm, page, trial_notice
 from aicredits.settings import get_settings
 from aicredits.state.credits import CreditsState
 from aicredits.state.session import SessionState
@@ -296,6 +296,7 @@ def credits() -> rx.Component:
     action = f"{settings.api_url}/checkout/start"
     return page(
         rx.heading("Credits", size="6"),
+        trial_notice(),
         _balance(),
         _allowance(),
         rx.cond(CreditsState.simulated, _simulated_notice()),

@@ -21,7 +21,7 @@ import re
 import secrets
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from fractions import Fraction
 from typing import Any
@@ -37,6 +37,7 @@ from aicredits.adapters.tables import (
     holds,
     ledger_entries,
     model_prices,
+    trial_addresses,
     usage_events,
     users,
     utcnow,
@@ -60,6 +61,7 @@ from aicredits.services import ledger, payments
 from aicredits.services import users as users_service
 from aicredits.services.ledger import EntryResult
 from aicredits.services.payments import PurchaseView
+from aicredits.settings import Settings
 
 PER_PAGE = 25
 # A form token is made by new_form_token(); anything else is refused before it keys money.
@@ -69,6 +71,8 @@ MAX_ADMIN_CREDITS = 10**12
 MAX_GRANT_DAYS = 3650
 MAX_PRICE_PER_MTOK = 10**12
 SPIKE_BASELINE_HOURS = 7 * 24
+# The overview lists at most this many (address, day) rows that reached the trial limit.
+MAX_LIMITED_ADDRESSES = 200
 
 
 # --- who acts, and what they may do -----------------------------------------------------------
@@ -1129,6 +1133,17 @@ class SpikeAlert:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitedAddress:
+    """A client address (an IPv6 client: its /64) that reached the daily free trial limit:
+    new accounts from it that UTC day with the trial, and without it."""
+
+    address: str
+    day: date
+    granted: int
+    refused: int
+
+
+@dataclass(frozen=True, slots=True)
 class Overview:
     since: datetime
     until: datetime
@@ -1143,6 +1158,8 @@ class Overview:
     usage_by_model: list[ModelUsage]
     top_spenders: list[Spender]
     spikes: list[SpikeAlert]
+    # Addresses that had sign-ups refused the free trial, most recent day first.
+    limited_addresses: list[LimitedAddress]
 
 
 def overview(
@@ -1155,7 +1172,8 @@ def overview(
     now: datetime | None = None,
 ) -> Overview:
     """The money over the last `days`: credits sold, granted and spent, upstream cost by model,
-    the top spenders, and the users whose spending just spiked."""
+    the top spenders, the users whose spending just spiked, and the addresses that reached
+    the free trial limit."""
     now = now or utcnow()
     since = now - timedelta(days=days)
     window = sa.and_(ledger_entries.c.created_at >= since, ledger_entries.c.created_at <= now)
@@ -1206,6 +1224,21 @@ def overview(
                 .limit(top)
             )
         ]
+        limited = [
+            LimitedAddress(
+                address=r.address, day=r.day, granted=int(r.granted), refused=int(r.refused)
+            )
+            for r in conn.execute(
+                sa.select(trial_addresses)
+                .where(trial_addresses.c.day >= since.date(), trial_addresses.c.refused > 0)
+                .order_by(
+                    trial_addresses.c.day.desc(),
+                    trial_addresses.c.refused.desc(),
+                    trial_addresses.c.address,
+                )
+                .limit(MAX_LIMITED_ADDRESSES)
+            )
+        ]
     return Overview(
         since=since,
         until=now,
@@ -1219,6 +1252,20 @@ def overview(
         usage_by_model=usage,
         top_spenders=spenders,
         spikes=spike_alerts(db, factor=spike_factor, min_credits=spike_min_credits, now=now),
+        limited_addresses=limited,
+    )
+
+
+def trial_limit_rule(settings: Settings) -> str:
+    """The free trial's limit per address, in words, for the overview."""
+    if settings.free_trial_credits <= 0:
+        return "No free trial is given (FREE_TRIAL_CREDITS is 0), so nothing is limited."
+    limit = settings.trials_per_address_per_day
+    if limit <= 0:
+        return "Free trials are not limited per address (TRIALS_PER_ADDRESS_PER_DAY is 0)."
+    return (
+        f"At most {limit:,} new accounts a day from one address (an IPv6 /64) get the free "
+        "trial; later ones that day are created without it and told why."
     )
 
 

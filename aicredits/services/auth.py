@@ -4,9 +4,11 @@
   nonce and the destination, bound to the starting browser by a cookie whose hash is stored.
   The callback claims the row with one conditional UPDATE, so a state works once, only in
   that browser, only for that provider, and only for ten minutes.
-* The first sign-in creates the user, their credit account and their free trial. Another
-  provider with the same verified email signs in as the same user. Unverified emails are
-  refused outright, so they can never link to anyone.
+* The first sign-in creates the user, their credit account and their free trial, unless
+  the client's address already had its trials for the day (TRIALS_PER_ADDRESS_PER_DAY; see
+  services/trials.py): then the account is created without it, for good. Another provider
+  with the same verified email signs in as the same user. Unverified emails are refused
+  outright, so they can never link to anyone.
 * A session is a random token in a cookie; the database keeps its SHA-256, expiry and last
   use. Every request resolves it again, so sign-out and suspension apply at once.
 """
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,9 +38,11 @@ from aicredits.adapters.tables import (
 )
 from aicredits.domain.errors import AICreditsError, IdempotencyConflict
 from aicredits.domain.identity import is_admin, normalise_email, safe_next_path
-from aicredits.services import ledger
+from aicredits.services import ledger, trials
 from aicredits.services.token_hashing import hash_token
 from aicredits.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 LOGIN_TTL = timedelta(minutes=10)
 # Writing last_used_at on every request would turn every read into a write.
@@ -166,6 +171,7 @@ async def finish_login(
     error: str | None,
     binder: str | None,
     user_agent: str = "",
+    client_address: str | None = None,
 ) -> SignedIn:
     provider = find_provider(settings, provider_name)
     now = utcnow()
@@ -203,7 +209,14 @@ async def finish_login(
             f"Your {provider.label} account has no verified email address. Verify it with "
             f"{provider.label}, then sign in again."
         )
-    user_id, created = sign_in_identity(db, provider=provider.name, identity=identity, now=now)
+    user_id, created = sign_in_identity(
+        db,
+        provider=provider.name,
+        identity=identity,
+        now=now,
+        client_address=client_address,
+        trial_limit=trial_limit(settings),
+    )
     ensure_trial_grant(db, settings, user_id=user_id, now=now)
     token = create_session(
         db, user_id=user_id, days=settings.session_days, user_agent=user_agent, now=now
@@ -254,11 +267,25 @@ def _claim_attempt(
 # --- accounts -------------------------------------------------------------------------------
 
 
+def trial_limit(settings: Settings) -> int:
+    """New accounts with a trial per address per day; 0 when nothing is limited (no limit
+    set, or no trial to give)."""
+    return settings.trials_per_address_per_day if settings.free_trial_credits > 0 else 0
+
+
 def sign_in_identity(
-    db: Database, *, provider: str, identity: ProviderIdentity, now: datetime | None = None
+    db: Database,
+    *,
+    provider: str,
+    identity: ProviderIdentity,
+    now: datetime | None = None,
+    client_address: str | None = None,
+    trial_limit: int = 0,
 ) -> tuple[int, bool]:
     """The user this provider identity signs in as: known, linked by verified email, or new.
 
+    A new user counts against `client_address`'s free trials for the day when `trial_limit`
+    is set (in the same transaction), and past it is created without the trial.
     Returns (user id, created). Refuses unverified emails and suspended users.
     """
     now = now or utcnow()
@@ -268,7 +295,9 @@ def sign_in_identity(
     for attempt in range(2):
         try:
             with db.transaction() as conn:
-                user_id, created = _find_or_create(conn, provider, identity, email, now)
+                user_id, created = _find_or_create(
+                    db, conn, provider, identity, email, now, client_address, trial_limit
+                )
                 suspended = conn.execute(
                     sa.select(users.c.is_suspended).where(users.c.id == user_id)
                 ).scalar_one()
@@ -286,7 +315,14 @@ def sign_in_identity(
 
 
 def _find_or_create(
-    conn: Connection, provider: str, identity: ProviderIdentity, email: str, now: datetime
+    db: Database,
+    conn: Connection,
+    provider: str,
+    identity: ProviderIdentity,
+    email: str,
+    now: datetime,
+    client_address: str | None,
+    trial_limit: int,
 ) -> tuple[int, bool]:
     known = conn.execute(
         sa.select(identities.c.id, identities.c.user_id).where(
@@ -307,6 +343,18 @@ def _find_or_create(
     ).first()
     created = linked is None
     if linked is None:
+        withheld: dict[str, object] = {}
+        if trial_limit > 0:
+            claim = trials.claim_trial(
+                db, conn, client_address=client_address, limit=trial_limit, now=now
+            )
+            if not claim.granted:
+                withheld = {"trial_withheld_at": now, "trial_withheld_others": claim.others}
+                logger.info(
+                    "new account without the free trial: %d accounts from %s got one today",
+                    claim.others,
+                    claim.address,
+                )
         user_id = conn.execute(
             sa.insert(users)
             .values(
@@ -317,6 +365,7 @@ def _find_or_create(
                 is_suspended=False,
                 created_at=now,
                 last_seen_at=now,
+                **withheld,
             )
             .returning(users.c.id)
         ).scalar_one()
@@ -360,16 +409,18 @@ def ensure_trial_grant(
     """Give the free trial once per user, ever. Returns whether it was given now.
 
     Called at every sign-in, so a trial lost to a crash between creating the user and
-    granting is still given next time; the ledger's unique key makes it at most once.
+    granting is still given next time; the ledger's unique key makes it at most once. A
+    user created past their address's trial limit never gets it.
     """
     if settings.free_trial_credits <= 0:
         return False
     key = trial_key(user_id)
+    given = sa.exists().where(ledger_entries.c.idempotency_key == key)
     with db.read() as conn:
-        given = conn.execute(
-            sa.select(ledger_entries.c.id).where(ledger_entries.c.idempotency_key == key)
+        row = conn.execute(
+            sa.select(users.c.trial_withheld_at, given.label("given")).where(users.c.id == user_id)
         ).first()
-    if given is not None:
+    if row is None or row.given or row.trial_withheld_at is not None:
         return False
     now = now or utcnow()
     try:

@@ -25,6 +25,7 @@ from aicredits.services.admin import (
     FlagRow,
     HoldRow,
     LedgerLineView,
+    LimitedAddress,
     ModelPrices,
     ModelUsage,
     Overview,
@@ -191,6 +192,16 @@ def spike_row(s: SpikeAlert) -> dict[str, str]:
     }
 
 
+def limited_address_row(a: LimitedAddress) -> dict[str, str]:
+    return {
+        "id": f"{a.address}-{a.day.isoformat()}",
+        "address": a.address,
+        "day": a.day.isoformat(),
+        "granted": _n(a.granted),
+        "refused": _n(a.refused),
+    }
+
+
 def totals_rows(o: Overview) -> list[dict[str, str]]:
     return [
         {"id": "sold", "label": "Credits sold", "value": _n(o.credits_sold)},
@@ -244,6 +255,8 @@ class AdminState(SessionState):
     top_spenders: list[dict[str, str]] = []
     spikes: list[dict[str, str]] = []
     spike_rule: str = ""
+    limited_addresses: list[dict[str, str]] = []
+    trial_rule: str = ""
 
     # Users (/admin/users)
     user_query: str = ""
@@ -329,6 +342,8 @@ class AdminState(SessionState):
             f"than {settings.spike_factor:g} times their average hourly spend over the 7 days "
             "before it"
         )
+        self.limited_addresses = [limited_address_row(a) for a in seen.limited_addresses]
+        self.trial_rule = admin.trial_limit_rule(settings)
         return None
 
     # --- users --------------------------------------------------------------------------------

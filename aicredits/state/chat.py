@@ -194,6 +194,7 @@ class ChatState(SessionState):
         if user is None:
             return self._to_login()
         await self._refresh_balance(user)
+        await self._refresh_trial_notice(user)
         self.models = await _fetch_models()
         self.model = choose_model(self.model, self.models)
         self.error = self.error_kind = ""

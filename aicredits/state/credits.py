@@ -161,6 +161,7 @@ class CreditsState(SessionState):
         labels = {p.id: p.label for p in offers}
         self.purchases = [purchase_row(p, labels) for p in history]
         await self._refresh_balance(user)
+        await self._refresh_trial_notice(user)
         await self._load_dashboard(user.id)
         return None
 

@@ -18,7 +18,7 @@ from aicredits.adapters import logs
 from aicredits.adapters.db import get_database
 from aicredits.api import cookies
 from aicredits.domain.identity import safe_next_path
-from aicredits.services import auth, ledger, thresholds
+from aicredits.services import auth, ledger, thresholds, trials
 from aicredits.services.auth import CurrentUser
 from aicredits.settings import get_settings
 
@@ -52,6 +52,9 @@ class SessionState(rx.State):
     banner_text: str = ""
     banner_threshold: int = 0
     banner_dismissible: bool = False
+    # Why this account has no free trial, on /chat and /credits ("" when it has one, or has
+    # had credits since).
+    trial_notice: str = ""
 
     async def _authenticate(self) -> CurrentUser | None:
         """Resolve the session cookie against the database, now. None when signed out."""
@@ -59,20 +62,28 @@ class SessionState(rx.State):
         self._show(user)
         return user
 
-    def _session_key(self) -> tuple[str, str]:
-        """(the Cookie header, the page's route): all `_fetch_user` needs from the state. A
-        background event reads these inside `async with self` and resolves them outside it."""
-        return self.router.headers.cookie, self.router.route_id or "/"
+    def _session_key(self) -> tuple[str, str, str]:
+        """(the Cookie header, the page's route, the client's address): all `_fetch_user`
+        needs from the state. A background event reads these inside `async with self` and
+        resolves them outside it."""
+        return (
+            self.router.headers.cookie,
+            self.router.route_id or "/",
+            self.router.session.client_ip,
+        )
 
     @staticmethod
-    async def _fetch_user(cookie_header: str, page: str) -> CurrentUser | None:
+    async def _fetch_user(cookie_header: str, page: str, client_ip: str = "") -> CurrentUser | None:
         """Resolve a session cookie against the database, touching no state."""
         settings = get_settings()
         token = cookies.read_cookie(cookie_header, cookies.cookie_name(settings, cookies.SESSION))
         user = await asyncio.to_thread(auth.resolve_session, get_database(), settings, token)
         # A Reflex event has no HTTP request: its log lines get a fresh id, the page's route
-        # (its pattern, e.g. /admin/user) as their route, and this user.
-        logs.start_event(route=f"event:{page}", user_id=user.id if user else None)
+        # (its pattern, e.g. /admin/user) as their route, this user, and the websocket's
+        # client (the real one behind a trusted proxy).
+        logs.start_event(
+            route=f"event:{page}", user_id=user.id if user else None, client_ip=client_ip
+        )
         return user
 
     def _show(self, user: CurrentUser | None) -> None:
@@ -86,6 +97,7 @@ class SessionState(rx.State):
         if user is None:
             self.available_credits = 0
             self._show_banner(None)
+            self.trial_notice = ""
 
     def _show_banner(self, banner: thresholds.Banner | None) -> None:
         self.banner_level = banner.level if banner else ""
@@ -105,6 +117,10 @@ class SessionState(rx.State):
         balance = await asyncio.to_thread(ledger.get_balance, db, user_id=user_id)
         banner = await asyncio.to_thread(thresholds.banner, db, get_settings(), user_id=user_id)
         return balance.available, banner
+
+    async def _refresh_trial_notice(self, user: CurrentUser) -> None:
+        notice = await asyncio.to_thread(trials.trial_notice, get_database(), user_id=user.id)
+        self.trial_notice = notice or ""
 
     def _show_balance(self, available: int, banner: thresholds.Banner | None) -> None:
         self.available_credits = available

@@ -19,6 +19,7 @@ from aicredits.adapters.tables import (
     ledger_entries,
     model_prices,
     purchases,
+    trial_addresses,
     usage_events,
     utcnow,
 )
@@ -685,6 +686,52 @@ def test_a_quiet_week_then_a_heavy_hour_is_a_spike_and_an_evenly_heavy_user_is_n
     seen = admin.overview(db, spike_factor=5.0, spike_min_credits=100, now=now)
     assert [a.user_id for a in seen.spikes] == [quiet]
     assert verify_ledger(db) == []
+
+
+def test_the_overview_lists_the_addresses_that_reached_the_trial_limit(db: Database) -> None:
+    now = utcnow()
+    today = now.date()
+    rows = [
+        ("203.0.113.5", today, 3, 2),
+        ("2001:db8:1:2::/64", today, 3, 4),
+        ("198.51.100.7", today, 1, 0),  # under the limit: not listed
+        ("203.0.113.5", today - timedelta(days=1), 3, 1),
+        ("192.0.2.9", today - timedelta(days=31), 3, 9),  # outside the 30 days
+    ]
+    with db.transaction() as conn:
+        for address, day, granted, refused in rows:
+            conn.execute(
+                sa.insert(trial_addresses).values(
+                    address=address, day=day, granted=granted, refused=refused
+                )
+            )
+    seen = admin.overview(db, spike_factor=5.0, spike_min_credits=100, now=now)
+    assert [(a.address, a.day, a.granted, a.refused) for a in seen.limited_addresses] == [
+        ("2001:db8:1:2::/64", today, 3, 4),
+        ("203.0.113.5", today, 3, 2),
+        ("203.0.113.5", today - timedelta(days=1), 3, 1),
+    ]
+
+
+def test_the_overview_lists_an_address_refused_through_sign_in(db: Database) -> None:
+    for n in range(3):
+        auth.sign_in_identity(
+            db,
+            provider="dev",
+            identity=ProviderIdentity(
+                subject=f"s{n}",
+                email=f"s{n}@example.test",
+                email_verified=True,
+                name="",
+                picture=None,
+            ),
+            client_address="203.0.113.5",
+            trial_limit=2,
+        )
+    seen = admin.overview(db, spike_factor=5.0, spike_min_credits=100)
+    assert [(a.address, a.granted, a.refused) for a in seen.limited_addresses] == [
+        ("203.0.113.5", 2, 1)
+    ]
 
 
 def test_form_input_parsing_is_exact() -> None:

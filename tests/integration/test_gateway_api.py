@@ -3,16 +3,19 @@ against the fake upstream: every path of DESIGN.md's request flow, on SQLite and
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import httpx
 import openai
 import pytest
 import redis
+from starlette.applications import Starlette
 
 from aicredits.adapters.tokenizer import count_message_tokens
+from aicredits.api.routes import api_transformers
 from aicredits.domain.pricing import usage_cost
 from aicredits.services import api_keys
 from tests.dbutil import truncate_postgres
@@ -303,6 +306,58 @@ def test_the_per_user_rate_limit_answers_429_with_retry_after(db_url: str) -> No
         assert int(caught.value.response.headers["retry-after"]) >= 1
         assert rig.upstream_stats()["chat_requests"] == 2
         assert rig.balance(user).held == 0
+
+
+def statuses_by_peer(rig: Rig, calls: Sequence[tuple[str, str | None]], key: str) -> list[int]:
+    """POST /v1/chat/completions through the app's whole middleware stack, in process, each
+    call from the given peer address with the given X-Forwarded-For. One event loop for all,
+    so every call meets the same in-process rate limiter, as in one worker."""
+    api, secure = api_transformers(rig.settings)
+    assert isinstance(api, Starlette) and not isinstance(secure, Starlette)
+    app = secure(api)
+
+    async def run() -> list[int]:
+        statuses = []
+        for peer, forwarded in calls:
+            transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+            headers = {"Authorization": f"Bearer {key}"}
+            if forwarded is not None:
+                headers["X-Forwarded-For"] = forwarded
+            async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+                response = await client.post(
+                    "/v1/chat/completions",
+                    json={"model": MODEL.id, "messages": MESSAGES},
+                    headers=headers,
+                    timeout=30,
+                )
+            statuses.append(response.status_code)
+        return statuses
+
+    return asyncio.run(run())
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_per_ip_limit(db_url: str) -> None:
+    with running_rig(db_url, rate_limit_ip_per_minute=2, trusted_proxies=["10.0.0.1"]) as rig:
+        _, key = rig.user(credits=10_000)
+        first, second = "203.0.113.1", "203.0.113.2"
+        calls = [("10.0.0.1", first)] * 3 + [("10.0.0.1", second)] * 3
+        assert statuses_by_peer(rig, calls, key) == [200, 200, 429, 200, 200, 429]
+        assert rig.upstream_stats()["chat_requests"] == 4
+
+
+def test_from_an_untrusted_peer_x_forwarded_for_does_not_change_the_per_ip_limit(
+    db_url: str,
+) -> None:
+    with running_rig(db_url, rate_limit_ip_per_minute=2, trusted_proxies=["10.0.0.1"]) as rig:
+        _, key = rig.user(credits=10_000)
+        calls: list[tuple[str, str | None]] = [
+            ("198.51.100.9", f"203.0.113.{n}") for n in (1, 2, 3)
+        ]
+        calls += [("198.51.100.9", None)]
+        # Another peer is another bucket: the limit was the peer's, not everyone's.
+        calls += [("198.51.100.10", "203.0.113.1")]
+        assert statuses_by_peer(rig, calls, key) == [200, 200, 429, 429, 200]
+        assert rig.upstream_stats()["chat_requests"] == 3
 
 
 def hundred_calls_on_a_balance_for_20(rig: Rig) -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
@@ -17,6 +19,7 @@ import sqlalchemy as sa
 from httpx2 import Response  # what Starlette's TestClient returns
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
+from starlette.types import ASGIApp
 
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import (
@@ -28,7 +31,7 @@ from aicredits.adapters.tables import (
     utcnow,
 )
 from aicredits.api.routes import api_transformers
-from aicredits.services import auth, ledger
+from aicredits.services import auth, ledger, trials
 from aicredits.services import users as users_service
 from aicredits.settings import Settings, get_settings
 
@@ -49,10 +52,21 @@ class Site:
     settings: Settings
     db: Database
     idp: str
+    app: ASGIApp
 
-    def start(self, provider: str = "dev", next_path: str = "/chat") -> str:
+    def peer(self, address: str, forwarded: str | None = None) -> TestClient:
+        """A browser connecting from `address`, sending X-Forwarded-For when given (as a
+        proxy in front would)."""
+        headers = {"X-Forwarded-For": forwarded} if forwarded else None
+        return TestClient(
+            self.app, follow_redirects=False, client=(address, 50000), headers=headers
+        )
+
+    def start(
+        self, provider: str = "dev", next_path: str = "/chat", client: TestClient | None = None
+    ) -> str:
         """Press "Sign in with ...": returns the provider's authorization URL."""
-        response = self.client.post(
+        response = (client or self.client).post(
             f"/auth/login/{provider}", data={"next": next_path}, headers={"Origin": PUBLIC}
         )
         assert response.status_code == 303, response.text
@@ -68,8 +82,14 @@ class Site:
     def callback(self, path: str, client: TestClient | None = None) -> Response:
         return (client or self.client).get(path)
 
-    def sign_in(self, sub: str, provider: str = "dev", next_path: str = "/chat") -> Response:
-        return self.callback(self.approve(self.start(provider, next_path), sub))
+    def sign_in(
+        self,
+        sub: str,
+        provider: str = "dev",
+        next_path: str = "/chat",
+        client: TestClient | None = None,
+    ) -> Response:
+        return self.callback(self.approve(self.start(provider, next_path, client), sub), client)
 
     def set_claims(self, sub: str, **claims: object) -> None:
         response = httpx.put(f"{self.idp}/users/{quote(sub)}", json=claims)
@@ -93,7 +113,7 @@ def make_site(db_url: str, idp: str, monkeypatch: pytest.MonkeyPatch, **env: str
     routes, secure = api_transformers(settings)
     assert isinstance(routes, Starlette) and not isinstance(secure, Starlette)
     app = secure(routes)
-    return Site(TestClient(app, follow_redirects=False), settings, Database(db_url), idp)
+    return Site(TestClient(app, follow_redirects=False), settings, Database(db_url), idp, app)
 
 
 @pytest.fixture
@@ -412,3 +432,65 @@ def test_the_trial_is_given_once_whatever_happens(site: Site) -> None:
     for _ in range(3):
         assert not auth.ensure_trial_grant(site.db, site.settings, user_id=user.id)
     assert ledger.get_balance(site.db, user_id=user.id).balance == TRIAL
+
+
+# --- free trials per client address -----------------------------------------------------------
+
+
+@pytest.fixture
+def make(db_url: str, idp: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    made: list[Site] = []
+
+    def build(**env: str) -> Site:
+        made.append(make_site(db_url, idp, monkeypatch, **env))
+        return made[-1]
+
+    yield build
+    for s in made:
+        s.db.dispose()
+    get_settings.cache_clear()
+
+
+def new_account(site: Site, client: TestClient) -> tuple[int, int]:
+    """Sign up a new user from this browser: (user id, balance)."""
+    response = site.sign_in(f"new-{uuid.uuid4().hex[:10]}@example.test", client=client)
+    assert response.status_code == 303, response.text
+    user = auth.resolve_session(site.db, site.settings, session_cookie(response))
+    assert user is not None
+    return user.id, ledger.get_balance(site.db, user_id=user.id).balance
+
+
+def test_the_sign_up_past_the_limit_gets_no_trial_and_the_reason(make: Any) -> None:
+    site = make(TRIALS_PER_ADDRESS_PER_DAY="3")
+    home = site.peer("203.0.113.5")
+    accounts = [new_account(site, home) for _ in range(4)]
+    assert [credits for _, credits in accounts] == [TRIAL, TRIAL, TRIAL, 0]
+    refused = accounts[3][0]
+    assert trials.trial_notice(site.db, user_id=refused) == (
+        "No free trial for this account: 3 accounts already got one from your network "
+        "today. Buy credits to start."
+    )
+    # Another address is unaffected.
+    assert new_account(site, site.peer("198.51.100.7"))[1] == TRIAL
+
+
+def test_signing_in_again_counts_nothing_against_the_address(make: Any) -> None:
+    site = make(TRIALS_PER_ADDRESS_PER_DAY="2")
+    home = site.peer("203.0.113.5")
+    for _ in range(3):
+        assert site.sign_in("regular@example.test", client=home).status_code == 303
+    assert count(site.db, users) == 1
+    assert new_account(site, home)[1] == TRIAL  # the second of two
+    assert new_account(site, home)[1] == 0
+
+
+def test_behind_a_trusted_proxy_trials_count_per_forwarded_address(make: Any) -> None:
+    site = make(TRIALS_PER_ADDRESS_PER_DAY="1", TRUSTED_PROXIES="10.0.0.1")
+    via_proxy = [site.peer("10.0.0.1", forwarded=a) for a in ("203.0.113.5", "203.0.113.6")]
+    assert new_account(site, via_proxy[0])[1] == TRIAL
+    assert new_account(site, via_proxy[0])[1] == 0
+    assert new_account(site, via_proxy[1])[1] == TRIAL
+    # A peer that is not the proxy cannot pick its address with the header.
+    spoofing = [site.peer("198.51.100.9", forwarded=a) for a in ("192.0.2.1", "192.0.2.2")]
+    assert new_account(site, spoofing[0])[1] == TRIAL
+    assert new_account(site, spoofing[1])[1] == 0

@@ -105,11 +105,27 @@ def test_a_reflex_event_gets_a_fresh_id_each_time() -> None:
     assert logs.current_request_id() is None
 
 
+def test_a_reflex_event_carries_the_websockets_client() -> None:
+    def events() -> None:
+        logs.start_event(route="event:/chat", user_id=3, client_ip="203.0.113.7")
+        assert logs.current_client_ip() == "203.0.113.7"
+        logs.start_event(route="event:/chat", user_id=3, client_ip="")
+        assert logs.current_client_ip() is None
+
+    contextvars.copy_context().run(events)
+    assert logs.current_client_ip() is None
+
+
 def test_text_lines_carry_the_context_in_brackets() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "plain %d", (1,), None)
     with logs.request_scope(request_id="req_9", route="/healthz", generated=True, user_id=5):
         text = logs.TextFormatter().format(record)
     assert text.endswith("plain 1 [request_id=req_9 user_id=5 route=/healthz]")
+    with logs.request_scope(
+        request_id="req_9", route="/healthz", generated=True, client_ip="203.0.113.7"
+    ):
+        text = logs.TextFormatter().format(record)
+    assert text.endswith("[request_id=req_9 route=/healthz client_ip=203.0.113.7]")
     assert logs.TextFormatter().format(record).endswith("plain 1")
 
 

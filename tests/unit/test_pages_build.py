@@ -32,3 +32,17 @@ def test_the_page_builds_and_renders(build: Callable[[], rx.Component]) -> None:
     component = build()
     assert isinstance(component, rx.Component)
     assert component.render()  # the dict Reflex compiles to JSX
+
+
+@pytest.mark.parametrize(
+    ("build", "element_id"),
+    [
+        (chat.chat, '"trial-notice"'),
+        (credits.credits, '"trial-notice"'),
+        (admin.overview, '"admin-limited-addresses"'),
+    ],
+)
+def test_the_page_has_its_element(build: Callable[[], rx.Component], element_id: str) -> None:
+    """Where a new user is told why they got no free trial; where admins see the addresses
+    that reached the trial limit."""
+    assert element_id in str(build().render())

@@ -1,0 +1,88 @@
+"""The free trial's limit per client address, and what a user refused the trial is told.
+
+A new account takes one of its address's trials for the day inside the transaction that
+creates it (`claim_trial`), so the decision and the account exist together or not at all:
+a crash afterwards is repaired by the next sign-in's `ensure_trial_grant`, which gives the
+trial to an account that was not refused it and never to one that was. Only the sign-in
+that creates an account counts; signing in again, or linking a second provider, does not.
+
+The claim is an insert of the (address, day) row that ignores a conflict, then one
+conditional `UPDATE ... SET granted = granted + 1 WHERE ... AND granted < :limit`. On
+Postgres the second of two concurrent claims waits on the first's row lock and re-checks
+the condition on the committed row; SQLite's write transactions take turns. Either way no
+more than the limit pass, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from aicredits.adapters.db import Database
+from aicredits.adapters.tables import ledger_entries, trial_addresses, users, utcnow
+from aicredits.domain.trials import address_bucket, trial_day, withheld_trial_notice
+
+
+@dataclass(frozen=True, slots=True)
+class TrialClaim:
+    """Whether a new account from `address` (its bucket) gets the trial, and how many from
+    that address had got it that day before it."""
+
+    address: str
+    granted: bool
+    others: int
+
+
+def claim_trial(
+    db: Database, conn: Connection, *, client_address: str | None, limit: int, now: datetime
+) -> TrialClaim:
+    """Count a new account against its address's trials for the day, in the caller's
+    transaction (the one creating the account). `limit` is at least 1."""
+    if limit < 1:
+        raise ValueError("a trial limit is at least 1 (0 means no limit: do not claim)")
+    address = address_bucket(client_address)
+    row_key = (trial_addresses.c.address == address, trial_addresses.c.day == trial_day(now))
+    conn.execute(
+        db.insert_ignoring_conflict(trial_addresses, index=("address", "day")).values(
+            address=address, day=trial_day(now), granted=0, refused=0
+        )
+    )
+    taken = conn.execute(
+        sa.update(trial_addresses)
+        .where(*row_key, trial_addresses.c.granted < limit)
+        .values(granted=trial_addresses.c.granted + 1)
+        .returning(trial_addresses.c.granted)
+    ).first()
+    if taken is not None:
+        return TrialClaim(address=address, granted=True, others=int(taken.granted) - 1)
+    refused = conn.execute(
+        sa.update(trial_addresses)
+        .where(*row_key)
+        .values(refused=trial_addresses.c.refused + 1)
+        .returning(trial_addresses.c.granted)
+    ).one()
+    return TrialClaim(address=address, granted=False, others=int(refused.granted))
+
+
+def trial_notice(db: Database, *, user_id: int, now: datetime | None = None) -> str | None:
+    """Why this user has no free trial, while it matters: from the refusal until the account
+    first gets credits some other way (a purchase, an admin's grant). None otherwise."""
+    has_entries = sa.exists().where(ledger_entries.c.user_id == users.c.id)
+    with db.read() as conn:
+        row = conn.execute(
+            sa.select(
+                users.c.trial_withheld_at,
+                users.c.trial_withheld_others,
+                has_entries.label("has_entries"),
+            ).where(users.c.id == user_id)
+        ).first()
+    if row is None or row.trial_withheld_at is None or row.has_entries:
+        return None
+    return withheld_trial_notice(
+        others=int(row.trial_withheld_others or 0),
+        withheld_at=row.trial_withheld_at,
+        now=now or utcnow(),
+    )
