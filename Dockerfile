@@ -59,7 +59,7 @@ RUN --mount=type=secret,id=build_ca \
 # `reflex run --env prod`: frontend and backend on port 3000, several Granian workers, the
 # Redis state manager. Reflex 0.10 rebuilds the frontend bundle at every production start
 # (offline: the packages are in .web/node_modules), so node and bun (.tools/) come along; the
-# first answer took 18-28 s on 2 cores.
+# first answer took 18-32 s on 2 cores.
 FROM base AS runtime
 ENV PATH="/opt/venv/bin:$PATH" \
     PYTHONUNBUFFERED=1 \
