@@ -9,7 +9,8 @@ JS_PATH = $$($(PY) scripts/js_runtime.py)
 REFLEX_ENV = REFLEX_USE_SYSTEM_BUN=1 REFLEX_TELEMETRY_ENABLED=false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run prod check-config migrate lint format test test-fast bench clean bench-scale bench-chat
+.PHONY: help setup run prod check-config migrate lint format test test-fast bench clean bench-scale bench-chat \
+	image image-check
 
 help:
 	@echo "make run     install what is missing, migrate the database, start the app on :3000"
@@ -21,6 +22,8 @@ help:
 	@echo "make bench-scale  metered req/s and p99 of the prod app with 1, 2 and 4 workers"
 	@echo "make bench-chat   the chat in Chromium vs the /v1 API, then a 100-session soak"
 	@echo "make lint    ruff + mypy only;  make format  apply ruff's formatting"
+	@echo "make image   build the container image with podman, base Debian from the Debian mirror"
+	@echo "make image-check  start that image and wait for /healthz (needs Redis on 127.0.0.1)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
@@ -82,6 +85,14 @@ bench-chat: setup
 	bash scripts/chromium.sh
 	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/chat_ui.py
 	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/chat_soak.py
+
+# The container image without Docker Hub (README, "Building the image without Docker Hub").
+# Not part of `make test`: it needs root, podman and debootstrap, and takes minutes.
+image:
+	bash scripts/build_image.sh build
+
+image-check:
+	bash scripts/build_image.sh check
 
 clean:
 	rm -rf .web .states .pytest_cache .mypy_cache .ruff_cache .hypothesis

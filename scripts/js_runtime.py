@@ -117,6 +117,30 @@ def pick_version(packument: dict, spec: str) -> str:
     return ".".join(str(x) for x in max(candidates))
 
 
+def extract(archive: tarfile.TarFile, dest: Path) -> None:
+    """Unpack into dest, refusing members and links that would land outside it, and devices.
+
+    Python 3.11.4+ does that with the "data" extraction filter. Debian bookworm's python3 is
+    3.11.2, which has no filters (`extractall(filter=...)` is a TypeError there), so the same
+    is checked by hand.
+    """
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in archive.getmembers():
+        target = (root / member.name).resolve()
+        if member.issym():
+            linked = (target.parent / member.linkname).resolve()
+        elif member.islnk():
+            linked = (root / member.linkname).resolve()
+        else:
+            linked = target
+        if member.isdev() or not (target.is_relative_to(root) and linked.is_relative_to(root)):
+            raise SystemExit(f"refusing to unpack {member.name!r}: it leaves {dest}")
+    archive.extractall(dest)  # noqa: S202 - every member checked above
+
+
 def fetch_package(name: str, spec: str, dest: Path) -> None:
     """Download one package tarball from the registry, check its integrity, unpack it."""
     packument = fetch_json(registry() + name.replace("/", "%2f"))
@@ -133,7 +157,7 @@ def fetch_package(name: str, spec: str, dest: Path) -> None:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
-        archive.extractall(dest, filter="tar")
+        extract(archive, dest)
     # npm tarballs keep everything under package/
     inner = dest / "package"
     for item in inner.iterdir():

@@ -1,6 +1,8 @@
-"""The container files, checked statically: no Docker engine runs here to build or start them.
+"""The container files, checked statically.
 
 hadolint lints the Dockerfile in `make lint`; these tests pin what the deployment relies on.
+Building and starting the image is `make image` / `make image-check` (podman), outside
+`make test`: it needs root and takes minutes.
 """
 
 from __future__ import annotations
@@ -82,26 +84,63 @@ def test_compose_holds_no_literal_secret(compose: dict[str, Any]) -> None:
     assert "${POSTGRES_PASSWORD:?" in url, "the database password must come from .env"
 
 
-def _stages() -> list[list[str]]:
-    """The Dockerfile's instructions (continuations joined), split into its stages."""
+def _instructions() -> list[str]:
+    """The Dockerfile's instructions, continuations joined, comments dropped."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def _stages() -> list[list[str]]:
+    """The instructions split into stages; only ARGs may come before the first FROM."""
     stages: list[list[str]] = []
-    for line in lines:
+    for line in _instructions():
         if line.upper().startswith("FROM "):
             stages.append([])
-        assert stages, "an instruction before the first FROM"
+        if not stages:
+            assert line.upper().startswith("ARG "), f"{line!r} before the first FROM"
+            continue
         stages[-1].append(line)
     return stages
 
 
+def test_the_base_image_is_a_build_argument_defaulting_to_python_slim() -> None:
+    # The default keeps `docker build .` working from Docker Hub; scripts/build_image.sh
+    # passes a Debian bookworm made from the Debian mirror instead.
+    lines = _instructions()
+    first_from = next(i for i, ln in enumerate(lines) if ln.startswith("FROM "))
+    assert "ARG BASE_IMAGE=python:3.11-slim" in lines[:first_from]
+    base = _stages()[0]
+    assert base[0] == "FROM ${BASE_IMAGE} AS base"
+    # A plain Debian base has no Python: the base stage installs Debian's 3.11 with venv.
+    install = [ln for ln in base if ln.startswith("RUN ") and "apt-get install" in ln]
+    assert install and "python3-venv" in install[0] and "ca-certificates" in install[0]
+    assert "version_info < (3, 11)" in install[0]
+
+
 def test_the_dockerfile_builds_in_one_stage_and_runs_in_another() -> None:
     stages = _stages()
-    assert len(stages) == 2
-    build, runtime = stages
-    assert " AS build" in build[0]
+    assert len(stages) == 3
+    base, build, runtime = stages
+    assert build[0] == "FROM base AS build" and runtime[0] == "FROM base AS runtime"
     assert any("js_runtime.py" in ln and "reflex export" in ln for ln in build)
     assert any(ln.startswith("COPY --from=build") for ln in runtime)
+    assert not any(ln.startswith("COPY") for ln in base)
+
+
+def test_reflex_keeps_its_folder_from_the_build_so_a_start_downloads_nothing() -> None:
+    # Without the export's REFLEX_DIR, Reflex re-initialises .web at every start and fetches
+    # all frontend packages from npm again (seen in the podman check).
+    build, runtime = _stages()[1:]
+    for stage in (build, runtime):
+        env = " ".join(ln for ln in stage if ln.startswith("ENV "))
+        assert "REFLEX_DIR=/app/.reflex" in env
+
+
+def test_a_build_ca_is_a_secret_mount_never_a_layer() -> None:
+    lines = _instructions()
+    assert not any("build_ca" in ln for ln in lines if ln.startswith(("COPY", "ADD", "ENV")))
+    users = [ln for ln in lines if "/run/secrets/build_ca" in ln]
+    assert users and all(ln.startswith("RUN --mount=type=secret,id=build_ca ") for ln in users)
 
 
 def test_the_runtime_stage_runs_as_a_non_root_user() -> None:
