@@ -67,7 +67,7 @@ ENV PATH="/opt/venv/bin:$PATH" \
     REFLEX_DIR=/app/.reflex \
     REFLEX_USE_SYSTEM_BUN=1 \
     REFLEX_TELEMETRY_ENABLED=false
-# /app itself belongs to the user too: the app creates files there at run time (data/ for a
+# /app itself belongs to the user too: the app creates files there at run time (.data/ for a
 # SQLite database, Reflex's .states/), and COPY --chown changes only what it copies.
 RUN groupadd --gid 10001 app \
     && useradd --uid 10001 --gid app --create-home --shell /usr/sbin/nologin app \
