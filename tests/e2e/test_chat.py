@@ -8,8 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from playwright.sync_api import Page, expect
 
+from aicredits.adapters.tables import chat_messages
 from aicredits.services import ledger, users
 from tests.e2e.conftest import ROOT, RunningApp, sign_in
 
@@ -81,6 +83,45 @@ def test_a_reply_streams_in_pieces_costs_what_it_says_and_survives_a_reload(
     page.reload()
     expect(page.locator(".message-user")).to_have_text("Tell me a story")
     expect(page.locator(".reply-cost")).to_have_text(cost.inner_text())
+
+
+def test_a_reload_in_the_middle_of_a_reply_shows_the_message_and_the_reply_so_far(
+    app: RunningApp, page: Page
+) -> None:
+    sign_in(page, app, "reloader@example.test")
+    before = header_balance(page)
+    queue(app, reply_tokens=60, tokens_per_second=15)
+    send(page, "A long one, please")
+    expect(page.locator(".message-assistant").last).to_contain_text("dolor")
+
+    db = app.db()
+    try:
+        # Reload once the reply has been saved part way (it is, every 2 s).
+        def saved_so_far() -> str:
+            with db.read() as conn:
+                row = conn.execute(
+                    sa.select(chat_messages.c.content, chat_messages.c.outcome)
+                    .where(chat_messages.c.role == "assistant")
+                    .order_by(chat_messages.c.id.desc())
+                    .limit(1)
+                ).one()
+            return str(row.content) if row.outcome == "streaming" else ""
+
+        deadline = time.monotonic() + 30
+        while not saved_so_far():
+            assert time.monotonic() < deadline, "the reply was never saved while streaming"
+            time.sleep(0.1)
+    finally:
+        db.dispose()
+    page.reload()
+    expect(page.locator(".message-user").last).to_have_text("A long one, please")
+    expect(page.locator(".message-assistant").last).to_contain_text("lorem ipsum")
+    # The reply goes on into the reloaded page, and ends with its cost.
+    cost = page.locator(".reply-cost").last
+    expect(cost).to_contain_text("60 out")
+    spent = charged(cost.inner_text())
+    expect(page.locator("#header-balance")).to_have_text(f"{before - spent} credits")
+    assert page.locator(".message-assistant").count() == 1
 
 
 def test_the_estimate_under_the_box_follows_the_draft(app: RunningApp, page: Page) -> None:
