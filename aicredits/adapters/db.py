@@ -142,9 +142,7 @@ class Database:
 
     def insert_ignoring_conflict(self, target: sa.Table, *, index: str | tuple[str, ...]) -> Any:
         """INSERT ... ON CONFLICT (index) DO NOTHING, in this database's dialect."""
-        ins = postgresql.insert(target) if not self.is_sqlite else sqlite.insert(target)
-        columns = [index] if isinstance(index, str) else list(index)
-        return ins.on_conflict_do_nothing(index_elements=columns)
+        return insert_ignoring_conflict(self.dialect, target, index=index)
 
     @contextmanager
     def job_lock(self, name: str) -> Iterator[bool]:
@@ -172,6 +170,40 @@ class Database:
         self.engine.dispose()
         if self._autocommit_engine is not None:
             self._autocommit_engine.dispose()
+
+
+def insert_ignoring_conflict(
+    dialect: str, target: sa.Table, *, index: str | tuple[str, ...]
+) -> Any:
+    """INSERT ... ON CONFLICT (index) DO NOTHING, in the dialect named (a connection's
+    `conn.dialect.name`, or Database.dialect)."""
+    ins = sqlite.insert(target) if dialect == "sqlite" else postgresql.insert(target)
+    columns = [index] if isinstance(index, str) else list(index)
+    return ins.on_conflict_do_nothing(index_elements=columns)
+
+
+@contextmanager
+def unit_of_work(target: Database | Connection) -> Iterator[Connection]:
+    """Where a write runs: in a transaction of its own when given the Database, or inside the
+    caller's, when given its connection, as a savepoint, so the caller commits everything it
+    did once and a write that fails (a replayed idempotency key) undoes only itself."""
+    if isinstance(target, Database):
+        with target.transaction() as conn:
+            yield conn
+        return
+    with target.begin_nested():
+        yield target
+
+
+@contextmanager
+def reading(target: Database | Connection) -> Iterator[Connection]:
+    """A read: through the caller's connection (its transaction sees its own writes), or a
+    read of its own."""
+    if isinstance(target, Database):
+        with target.read() as conn:
+            yield conn
+        return
+    yield target
 
 
 @lru_cache(maxsize=8)

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from aicredits.adapters import ledger_sql
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, insert_ignoring_conflict, reading, unit_of_work
 from aicredits.adapters.ledger_sql import HoldPricing
 from aicredits.adapters.tables import (
     credit_accounts,
@@ -137,8 +137,9 @@ class ExpiryReport:
     credits_expired: int
 
 
-class _Replay(Exception):
-    """An idempotency key was already used; raised inside a transaction to roll it back."""
+class _KeyReplayed(Exception):
+    """An idempotency key was already used; raised inside the write's transaction (or
+    savepoint) to roll it back."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +200,8 @@ def _entry_result(row: Any, *, replayed: bool) -> EntryResult:
     )
 
 
-def _existing_entry(db: Database, key: str) -> Any:
-    with db.read() as conn:
+def _existing_entry(target: Database | Connection, key: str) -> Any:
+    with reading(target) as conn:
         row = conn.execute(
             sa.select(ledger_entries).where(ledger_entries.c.idempotency_key == key)
         ).first()
@@ -225,7 +226,6 @@ def _account_or_unknown(conn: Connection, user_id: int) -> Any:
 
 
 def _apply_change(
-    db: Database,
     conn: Connection,
     *,
     user_id: int,
@@ -258,7 +258,7 @@ def _apply_change(
     balance_after = int(row.balance)
 
     inserted = conn.execute(
-        db.insert_ignoring_conflict(ledger_entries, index="idempotency_key")
+        insert_ignoring_conflict(conn.dialect.name, ledger_entries, index="idempotency_key")
         .values(
             user_id=user_id,
             kind=kind.value,
@@ -273,7 +273,7 @@ def _apply_change(
         .returning(ledger_entries.c.id)
     ).first()
     if inserted is None:
-        raise _Replay(key)
+        raise _KeyReplayed(key)
     entry_id = int(inserted.id)
 
     if lot_expires_at is not None and amount > 0:
@@ -286,7 +286,7 @@ def _apply_change(
 
 
 def _credit_or_debit(
-    db: Database,
+    target: Database | Connection,
     *,
     user_id: int,
     amount: int,
@@ -299,9 +299,8 @@ def _credit_or_debit(
     lot_expires_at: datetime | None = None,
 ) -> EntryResult:
     try:
-        with db.transaction() as conn:
+        with unit_of_work(target) as conn:
             entry_id, balance_after = _apply_change(
-                db,
                 conn,
                 user_id=user_id,
                 amount=amount,
@@ -313,8 +312,8 @@ def _credit_or_debit(
                 now=now,
                 lot_expires_at=lot_expires_at,
             )
-    except _Replay:
-        existing = _existing_entry(db, key)
+    except _KeyReplayed:
+        existing = _existing_entry(target, key)
         if (existing.user_id, existing.kind, existing.amount) != (user_id, kind.value, amount):
             raise IdempotencyConflict(
                 f"key {key!r} was already used for {existing.kind} of {existing.amount} "
@@ -322,7 +321,7 @@ def _credit_or_debit(
             ) from None
         return _entry_result(existing, replayed=True)
     except sa.exc.IntegrityError as exc:
-        _raise_if_unknown_user(db, user_id, exc)
+        _raise_if_unknown_user(target, user_id, exc)
         raise
     return EntryResult(
         entry_id=entry_id,
@@ -334,8 +333,8 @@ def _credit_or_debit(
     )
 
 
-def _raise_if_unknown_user(db: Database, user_id: int, exc: Exception) -> None:
-    with db.read() as conn:
+def _raise_if_unknown_user(target: Database | Connection, user_id: int, exc: Exception) -> None:
+    with reading(target) as conn:
         exists = conn.execute(sa.select(users.c.id).where(users.c.id == user_id)).first()
     if exists is None:
         raise UnknownUser(f"no user {user_id}") from exc
@@ -346,7 +345,7 @@ def _raise_if_unknown_user(db: Database, user_id: int, exc: Exception) -> None:
 
 
 def grant(
-    db: Database,
+    target: Database | Connection,
     *,
     user_id: int,
     credits: int,
@@ -358,7 +357,10 @@ def grant(
     reference: str | None = None,
     now: datetime | None = None,
 ) -> EntryResult:
-    """Add credits. With `expires_at`, whatever is unspent then leaves with an expiry entry."""
+    """Add credits. With `expires_at`, whatever is unspent then leaves with an expiry entry.
+
+    Given the Database, a transaction of its own; given a connection, part of the caller's
+    unit of work (as every write here)."""
     now = now or utcnow()
     require_positive(credits)
     reason = require_reason(reason)
@@ -368,7 +370,7 @@ def grant(
     if expires_at is not None and expires_at <= now:
         raise InvalidAmount("the expiry must be in the future")
     return _credit_or_debit(
-        db,
+        target,
         user_id=user_id,
         amount=credits,
         kind=kind,
@@ -382,7 +384,7 @@ def grant(
 
 
 def adjust(
-    db: Database,
+    target: Database | Connection,
     *,
     user_id: int,
     credits: int,
@@ -399,7 +401,7 @@ def adjust(
     key = require_key(key)
     actor = require_key(actor, "actor")
     return _credit_or_debit(
-        db,
+        target,
         user_id=user_id,
         amount=credits,
         kind=EntryKind.ADJUSTMENT,
@@ -421,7 +423,7 @@ class ClawbackResult:
 
 
 def clawback(
-    db: Database,
+    target: Database | Connection,
     *,
     user_id: int,
     credits: int,
@@ -440,7 +442,7 @@ def clawback(
     reason = require_reason(reason)
     key = require_key(key)
     for _ in range(3):
-        with db.read() as conn:
+        with reading(target) as conn:
             replay = conn.execute(
                 sa.select(ledger_entries).where(ledger_entries.c.idempotency_key == key)
             ).first()
@@ -453,7 +455,7 @@ def clawback(
             return ClawbackResult(None, 0, credits)
         try:
             entry = _credit_or_debit(
-                db,
+                target,
                 user_id=user_id,
                 amount=-take,
                 kind=EntryKind.CLAWBACK,
@@ -816,7 +818,6 @@ def _expire_lot(db: Database, *, lot_id: int, user_id: int, now: datetime) -> in
             take = expiry_take(lot_remaining=remaining, available=account.balance - account.held)
             if take:
                 _apply_change(
-                    db,
                     conn,
                     user_id=user_id,
                     amount=-take,
@@ -832,5 +833,5 @@ def _expire_lot(db: Database, *, lot_id: int, user_id: int, now: datetime) -> in
                     sa.update(credit_lots).where(credit_lots.c.id == lot_id).values(closed_at=now)
                 )
             return take
-    except _Replay:
+    except _KeyReplayed:
         return 0

@@ -531,3 +531,40 @@ def test_clawback_of_an_empty_account_writes_nothing(db: Database) -> None:
     result = ledger.clawback(db, user_id=user, credits=50, key="refund-z", reason="refund")
     assert (result.entry, result.taken, result.shortfall) == (None, 0, 50)
     assert entries(db, user) == []
+
+
+# --- a unit of work: ledger writes inside the caller's transaction -----------------------------
+
+
+class _Abandoned(Exception):
+    pass
+
+
+def test_writes_given_the_callers_connection_commit_or_roll_back_with_it(db: Database) -> None:
+    user = make_user(db)
+    with pytest.raises(_Abandoned), db.transaction() as conn:
+        ledger.grant(conn, user_id=user, credits=100, key="uow:1", reason="in a unit of work")
+        ledger.adjust(conn, user_id=user, credits=-30, key="uow:2", actor="t", reason="fix")
+        raise _Abandoned  # the caller's own step fails: nothing of it stays
+    assert ledger.get_balance(db, user_id=user).balance == 0
+    assert entries(db, user) == []
+    with db.transaction() as conn:
+        ledger.grant(conn, user_id=user, credits=100, key="uow:1", reason="in a unit of work")
+        taken = ledger.clawback(conn, user_id=user, credits=30, key="uow:3", reason="refund")
+        assert taken.taken == 30
+    assert entries(db, user) == [("grant", 100, 100), ("clawback", -30, 70)]
+    assert verify_ledger(db) == []
+
+
+def test_a_replayed_key_inside_a_unit_of_work_undoes_only_itself(db: Database) -> None:
+    user = make_user(db)
+    ledger.grant(db, user_id=user, credits=100, key="first", reason="first")
+    with db.transaction() as conn:
+        again = ledger.grant(conn, user_id=user, credits=100, key="first", reason="first")
+        fresh = ledger.grant(conn, user_id=user, credits=5, key="second", reason="second")
+        with pytest.raises(IdempotencyConflict):
+            ledger.grant(conn, user_id=user, credits=7, key="first", reason="other")
+    assert again.replayed and not fresh.replayed
+    assert ledger.get_balance(db, user_id=user).balance == 105
+    assert entries(db, user) == [("grant", 100, 100), ("grant", 5, 105)]
+    assert verify_ledger(db) == []
