@@ -1,6 +1,6 @@
 # aicredits container image. Linted with hadolint (`make lint`) and checked by
 # tests/unit/test_container_files.py; `make image` builds it with podman and `make image-check`
-# starts it and waits for /healthz (README, "Building the image without Docker Hub").
+# starts it and waits for /healthz (docs/deployment.md, "Building the image without Docker Hub").
 #
 # The base comes in through BASE_IMAGE: python:3.11-slim from Docker Hub by default, or a
 # plain Debian bookworm (scripts/build_image.sh makes one from the Debian mirror), which gets

@@ -41,7 +41,7 @@ migrate: $(STAMP)
 run: setup migrate
 	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) -m aicredits dev
 
-# Production: needs DATABASE_URL, REDIS_URL, SESSION_SECRET... (README, "Deployment"). The
+# Production: needs DATABASE_URL, REDIS_URL, SESSION_SECRET... (docs/deployment.md). The
 # command checks them, migrates, and runs several backend workers.
 PROD_ARGS ?=
 prod: setup
@@ -86,7 +86,7 @@ bench-chat: setup
 	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/chat_ui.py
 	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/chat_soak.py
 
-# The container image without Docker Hub (README, "Building the image without Docker Hub").
+# The container image without Docker Hub (docs/deployment.md, "Building the image without Docker Hub").
 # Not part of `make test`: it needs root, podman and debootstrap, and takes minutes.
 image:
 	bash scripts/build_image.sh build

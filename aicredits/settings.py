@@ -1,7 +1,7 @@
 """The one reader of the environment.
 
 Every knob has an embedded default that works on a fresh machine; setting the variable swaps
-the simulated part for the real one (see README, "Configuration").
+the simulated part for the real one (docs/deployment.md, "Every setting").
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def pg_url() -> Iterator[str]:
     except psycopg.OperationalError as exc:
         pytest.fail(
             f"PostgreSQL is not reachable at {PG_ADMIN_URL} ({exc}). `make test` starts it; "
-            "see ../shared/ENVIRONMENT.md or the README's Testing section.",
+            "see ../shared/ENVIRONMENT.md or docs/testing.md.",
             pytrace=False,
         )
     with admin:

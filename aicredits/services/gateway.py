@@ -8,7 +8,7 @@
               SETTLE actual usage: charge, release the rest, append the usage event
 
 Nothing is spent upstream before the reservation succeeds. What a cut reply costs is the
-refund policy in the README: every token delivered is paid for, nothing else is.
+refund policy in docs/api.md: every token delivered is paid for, nothing else is.
 
 While a turn runs, its gateway's InFlight renews the hold's lease and checkpoints what the
 turn has delivered, so if this process dies the sweeper (services.recovery) charges the

@@ -1,4 +1,5 @@
-"""The README's settings table names every setting, so an operator never has to read code."""
+"""The deployment guide's settings table names every setting, so an operator never has to read
+code."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 from aicredits.settings import Settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-HEADING = "### Every setting"
+README = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
+HEADING = "## Every setting"
 # Listed in the table for operators, but set by `python -m aicredits prod`, not settings.
 LAUNCHER_VARIABLES = {"PROMETHEUS_MULTIPROC_DIR"}
 
@@ -32,9 +33,9 @@ def _setting_variables() -> set[str]:
 
 def test_every_setting_is_in_the_readme_table() -> None:
     missing = sorted(_setting_variables() - _table_variables())
-    assert not missing, f"add a row to README '{HEADING}' for: {', '.join(missing)}"
+    assert not missing, f"add a row to docs/deployment.md '{HEADING}' for: {', '.join(missing)}"
 
 
 def test_the_table_names_no_setting_that_does_not_exist() -> None:
     unknown = sorted(_table_variables() - _setting_variables() - LAUNCHER_VARIABLES)
-    assert not unknown, f"README '{HEADING}' lists settings that do not exist: {unknown}"
+    assert not unknown, f"docs/deployment.md '{HEADING}' lists unknown settings: {unknown}"
