@@ -205,7 +205,7 @@ def resolve(use_npm: bool = True) -> list[Path]:
         if attempt == 0:
             install(use_npm)
     raise SystemExit(
-        "could not provide Node.js >= 22.22 and bun >= 1.4.4; see the README, \"The two commands\""
+        'could not provide Node.js >= 22.22 and bun >= 1.4.4; see the README, "The two commands"'
     )
 
 
