@@ -48,8 +48,7 @@ def outcome_note(outcome: str) -> str:
         "interrupted": "Cut by a server restart: you paid only for what was shown.",
         "lost": "Cut off when the server stopped unexpectedly: you paid at most for what "
         "was shown.",
-        "streaming": "Still being written, or cut off by a server stop: its cost is settled "
-        "within a minute.",
+        "streaming": "Still being written. If it stops, the part shown is all you pay for.",
     }.get(outcome, "")
 
 
