@@ -366,17 +366,18 @@ def seed_conversations(db: Database, user_id: int, count: int) -> set[int]:
             credits_charged=1,
             estimated=False,
         )
-        made.add(
-            conversations.record_exchange(
-                db,
-                user_id=user_id,
-                conversation_id=None,
-                model=MODEL,
-                prompt=f"An earlier question, number {i}",
-                reply="".join(reply_tokens(40)),
-                usage=usage,
-            )
+        exchange = conversations.begin_exchange(
+            db,
+            user_id=user_id,
+            conversation_id=None,
+            model=MODEL,
+            prompt=f"An earlier question, number {i}",
+            request_id=usage.request_id,
         )
+        conversations.finish_reply(
+            db, reply_id=exchange.reply_id, text="".join(reply_tokens(40)), usage=usage
+        )
+        made.add(exchange.conversation_id)
     return made
 
 

@@ -163,76 +163,6 @@ def delete_conversation(db: Database, *, user_id: int, conversation_id: int) -> 
         conn.execute(sa.delete(conversations).where(conversations.c.id == conversation_id))
 
 
-def record_exchange(
-    db: Database,
-    *,
-    user_id: int,
-    conversation_id: int | None,
-    model: str,
-    prompt: str,
-    reply: str,
-    usage: Reply,
-    now: datetime | None = None,
-) -> int:
-    """Store one question and its reply together (a new conversation when the id is None).
-    Returns the conversation id."""
-    now = now or utcnow()
-    with db.transaction() as conn:
-        if conversation_id is None:
-            conversation_id = int(
-                conn.execute(
-                    sa.insert(conversations)
-                    .values(
-                        user_id=user_id,
-                        title=title_from(prompt),
-                        model=model,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .returning(conversations.c.id)
-                ).scalar_one()
-            )
-        else:
-            _owned(conn, user_id, conversation_id)
-            conn.execute(
-                sa.update(conversations)
-                .where(conversations.c.id == conversation_id)
-                .values(updated_at=now, model=model)
-            )
-        conn.execute(
-            sa.insert(chat_messages),
-            [
-                {
-                    "conversation_id": conversation_id,
-                    "role": "user",
-                    "content": prompt,
-                    "model": model,
-                    "request_id": None,
-                    "outcome": "",
-                    "input_tokens": 0,
-                    "output_tokens": 0,
-                    "credits_charged": 0,
-                    "estimated": False,
-                    "created_at": now,
-                },
-                {
-                    "conversation_id": conversation_id,
-                    "role": "assistant",
-                    "content": reply,
-                    "model": model,
-                    "request_id": usage.request_id,
-                    "outcome": usage.outcome,
-                    "input_tokens": usage.input_tokens,
-                    "output_tokens": usage.output_tokens,
-                    "credits_charged": usage.credits_charged,
-                    "estimated": usage.estimated,
-                    "created_at": now,
-                },
-            ],
-        )
-    return conversation_id
-
-
 # --- a reply stored as it streams -------------------------------------------------------------
 
 # An assistant message whose reply is still being written (or whose worker died mid-reply and
@@ -288,7 +218,7 @@ def begin_exchange(
                 .where(conversations.c.id == conversation_id)
                 .values(updated_at=now, model=model)
             )
-        ids = []
+        ids: list[int] = []
         for role, content, rid, outcome in (
             ("user", prompt, None, ""),
             ("assistant", "", request_id, STREAMING),
