@@ -5,12 +5,12 @@ crafted websocket message, whatever the page shows."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import reflex as rx
 from reflex_base.event import EventSpec
 
+from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
 from aicredits.services import dashboard, payments
 from aicredits.services.payments import FulfilmentStatus, PackOffer, PaymentError, PurchaseView
@@ -82,7 +82,7 @@ class CreditsState(SessionState):
     history_pages: int = 1
 
     async def _load_history(self, user_id: int) -> None:
-        lines, pages = await asyncio.to_thread(
+        lines, pages = await run_blocking(
             dashboard.history,
             get_database(),
             user_id=user_id,
@@ -95,7 +95,7 @@ class CreditsState(SessionState):
 
     async def _load_dashboard(self, user_id: int) -> None:
         db, settings = get_database(), get_settings()
-        summary = await asyncio.to_thread(dashboard.summary, db, settings, user_id=user_id)
+        summary = await run_blocking(dashboard.summary, db, settings, user_id=user_id)
         self.held_credits, self.total_credits = summary.held, summary.total
         self.available_money, self.total_money = summary.available_money, summary.total_money
         self.expiring = [
@@ -109,9 +109,9 @@ class CreditsState(SessionState):
             summary.allowance_since.strftime("%Y-%m-%d") if summary.allowance_since else ""
         )
         models = [m.id for m in settings.models]
-        days = await asyncio.to_thread(dashboard.daily_usage, db, user_id=user_id)
+        days = await run_blocking(dashboard.daily_usage, db, user_id=user_id)
         self.usage_chart = chart_rows(days, models)
-        by_model = await asyncio.to_thread(dashboard.usage_by_model, db, user_id=user_id)
+        by_model = await run_blocking(dashboard.usage_by_model, db, user_id=user_id)
         self.has_usage = bool(by_model)
         self.model_rows = [
             {
@@ -157,7 +157,7 @@ class CreditsState(SessionState):
         offers = payments.list_packs(settings)
         self.simulated = settings.simulated_checkout
         self.packs = [pack_row(p) for p in offers]
-        history = await asyncio.to_thread(payments.list_purchases, get_database(), user_id=user.id)
+        history = await run_blocking(payments.list_purchases, get_database(), user_id=user.id)
         labels = {p.id: p.label for p in offers}
         self.purchases = [purchase_row(p, labels) for p in history]
         await self._refresh_balance(user)
@@ -174,7 +174,7 @@ class CreditsState(SessionState):
             return rx.redirect(login_path(f"/credits/success?session_id={session_id}"))
         self.outcome = ""
         try:
-            result = await asyncio.to_thread(
+            result = await run_blocking(
                 payments.confirm_checkout,
                 get_database(),
                 get_settings(),
