@@ -50,10 +50,9 @@ LAST_USED_GRANULARITY = timedelta(minutes=5)
 
 
 class SignInError(AICreditsError):
-    """A sign-in that cannot complete. `message` is safe to show; `status` is the HTTP status."""
+    """A sign-in that cannot complete. `message` is safe to show."""
 
     code = "sign_in_failed"
-    status = 400
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -62,7 +61,6 @@ class SignInError(AICreditsError):
 
 class UnknownProvider(SignInError):
     code = "unknown_provider"
-    status = 404
 
 
 class InvalidLoginState(SignInError):
@@ -83,12 +81,10 @@ class InvalidIdentityToken(SignInError):
 
 class EmailNotVerified(SignInError):
     code = "email_not_verified"
-    status = 403
 
 
 class AccountSuspended(SignInError):
     code = "account_suspended"
-    status = 403
 
 
 @dataclass(frozen=True, slots=True)

@@ -501,7 +501,7 @@ def reserve(
             expires_at=expires_at,
             pricing=pricing,
         )
-    except ledger_sql.DuplicateRequest:
+    except ledger_sql.RequestIdTaken:
         with db.read() as conn:
             existing = _load_hold(conn, holds.c.request_id == request_id, replayed=True)
         if existing.user_id != user_id or existing.amount != credits:

@@ -14,8 +14,13 @@ from reflex_base.event import EventSpec
 
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
-from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
-from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
+from aicredits.domain.errors import (
+    AICreditsError,
+    InsufficientCredits,
+    LimiterUnavailable,
+    RateLimited,
+    answer_for,
+)
 from aicredits.domain.pricing import credits_per_1k
 from aicredits.services import chat, conversations, pricing
 from aicredits.services.chat import ChatReply
@@ -53,28 +58,29 @@ def outcome_note(outcome: str) -> str:
     }.get(outcome, "")
 
 
+# What a person is told of each error, above the message box: (kind, message), the message
+# formatted with the error as `exc`. The most specific class listed here wins.
+ERROR_MESSAGES: dict[type[AICreditsError], tuple[str, str]] = {
+    InsufficientCredits: (
+        "credits",
+        "Not enough credits: this message needs up to {exc.needed} and you have "
+        "{exc.available} available.",
+    ),
+    RateLimited: ("rate", "You are sending too fast: try again in {exc.retry_after_header} s."),
+    LimiterUnavailable: ("rate", "The service is busy: try again in a few seconds."),
+    UpstreamFailed: ("upstream", "The model did not answer. Nothing was charged; try again."),
+    ServerRestarting: (
+        "upstream",
+        "The server is restarting. Nothing was charged; send again in a few seconds.",
+    ),
+    AICreditsError: ("invalid", "{exc}"),
+}
+
+
 def describe_error(exc: AICreditsError) -> tuple[str, str]:
     """(kind, message) for an error shown in place, above the message box."""
-    if isinstance(exc, InsufficientCredits):
-        return (
-            "credits",
-            f"Not enough credits: this message needs up to {exc.needed} and you have "
-            f"{exc.available} available.",
-        )
-    if isinstance(exc, RateLimited):
-        return "rate", f"You are sending too fast: try again in {exc.retry_after_header} s."
-    if isinstance(exc, LimiterUnavailable):
-        return "rate", "The service is busy: try again in a few seconds."
-    if isinstance(exc, UpstreamFailed):
-        return "upstream", "The model did not answer. Nothing was charged; try again."
-    if isinstance(exc, ServerRestarting):
-        return (
-            "upstream",
-            "The server is restarting. Nothing was charged; send again in a few seconds.",
-        )
-    if isinstance(exc, InvalidRequest):
-        return "invalid", str(exc)
-    return "invalid", str(exc)
+    kind, message = answer_for(ERROR_MESSAGES, exc)
+    return kind, message.format(exc=exc)
 
 
 def message_row(

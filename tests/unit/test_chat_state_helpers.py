@@ -2,8 +2,13 @@
 
 import pytest
 
-from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
-from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
+from aicredits.domain.errors import (
+    AICreditsError,
+    InsufficientCredits,
+    InvalidRequest,
+    LimiterUnavailable,
+    RateLimited,
+)
 from aicredits.services.conversations import clean_title, title_from
 from aicredits.services.gateway import UpstreamFailed
 from aicredits.state.chat import (
