@@ -535,16 +535,6 @@ def revoke_session(db: Database, token: str | None, *, now: datetime | None = No
     return result.rowcount == 1
 
 
-def revoke_user_sessions(db: Database, *, user_id: int, now: datetime | None = None) -> int:
-    with db.transaction() as conn:
-        result = conn.execute(
-            sa.update(auth_sessions)
-            .where(auth_sessions.c.user_id == user_id, auth_sessions.c.revoked_at.is_(None))
-            .values(revoked_at=now or utcnow())
-        )
-    return int(result.rowcount)
-
-
 def forget_old_login_attempts(db: Database, *, now: datetime | None = None) -> int:
     """Delete sign-in attempts that can no longer be used (housekeeping job)."""
     cutoff = (now or utcnow()) - timedelta(days=1)
