@@ -135,6 +135,8 @@ class SettleResult:
 class ExpiryReport:
     lots_touched: int
     credits_expired: int
+    # Whose credits expired: their usage warnings are recorded next.
+    users: frozenset[int] = frozenset()
 
 
 class _KeyReplayed(Exception):
@@ -744,12 +746,14 @@ def expire_due_grants(
         ).all()
     touched = 0
     total = 0
+    losers: set[int] = set()
     for lot_id, user_id in due:
         taken = _expire_lot(db, lot_id=lot_id, user_id=user_id, now=now)
         if taken:
             touched += 1
             total += taken
-    return ExpiryReport(lots_touched=touched, credits_expired=total)
+            losers.add(user_id)
+    return ExpiryReport(lots_touched=touched, credits_expired=total, users=frozenset(losers))
 
 
 def _lots_and_lines(conn: Connection, user_id: int) -> tuple[list[LotGrant], list[LedgerLine]]:
