@@ -148,8 +148,8 @@ class _KeyReplayed(Exception):
 # Reads
 
 
-def get_balance(db: Database, *, user_id: int) -> Balance:
-    with db.read() as conn:
+def get_balance(target: Database | Connection, *, user_id: int) -> Balance:
+    with reading(target) as conn:
         row = conn.execute(
             sa.select(credit_accounts.c.balance, credit_accounts.c.held).where(
                 credit_accounts.c.user_id == user_id
@@ -784,9 +784,9 @@ def _lots_and_lines(conn: Connection, user_id: int) -> tuple[list[LotGrant], lis
     return lots, lines
 
 
-def expiring_credits(db: Database, *, user_id: int) -> list[tuple[datetime, int]]:
+def expiring_credits(target: Database | Connection, *, user_id: int) -> list[tuple[datetime, int]]:
     """What is left of each open expiring grant, soonest first: (expires_at, credits)."""
-    with db.read(snapshot=True) as conn:
+    with reading(target, snapshot=True) as conn:
         lots, lines = _lots_and_lines(conn, user_id)
         closed = set(
             conn.execute(
