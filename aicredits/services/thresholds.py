@@ -123,7 +123,8 @@ def _record(
 
 def banner(target: Database | Connection, settings: Settings, *, user_id: int) -> Banner | None:
     """The banner to show now: the highest threshold reached in this allowance and not
-    dismissed. A user who never had credits, or has none left, sees the blocking one.
+    dismissed. A user with no credits left sees the blocking one; one who never had any
+    sees none (the chat's own error explains).
 
     Read-only, and from the balance itself, so it is right at once after any change (a
     charge, an expiry, an admin's adjustment), whether or not its crossing is recorded yet;
