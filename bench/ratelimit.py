@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from aicredits.adapters.ratelimit import (  # noqa: E402
     MemoryRateLimiter,
-    RateLimited,
     RateLimiter,
     RateLimits,
     RedisRateLimiter,
 )
+from aicredits.domain.errors import RateLimited  # noqa: E402
 
 REDIS_URL = os.environ.get("AICREDITS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 WINDOW = 60.0

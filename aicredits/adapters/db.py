@@ -196,11 +196,11 @@ def unit_of_work(target: Database | Connection) -> Iterator[Connection]:
 
 
 @contextmanager
-def reading(target: Database | Connection) -> Iterator[Connection]:
+def reading(target: Database | Connection, *, snapshot: bool = False) -> Iterator[Connection]:
     """A read: through the caller's connection (its transaction sees its own writes), or a
-    read of its own."""
+    read of its own (with `snapshot`, one whose statements all see the same moment)."""
     if isinstance(target, Database):
-        with target.read() as conn:
+        with target.read(snapshot=snapshot) as conn:
             yield conn
         return
     yield target

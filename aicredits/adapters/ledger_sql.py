@@ -62,7 +62,7 @@ def _gate(user_id: int) -> _FifoLock:
     return _GATES[user_id % len(_GATES)]
 
 
-class DuplicateRequest(Exception):
+class RequestIdTaken(Exception):
     """The request id already has a hold."""
 
 
@@ -194,7 +194,7 @@ def reserve_hold(
 ) -> int | None:
     """Hold `amount` credits if the account has them available. Returns the hold id, or None
     when the account lacks the credits or does not exist (nothing changed either way).
-    Raises DuplicateRequest when the request id already has a hold."""
+    Raises RequestIdTaken when the request id already has a hold."""
     params = {
         "user_id": user_id,
         "amount": amount,
@@ -210,13 +210,13 @@ def reserve_hold(
             return _reserve_sqlite(db, params)
         except sa.exc.IntegrityError as exc:
             if "UNIQUE" in str(exc.orig) and "request_id" in str(exc.orig):
-                raise DuplicateRequest(request_id) from exc
+                raise RequestIdTaken(request_id) from exc
             raise
     try:
         with _gate(user_id):
             row = db.execute_one(PG_RESERVE, params)
     except psycopg.errors.UniqueViolation as exc:
-        raise DuplicateRequest(request_id) from exc
+        raise RequestIdTaken(request_id) from exc
     return None if row is None else int(row[0])
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,11 +26,10 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aicredits.adapters import metrics
-from aicredits.domain.errors import AICreditsError
+from aicredits.domain.errors import LimiterUnavailable, LimitScope, RateLimited
 
 logger = logging.getLogger(__name__)
 
-Scope = Literal["user", "ip", "concurrent"]
 
 # What a refused concurrent call is told: slots free up when calls finish, at no known time.
 CONCURRENT_RETRY_AFTER = 1.0
@@ -58,37 +56,6 @@ class RateLimits:
             raise ValueError("rate limits must be 0 (off) or positive")
         if self.window_seconds <= 0 or self.slot_ttl_seconds <= 0:
             raise ValueError("window_seconds and slot_ttl_seconds must be positive")
-
-
-class RateLimited(AICreditsError):
-    """A limit refused the call. `retry_after` is in seconds, always > 0."""
-
-    code = "rate_limited"
-
-    def __init__(self, *, scope: Scope, retry_after: float) -> None:
-        self.scope: Scope = scope
-        self.retry_after = max(retry_after, 0.001)
-        if scope == "concurrent":
-            message = "Too many calls at once: wait for one to finish."
-        elif scope == "ip":
-            message = (
-                f"Too many requests from your network: try again in {self.retry_after_header} s."
-            )
-        else:
-            message = f"Too many requests: try again in {self.retry_after_header} s."
-        super().__init__(message)
-
-    @property
-    def retry_after_header(self) -> str:
-        """Whole seconds for an HTTP Retry-After header: rounded up, at least 1."""
-        # Rounded to the millisecond first so float noise (12.0000001) does not add a second.
-        return str(max(1, math.ceil(round(self.retry_after, 3))))
-
-
-class LimiterUnavailable(AICreditsError):
-    """Redis could not be reached and the limiter is set to fail closed."""
-
-    code = "rate_limiter_unavailable"
 
 
 class Slot(Protocol):
@@ -334,7 +301,7 @@ if slot_limit > 0 then slot = record(KEYS[3], slot_ttl) end
 return {0, slot}
 """
 
-_SCOPES: dict[int, Scope] = {1: "user", 2: "ip", 3: "concurrent"}
+_SCOPES: dict[int, LimitScope] = {1: "user", 2: "ip", 3: "concurrent"}
 
 # A call still running keeps its slot: re-score it now (only if it is still there).
 RENEW_LUA = """

@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from aicredits.adapters.db import get_database
 from aicredits.api import cookies
+from aicredits.domain.errors import answer_for
 from aicredits.services import auth
 from aicredits.settings import Settings, get_settings
 
@@ -48,6 +49,15 @@ def _clear_cookie(response: Response, settings: Settings, base: str) -> None:
     )
 
 
+# The HTTP status of each refused sign-in (its most specific class listed here wins).
+SIGN_IN_STATUS: dict[type[auth.SignInError], int] = {
+    auth.UnknownProvider: 404,
+    auth.EmailNotVerified: 403,
+    auth.AccountSuspended: 403,
+    auth.SignInError: 400,
+}
+
+
 def error_page(settings: Settings, *, title: str, message: str, status: int) -> HTMLResponse:
     """A small self-contained page: the callback runs outside the Reflex frontend."""
     login = html.escape(f"{settings.public_url}/login")
@@ -74,7 +84,12 @@ async def login(request: Request) -> Response:
             next_path=next_path if isinstance(next_path, str) else None,
         )
     except auth.SignInError as exc:
-        return error_page(settings, title="Cannot sign in", message=exc.message, status=exc.status)
+        return error_page(
+            settings,
+            title="Cannot sign in",
+            message=exc.message,
+            status=answer_for(SIGN_IN_STATUS, exc),
+        )
     response = RedirectResponse(start.authorization_url, status_code=303)
     _set_cookie(response, settings, cookies.LOGIN_BINDER, start.binder, cookies.BINDER_MAX_AGE)
     return response
@@ -100,7 +115,10 @@ async def callback(request: Request) -> Response:
     except auth.SignInError as exc:
         logger.info("sign-in refused: %s (%s)", exc.code, request.path_params["provider"])
         response: Response = error_page(
-            settings, title="Sign-in failed", message=exc.message, status=exc.status
+            settings,
+            title="Sign-in failed",
+            message=exc.message,
+            status=answer_for(SIGN_IN_STATUS, exc),
         )
         _clear_cookie(response, settings, cookies.LOGIN_BINDER)
         return response

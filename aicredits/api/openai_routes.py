@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -22,15 +23,21 @@ from starlette.routing import Route
 from aicredits.adapters import logs
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database, database_for
-from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
 from aicredits.domain.chat import ChatRequest, parse_chat_request
-from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
+from aicredits.domain.errors import (
+    AICreditsError,
+    InsufficientCredits,
+    InvalidRequest,
+    LimiterUnavailable,
+    RateLimited,
+    answer_for,
+)
 from aicredits.services import api_keys
 from aicredits.services.auth import CurrentUser
 from aicredits.services.catalog import list_model_offers
 from aicredits.services.gateway import (
-    DuplicateRequest,
     Gateway,
+    IdempotencyKeyReused,
     ReplyCut,
     ReplyInterrupted,
     ServerRestarting,
@@ -53,43 +60,47 @@ class RequestTooLarge(AICreditsError):
     code = "request_too_large"
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorAnswer:
+    status: int
+    type: str  # OpenAI's error "type"
+    retry_after: str | None = None  # a fixed Retry-After header, in seconds
+
+
+# What each typed error answers (its most specific class listed here wins). The message is
+# the error's own, and the code its `code`.
+ERROR_ANSWERS: dict[type[AICreditsError], ErrorAnswer] = {
+    InsufficientCredits: ErrorAnswer(402, "insufficient_credits"),
+    RateLimited: ErrorAnswer(429, "rate_limit_error"),  # Retry-After: the limit's own wait
+    LimiterUnavailable: ErrorAnswer(503, "service_unavailable", retry_after="5"),
+    AuthenticationFailed: ErrorAnswer(401, "authentication_error"),
+    RequestTooLarge: ErrorAnswer(413, "invalid_request_error"),
+    IdempotencyKeyReused: ErrorAnswer(409, "invalid_request_error"),
+    ServerRestarting: ErrorAnswer(503, "service_unavailable", retry_after="5"),
+    UpstreamFailed: ErrorAnswer(502, "upstream_error"),
+    ReplyCut: ErrorAnswer(502, "upstream_error"),
+    AICreditsError: ErrorAnswer(400, "invalid_request_error"),
+}
+
+
 def error_body(
     exc: AICreditsError, settings: Settings
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, OpenAI-shaped body and headers for one of our typed errors."""
-    headers: dict[str, str] = {}
-    extra: dict[str, Any] = {}
+    answer = answer_for(ERROR_ANSWERS, exc)
+    body: dict[str, Any] = {"message": str(exc), "type": answer.type, "code": exc.code}
+    retry_after = answer.retry_after
+    if isinstance(exc, RateLimited):
+        retry_after = exc.retry_after_header
     if isinstance(exc, InsufficientCredits):
-        status, kind = 402, "insufficient_credits"
         buy = f"{settings.public_url}/credits"
-        message = (
+        body["message"] = (
             f"Insufficient credits: this request needs up to {exc.needed} credits and "
             f"{exc.available} are available. Buy more at {buy}"
         )
-        extra = {"needed": exc.needed, "available": exc.available, "buy_url": buy}
-    elif isinstance(exc, RateLimited):
-        status, kind, message = 429, "rate_limit_error", str(exc)
-        headers["Retry-After"] = exc.retry_after_header
-    elif isinstance(exc, LimiterUnavailable):
-        status, kind, message = 503, "service_unavailable", str(exc)
-        headers["Retry-After"] = "5"
-    elif isinstance(exc, AuthenticationFailed):
-        status, kind, message = 401, "authentication_error", str(exc)
-    elif isinstance(exc, RequestTooLarge):
-        status, kind, message = 413, "invalid_request_error", str(exc)
-    elif isinstance(exc, DuplicateRequest):
-        status, kind, message = 409, "invalid_request_error", str(exc)
-    elif isinstance(exc, ServerRestarting):
-        status, kind, message = 503, "service_unavailable", str(exc)
-        headers["Retry-After"] = "5"
-    elif isinstance(exc, UpstreamFailed | ReplyCut):
-        status, kind, message = 502, "upstream_error", str(exc)
-    elif isinstance(exc, InvalidRequest):
-        status, kind, message = 400, "invalid_request_error", str(exc)
-    else:
-        status, kind, message = 400, "invalid_request_error", str(exc)
-    code = "rate_limited" if isinstance(exc, RateLimited) else exc.code
-    return status, {"error": {"message": message, "type": kind, "code": code, **extra}}, headers
+        body.update(needed=exc.needed, available=exc.available, buy_url=buy)
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    return answer.status, {"error": body}, headers
 
 
 class OpenAIRoutes:

@@ -29,14 +29,31 @@ class Allowance:
 
     @property
     def remaining(self) -> int:
-        return self.size - self.used
+        return share(size=self.size, used=self.used).left
 
     @property
     def percent_used(self) -> int:
-        """Whole percent, rounded down (so 100 means every credit is gone)."""
-        if self.size <= 0:
-            return 100 if self.entry_id is None else 0
-        return min(100, self.used * 100 // self.size)
+        """Whole percent, rounded down (so 100 means every credit is gone). A user who never
+        had credits has used all of none."""
+        if self.size <= 0 and self.entry_id is None:
+            return 100
+        return share(size=self.size, used=self.used).percent
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    used: int
+    left: int
+    # Whole percent used, rounded down: 100 only when every credit is gone, 0 of nothing.
+    percent: int
+
+
+def share(*, size: int, used: int) -> Share:
+    """How much of an allowance of `size` credits is used and left, and the percent used: the
+    one derivation the banner, the dashboard and the warning emails show."""
+    size = max(size, 0)
+    used = min(max(used, 0), size)
+    return Share(used=used, left=size - used, percent=used * 100 // size if size else 0)
 
 
 def allowance(*, top_up_entry_id: int | None, size_after_top_up: int, balance: int) -> Allowance:

@@ -50,10 +50,9 @@ LAST_USED_GRANULARITY = timedelta(minutes=5)
 
 
 class SignInError(AICreditsError):
-    """A sign-in that cannot complete. `message` is safe to show; `status` is the HTTP status."""
+    """A sign-in that cannot complete. `message` is safe to show."""
 
     code = "sign_in_failed"
-    status = 400
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -62,7 +61,6 @@ class SignInError(AICreditsError):
 
 class UnknownProvider(SignInError):
     code = "unknown_provider"
-    status = 404
 
 
 class InvalidLoginState(SignInError):
@@ -83,12 +81,10 @@ class InvalidIdentityToken(SignInError):
 
 class EmailNotVerified(SignInError):
     code = "email_not_verified"
-    status = 403
 
 
 class AccountSuspended(SignInError):
     code = "account_suspended"
-    status = 403
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,16 +533,6 @@ def revoke_session(db: Database, token: str | None, *, now: datetime | None = No
             .values(revoked_at=now or utcnow())
         )
     return result.rowcount == 1
-
-
-def revoke_user_sessions(db: Database, *, user_id: int, now: datetime | None = None) -> int:
-    with db.transaction() as conn:
-        result = conn.execute(
-            sa.update(auth_sessions)
-            .where(auth_sessions.c.user_id == user_id, auth_sessions.c.revoked_at.is_(None))
-            .values(revoked_at=now or utcnow())
-        )
-    return int(result.rowcount)
 
 
 def forget_old_login_attempts(db: Database, *, now: datetime | None = None) -> int:

@@ -1,12 +1,13 @@
-"""The chat page's use cases: what the next message would cost, and one metered reply in a
-stored conversation. The gateway does the metering; this module builds the prompt from the
-conversation and keeps the exchange in it: the question is stored before the model is
-called, the reply as it streams (with the gateway's checkpoints) and finished with its cost
-when the turn settles, whatever becomes of the page that asked."""
+"""The chat page's use cases: what it shows on load, what the next message would cost, and
+one metered reply in a stored conversation. The gateway does the metering; this module
+builds the prompt from the conversation and keeps the exchange in it: the question is stored
+before the model is called, the reply as it streams (with the gateway's checkpoints) and
+finished with its cost when the turn settles, whatever becomes of the page that asked."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +16,10 @@ from sqlalchemy.engine import Connection
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database
 from aicredits.domain.chat import ChatRequest
-from aicredits.domain.errors import InvalidRequest, UnknownModel
-from aicredits.domain.pricing import usage_cost
-from aicredits.services import conversations, pricing
-from aicredits.services.conversations import Exchange, Reply
+from aicredits.domain.errors import AICreditsError, InvalidRequest, UnknownModel
+from aicredits.domain.pricing import Price, usage_cost
+from aicredits.services import conversations, ledger, pricing, thresholds, trials
+from aicredits.services.conversations import ConversationView, Exchange, MessageView, Reply
 from aicredits.services.gateway import Gateway, Turn, TurnResult
 from aicredits.settings import Settings
 
@@ -37,25 +38,29 @@ class Estimate:
     problem: str = ""
 
 
-def _history(db: Database, user_id: int, conversation_id: int | None) -> list[dict[str, Any]]:
+def _history(
+    target: Database | Connection, user_id: int, conversation_id: int | None
+) -> list[dict[str, Any]]:
     if conversation_id is None:
         return []
     return [
         {"role": m.role, "content": m.content}
-        for m in conversations.get_messages(db, user_id=user_id, conversation_id=conversation_id)
+        for m in conversations.get_messages(
+            target, user_id=user_id, conversation_id=conversation_id
+        )
         if m.content
     ]
 
 
 def prompt_messages(
-    db: Database, *, user_id: int, conversation_id: int | None, text: str
+    target: Database | Connection, *, user_id: int, conversation_id: int | None, text: str
 ) -> list[dict[str, Any]]:
     """The whole conversation so far plus the new message: what the model is sent."""
-    return [*_history(db, user_id, conversation_id), {"role": "user", "content": text}]
+    return [*_history(target, user_id, conversation_id), {"role": "user", "content": text}]
 
 
 def estimate(
-    db: Database,
+    target: Database | Connection,
     settings: Settings,
     *,
     user_id: int,
@@ -67,8 +72,8 @@ def estimate(
     spec = settings.model_spec(model)
     if spec is None:
         raise UnknownModel(f"model {model!r} is not offered here")
-    price = pricing.current_price(db, model=model)
-    messages = prompt_messages(db, user_id=user_id, conversation_id=conversation_id, text=draft)
+    price = pricing.current_price(target, model=model)
+    messages = prompt_messages(target, user_id=user_id, conversation_id=conversation_id, text=draft)
     try:
         quote = pricing.quote_worst_case(price, spec, messages=messages, max_tokens=None)
     except InvalidRequest as exc:
@@ -81,6 +86,111 @@ def estimate(
     return Estimate(
         prompt_tokens=quote.prompt_tokens, approx_credits=approx, max_credits=quote.credits
     )
+
+
+def draft_estimate(
+    target: Database | Connection,
+    settings: Settings,
+    *,
+    user_id: int,
+    conversation_id: int | None,
+    model: str,
+    draft: str,
+) -> Estimate | None:
+    """What the line under the message box tells: the estimate, with why the draft cannot be
+    sent as its problem (a typed error included); None when no model is chosen."""
+    if not model:
+        return None
+    try:
+        return estimate(
+            target,
+            settings,
+            user_id=user_id,
+            conversation_id=conversation_id,
+            model=model,
+            draft=draft,
+        )
+    except AICreditsError as exc:
+        return Estimate(prompt_tokens=0, approx_credits=0, max_credits=0, problem=str(exc))
+
+
+def choose_model(current: str, offered: Sequence[str]) -> str:
+    """Keep the chosen model while it is still offered, else the first one offered."""
+    if current in offered:
+        return current
+    return offered[0] if offered else ""
+
+
+def choose_conversation(wanted: str, listed: Sequence[str]) -> str:
+    """The conversation to open on load: the one asked for if it is the user's, else the
+    most recent, else "" (a new conversation)."""
+    return wanted if wanted in listed else (listed[0] if listed else "")
+
+
+@dataclass(frozen=True, slots=True)
+class OfferedModel:
+    id: str
+    label: str
+    price: Price
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPage:
+    """Everything the chat page shows on load, as of one moment."""
+
+    available: int  # the header's credits
+    banner: thresholds.Banner | None
+    trial_notice: str  # "" when there is nothing to say
+    models: list[OfferedModel]  # the configured models that have a price
+    model: str  # the one selected ("" when none is offered)
+    conversations: list[ConversationView]
+    opened: ConversationView | None  # None: a new conversation
+    messages: list[MessageView]
+    estimate: Estimate | None  # for an empty draft
+
+
+def chat_page(
+    db: Database, settings: Settings, *, user_id: int, model: str, wanted: str
+) -> ChatPage:
+    """The chat page, read in one snapshot. `model` is the one selected so far, `wanted` the
+    conversation id the address asks for (kept while it is the user's). The opened
+    conversation's own model is selected, when it is still offered."""
+    with db.read(snapshot=True) as conn:
+        offered = []
+        for spec in settings.models:
+            try:
+                price = pricing.current_price(conn, model=spec.id)
+            except AICreditsError:
+                continue  # not priced yet: not offered
+            offered.append(OfferedModel(id=spec.id, label=spec.label, price=price))
+        offered_ids = [m.id for m in offered]
+        model = choose_model(model, offered_ids)
+        listed = conversations.list_conversations(conn, user_id=user_id)
+        target = choose_conversation(wanted, [str(c.id) for c in listed])
+        opened = next((c for c in listed if str(c.id) == target), None)
+        messages: list[MessageView] = []
+        if opened is not None:
+            messages = conversations.get_messages(conn, user_id=user_id, conversation_id=opened.id)
+            if opened.model in offered_ids:
+                model = opened.model
+        return ChatPage(
+            available=ledger.get_balance(conn, user_id=user_id).available,
+            banner=thresholds.banner(conn, settings, user_id=user_id),
+            trial_notice=trials.trial_notice(conn, user_id=user_id) or "",
+            models=offered,
+            model=model,
+            conversations=listed,
+            opened=opened,
+            messages=messages,
+            estimate=draft_estimate(
+                conn,
+                settings,
+                user_id=user_id,
+                conversation_id=opened.id if opened else None,
+                model=model,
+                draft="",
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)

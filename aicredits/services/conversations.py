@@ -9,7 +9,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, reading
 from aicredits.adapters.tables import chat_messages, conversations, utcnow
 from aicredits.domain.errors import AICreditsError, InvalidRequest
 
@@ -91,8 +91,10 @@ def _conversation(row: sa.Row[tuple[object, ...]]) -> ConversationView:
     )
 
 
-def list_conversations(db: Database, *, user_id: int, limit: int = 200) -> list[ConversationView]:
-    with db.read() as conn:
+def list_conversations(
+    target: Database | Connection, *, user_id: int, limit: int = 200
+) -> list[ConversationView]:
+    with reading(target) as conn:
         rows = conn.execute(
             sa.select(conversations)
             .where(conversations.c.user_id == user_id)
@@ -102,8 +104,10 @@ def list_conversations(db: Database, *, user_id: int, limit: int = 200) -> list[
     return [_conversation(r) for r in rows]
 
 
-def get_conversation(db: Database, *, user_id: int, conversation_id: int) -> ConversationView:
-    with db.read() as conn:
+def get_conversation(
+    target: Database | Connection, *, user_id: int, conversation_id: int
+) -> ConversationView:
+    with reading(target) as conn:
         row = conn.execute(
             sa.select(conversations).where(
                 conversations.c.id == conversation_id, conversations.c.user_id == user_id
@@ -114,8 +118,10 @@ def get_conversation(db: Database, *, user_id: int, conversation_id: int) -> Con
     return _conversation(row)
 
 
-def get_messages(db: Database, *, user_id: int, conversation_id: int) -> list[MessageView]:
-    with db.read() as conn:
+def get_messages(
+    target: Database | Connection, *, user_id: int, conversation_id: int
+) -> list[MessageView]:
+    with reading(target) as conn:
         _owned(conn, user_id, conversation_id)
         rows = conn.execute(
             sa.select(chat_messages)

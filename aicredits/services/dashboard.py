@@ -1,5 +1,8 @@
 """The credits dashboard: the balance and what it is worth, the current allowance, usage
-over time and by model, the ledger history, and a CSV export. Read-only."""
+over time and by model, the ledger history, and a CSV export. Read-only.
+
+`credits_page` reads everything the credits page shows in one snapshot; the other readers
+take the Database (a read of their own) or the caller's connection."""
 
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, reading
 from aicredits.adapters.tables import ledger_entries, purchases, usage_events, utcnow
-from aicredits.domain.allowance import Allowance
+from aicredits.domain.allowance import Allowance, share
 from aicredits.domain.ledger import EntryKind
-from aicredits.services import ledger, thresholds
+from aicredits.services import ledger, payments, thresholds, trials
 from aicredits.services.payments import format_money
 from aicredits.settings import Settings
 
@@ -34,6 +38,8 @@ class Summary:
     total_money: str
     expiring: list[tuple[datetime, int]]
     allowance: Allowance
+    # Whole percent of the allowance used: 0 for a user who never had credits.
+    allowance_percent: int
     allowance_since: datetime | None
 
 
@@ -72,35 +78,41 @@ def money(settings: Settings, credits: int) -> str:
     return format_money(credits * pack.amount // pack.credits, pack.currency)
 
 
-def summary(db: Database, settings: Settings, *, user_id: int) -> Summary:
-    balance = ledger.get_balance(db, user_id=user_id)
-    current = thresholds.current_allowance(db, user_id=user_id)
-    since = None
-    if current.entry_id is not None:
-        with db.read() as conn:
+def summary(target: Database | Connection, settings: Settings, *, user_id: int) -> Summary:
+    with reading(target, snapshot=True) as conn:
+        balance = ledger.get_balance(conn, user_id=user_id)
+        current = thresholds.current_allowance(conn, user_id=user_id)
+        since = None
+        if current.entry_id is not None:
             since = conn.execute(
                 sa.select(ledger_entries.c.created_at).where(
                     ledger_entries.c.id == current.entry_id
                 )
             ).scalar_one_or_none()
+        expiring = ledger.expiring_credits(conn, user_id=user_id)
     return Summary(
         available=balance.available,
         held=balance.held,
         total=balance.balance,
         available_money=money(settings, balance.available),
         total_money=money(settings, balance.balance),
-        expiring=ledger.expiring_credits(db, user_id=user_id),
+        expiring=expiring,
         allowance=current,
+        allowance_percent=share(size=current.size, used=current.used).percent,
         allowance_since=since,
     )
 
 
 def usage_by_model(
-    db: Database, *, user_id: int, days: int = USAGE_DAYS, now: datetime | None = None
+    target: Database | Connection,
+    *,
+    user_id: int,
+    days: int = USAGE_DAYS,
+    now: datetime | None = None,
 ) -> list[ModelUsage]:
     since = (now or utcnow()) - timedelta(days=days)
     e = usage_events
-    with db.read() as conn:
+    with reading(target) as conn:
         rows = conn.execute(
             sa.select(
                 e.c.model,
@@ -120,14 +132,18 @@ def usage_by_model(
 
 
 def daily_usage(
-    db: Database, *, user_id: int, days: int = USAGE_DAYS, now: datetime | None = None
+    target: Database | Connection,
+    *,
+    user_id: int,
+    days: int = USAGE_DAYS,
+    now: datetime | None = None,
 ) -> list[DayUsage]:
     """Credits charged per UTC day and model, for each of the last `days` days (zeros
     included, so a chart has no gaps)."""
     now = now or utcnow()
     first_day = (now - timedelta(days=days - 1)).date()
     start = datetime.combine(first_day, datetime.min.time(), tzinfo=now.tzinfo)
-    with db.read() as conn:
+    with reading(target) as conn:
         rows = conn.execute(
             sa.select(
                 usage_events.c.created_at, usage_events.c.model, usage_events.c.charged
@@ -146,7 +162,7 @@ def daily_usage(
 
 
 def history(
-    db: Database,
+    target: Database | Connection,
     *,
     user_id: int,
     kind: str | None = None,
@@ -159,7 +175,7 @@ def history(
     where = [ledger_entries.c.user_id == user_id]
     if kind:
         where.append(ledger_entries.c.kind == kind)
-    with db.read(snapshot=True) as conn:
+    with reading(target, snapshot=True) as conn:
         total = int(
             conn.execute(
                 sa.select(sa.func.count()).select_from(ledger_entries).where(*where)
@@ -194,6 +210,50 @@ def history(
         )
         for r in rows
     ], pages
+
+
+@dataclass(frozen=True, slots=True)
+class CreditsPage:
+    """Everything the credits page shows, as of one moment."""
+
+    available: int  # the header's credits
+    banner: thresholds.Banner | None
+    trial_notice: str  # "" when there is nothing to say
+    packs: list[payments.PackOffer]
+    purchases: list[payments.PurchaseView]
+    summary: Summary
+    daily_usage: list[DayUsage]
+    usage_by_model: list[ModelUsage]
+    history: list[HistoryLine]
+    history_pages: int
+
+
+def credits_page(
+    db: Database,
+    settings: Settings,
+    *,
+    user_id: int,
+    history_kind: str | None = None,
+    history_page: int = 1,
+    now: datetime | None = None,
+) -> CreditsPage:
+    """The credits page, read in one snapshot: the balance, the banner, the dashboard and the
+    histories all agree with each other, whatever is charged meanwhile."""
+    with db.read(snapshot=True) as conn:
+        totals = summary(conn, settings, user_id=user_id)
+        lines, pages = history(conn, user_id=user_id, kind=history_kind, page=history_page)
+        return CreditsPage(
+            available=totals.available,
+            banner=thresholds.banner(conn, settings, user_id=user_id),
+            trial_notice=trials.trial_notice(conn, user_id=user_id, now=now) or "",
+            packs=payments.list_packs(settings),
+            purchases=payments.list_purchases(conn, user_id=user_id),
+            summary=totals,
+            daily_usage=daily_usage(conn, user_id=user_id, now=now),
+            usage_by_model=usage_by_model(conn, user_id=user_id, now=now),
+            history=lines,
+            history_pages=pages,
+        )
 
 
 EXPORT_COLUMNS = [

@@ -85,7 +85,9 @@ class ServerRestarting(AICreditsError):
     code = "server_restarting"
 
 
-class DuplicateRequest(AICreditsError):
+class IdempotencyKeyReused(AICreditsError):
+    """A call came again with an Idempotency-Key already used: it is not run twice."""
+
     code = "duplicate_request"
 
 
@@ -612,7 +614,7 @@ class Gateway:
             raise
         if hold.replayed:
             await slot.release()
-            raise DuplicateRequest(
+            raise IdempotencyKeyReused(
                 "A request with this idempotency key was already made; it was not run again."
             )
         metrics.credits_reserved(model=request.model, credits=hold.amount)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from aicredits.adapters import metrics
 from aicredits.adapters.blocking import run_blocking
@@ -46,26 +46,26 @@ def _locked(db: Database, name: str, job: Callable[[], int]) -> int:
         return done
 
 
-def _report_spikes(db: Database, settings: Settings) -> tuple[int, int]:
+def _report_spikes(db: Database, settings: Settings, now: datetime | None) -> tuple[int, int]:
     """New spike reports, then the admins' emails for any that are due (this run's or
     earlier ones being retried), under one lock."""
     emails = 0
 
     def job() -> int:
         nonlocal emails
-        reported = spike_reports.record_spikes(db, settings)
-        emails = spike_reports.send_due_emails(db, settings)
+        reported = spike_reports.record_spikes(db, settings, now=now)
+        emails = spike_reports.send_due_emails(db, settings, now=now)
         return reported
 
     return _locked(db, "spike-report", job), emails
 
 
-def recover_holds(db: Database, settings: Settings) -> int:
+def recover_holds(db: Database, settings: Settings, *, now: datetime | None = None) -> int:
     """Settle the holds whose worker died and finish their chat replies. Returns how many
     holds it closed."""
 
     def job() -> int:
-        report = recovery.recover(db, lease=timedelta(seconds=settings.hold_lease_seconds))
+        report = recovery.recover(db, lease=timedelta(seconds=settings.hold_lease_seconds), now=now)
         if report.holds or report.replies_finished:
             logger.info("recovery: %s", report)
         return report.holds
@@ -73,14 +73,27 @@ def recover_holds(db: Database, settings: Settings) -> int:
     return _locked(db, "recover-holds", job)
 
 
-def run_all(db: Database, settings: Settings) -> JobReport:
-    stale_holds = recover_holds(db, settings)
-    credits_expired = _locked(
-        db, "expire-grants", lambda: ledger.expire_due_grants(db).credits_expired
+def _expire_grants(db: Database, settings: Settings, now: datetime | None) -> int:
+    """Expire due grants, then record the usage warnings the expiry crossed (no charge
+    follows an emptied balance to record them). Returns the credits expired."""
+    report = ledger.expire_due_grants(db, now=now)
+    for user_id in sorted(report.users):
+        thresholds.record_crossings(db, settings, user_id=user_id, now=now)
+    return report.credits_expired
+
+
+def run_all(db: Database, settings: Settings, *, now: datetime | None = None) -> JobReport:
+    """One run of every periodic job. `now` (default: the clock, read by each job) is the
+    moment every job takes as the present."""
+    stale_holds = recover_holds(db, settings, now=now)
+    credits_expired = _locked(db, "expire-grants", lambda: _expire_grants(db, settings, now))
+    emails_sent = _locked(
+        db, "threshold-emails", lambda: thresholds.send_due_emails(db, settings, now=now)
     )
-    emails_sent = _locked(db, "threshold-emails", lambda: thresholds.send_due_emails(db, settings))
-    sign_ins_forgotten = _locked(db, "forget-sign-ins", lambda: auth.forget_old_login_attempts(db))
-    spikes, spike_emails = _report_spikes(db, settings)
+    sign_ins_forgotten = _locked(
+        db, "forget-sign-ins", lambda: auth.forget_old_login_attempts(db, now=now)
+    )
+    spikes, spike_emails = _report_spikes(db, settings, now)
     return JobReport(
         stale_holds=stale_holds,
         credits_expired=credits_expired,

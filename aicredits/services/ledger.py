@@ -135,6 +135,8 @@ class SettleResult:
 class ExpiryReport:
     lots_touched: int
     credits_expired: int
+    # Whose credits expired: their usage warnings are recorded next.
+    users: frozenset[int] = frozenset()
 
 
 class _KeyReplayed(Exception):
@@ -146,8 +148,8 @@ class _KeyReplayed(Exception):
 # Reads
 
 
-def get_balance(db: Database, *, user_id: int) -> Balance:
-    with db.read() as conn:
+def get_balance(target: Database | Connection, *, user_id: int) -> Balance:
+    with reading(target) as conn:
         row = conn.execute(
             sa.select(credit_accounts.c.balance, credit_accounts.c.held).where(
                 credit_accounts.c.user_id == user_id
@@ -501,7 +503,7 @@ def reserve(
             expires_at=expires_at,
             pricing=pricing,
         )
-    except ledger_sql.DuplicateRequest:
+    except ledger_sql.RequestIdTaken:
         with db.read() as conn:
             existing = _load_hold(conn, holds.c.request_id == request_id, replayed=True)
         if existing.user_id != user_id or existing.amount != credits:
@@ -744,12 +746,14 @@ def expire_due_grants(
         ).all()
     touched = 0
     total = 0
+    losers: set[int] = set()
     for lot_id, user_id in due:
         taken = _expire_lot(db, lot_id=lot_id, user_id=user_id, now=now)
         if taken:
             touched += 1
             total += taken
-    return ExpiryReport(lots_touched=touched, credits_expired=total)
+            losers.add(user_id)
+    return ExpiryReport(lots_touched=touched, credits_expired=total, users=frozenset(losers))
 
 
 def _lots_and_lines(conn: Connection, user_id: int) -> tuple[list[LotGrant], list[LedgerLine]]:
@@ -780,9 +784,9 @@ def _lots_and_lines(conn: Connection, user_id: int) -> tuple[list[LotGrant], lis
     return lots, lines
 
 
-def expiring_credits(db: Database, *, user_id: int) -> list[tuple[datetime, int]]:
+def expiring_credits(target: Database | Connection, *, user_id: int) -> list[tuple[datetime, int]]:
     """What is left of each open expiring grant, soonest first: (expires_at, credits)."""
-    with db.read(snapshot=True) as conn:
+    with reading(target, snapshot=True) as conn:
         lots, lines = _lots_and_lines(conn, user_id)
         closed = set(
             conn.execute(

@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from aicredits.adapters import stripe_api
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, reading
 from aicredits.adapters.local_secret import LOCAL_DATA_DIR
 from aicredits.adapters.stripe_api import (
     CheckoutSession,
@@ -285,10 +285,12 @@ def _view(row: Any) -> PurchaseView:
     )
 
 
-def list_purchases(db: Database, *, user_id: int, limit: int = 50) -> list[PurchaseView]:
+def list_purchases(
+    target: Database | Connection, *, user_id: int, limit: int = 50
+) -> list[PurchaseView]:
     """A user's purchase history, newest first. Checkouts abandoned before paying are left
     out: nothing happened in them."""
-    with db.read() as conn:
+    with reading(target) as conn:
         rows = conn.execute(
             sa.select(purchases)
             .where(

@@ -9,8 +9,9 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, reading
 from aicredits.adapters.tables import model_prices, utcnow
 from aicredits.adapters.tokenizer import count_message_tokens
 from aicredits.domain.errors import InvalidRequest, UnknownModel
@@ -38,10 +39,12 @@ def _price(row: Any) -> Price:
     )
 
 
-def current_price(db: Database, *, model: str, at: datetime | None = None) -> Price:
+def current_price(
+    target: Database | Connection, *, model: str, at: datetime | None = None
+) -> Price:
     """The price version in effect for `model` at `at` (now by default)."""
     at = at or utcnow()
-    with db.read() as conn:
+    with reading(target) as conn:
         row = conn.execute(
             sa.select(model_prices)
             .where(model_prices.c.model == model, model_prices.c.effective_from <= at)

@@ -10,20 +10,17 @@ same job, outside any request: claimed first, retried with backoff, never sent t
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from aicredits.adapters import mailer
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import spike_reports, users, utcnow
-from aicredits.services import admin
+from aicredits.services import admin, outbox
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-MAX_EMAIL_ATTEMPTS = 8
 
 
 def hour_of(moment: datetime) -> datetime:
@@ -74,84 +71,39 @@ def record_spikes(db: Database, settings: Settings, *, now: datetime | None = No
     return new
 
 
-def _retry_delay(attempts: int) -> timedelta:
-    return timedelta(minutes=min(2**attempts, 360))
-
-
 def send_due_emails(
     db: Database, settings: Settings, *, now: datetime | None = None, batch: int = 50
 ) -> int:
-    """Email the admins each report that is due. Returns how many were sent."""
+    """Email the admins each report that is due, through the outbox (claimed once, retried
+    with backoff, given up after outbox.MAX_ATTEMPTS). Returns how many were sent."""
     if not _emails_wanted(settings):
         return 0
-    now = now or utcnow()
-    with db.read() as conn:
-        due = conn.execute(
-            sa.select(
-                spike_reports.c.id,
-                spike_reports.c.user_id,
-                spike_reports.c.reported_at,
-                spike_reports.c.last_hour,
-                spike_reports.c.previous_week,
-                spike_reports.c.email_attempts,
-                users.c.email,
-                users.c.name,
-            )
-            .select_from(spike_reports.join(users, users.c.id == spike_reports.c.user_id))
-            .where(
-                spike_reports.c.emailed_at.is_(None),
-                spike_reports.c.next_email_at.is_not(None),
-                spike_reports.c.next_email_at <= now,
-            )
-            .order_by(spike_reports.c.next_email_at)
-            .limit(batch)
-        ).all()
-    sent = 0
-    for row in due:
-        attempts = row.email_attempts + 1
-        # Claim it first (moving next_email_at on), so two workers never both send it.
-        with db.transaction() as conn:
-            claimed = conn.execute(
-                sa.update(spike_reports)
-                .where(
-                    spike_reports.c.id == row.id,
-                    spike_reports.c.emailed_at.is_(None),
-                    spike_reports.c.next_email_at <= now,
-                )
-                .values(email_attempts=attempts, next_email_at=now + _retry_delay(attempts))
-            ).rowcount
-        if not claimed:
-            continue
-        try:
-            mailer.send(
-                settings,
-                to=", ".join(settings.admin_emails),
-                subject=f"aicredits: spending spike by user {row.user_id}",
-                body=_email_body(settings, row),
-            )
-        except mailer.MailError as exc:
-            gave_up = attempts >= MAX_EMAIL_ATTEMPTS
-            logger.warning(
-                "spike email %s failed (%s)%s", row.id, exc, ", giving up" if gave_up else ""
-            )
-            with db.transaction() as conn:
-                conn.execute(
-                    sa.update(spike_reports)
-                    .where(spike_reports.c.id == row.id)
-                    .values(
-                        email_error=str(exc)[:500],
-                        next_email_at=None if gave_up else now + _retry_delay(attempts),
-                    )
-                )
-            continue
-        with db.transaction() as conn:
-            conn.execute(
-                sa.update(spike_reports)
-                .where(spike_reports.c.id == row.id)
-                .values(emailed_at=utcnow(), next_email_at=None, email_error="")
-            )
-        sent += 1
-    return sent
+    details = sa.select(
+        spike_reports.c.user_id,
+        spike_reports.c.reported_at,
+        spike_reports.c.last_hour,
+        spike_reports.c.previous_week,
+        users.c.email,
+        users.c.name,
+    ).select_from(spike_reports.join(users, users.c.id == spike_reports.c.user_id))
+
+    def compose(row: Any) -> outbox.Email:
+        return outbox.Email(
+            to=", ".join(settings.admin_emails),
+            subject=f"aicredits: spending spike by user {row.user_id}",
+            body=_email_body(settings, row),
+        )
+
+    return outbox.send_due(
+        db,
+        settings,
+        table=spike_reports,
+        details=details,
+        compose=compose,
+        label="spike",
+        now=now,
+        batch=batch,
+    )
 
 
 def _email_body(settings: Settings, row: Any) -> str:

@@ -3,15 +3,14 @@ let the user dismiss it, and email it from a background job when SMTP is configu
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from aicredits.adapters import mailer
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, insert_ignoring_conflict, reading
 from aicredits.adapters.tables import (
     TOP_UP_PREDICATE,
     credit_accounts,
@@ -27,12 +26,10 @@ from aicredits.domain.allowance import (
     banner_text,
     crossed,
     level,
+    share,
 )
+from aicredits.services import outbox
 from aicredits.settings import Settings
-
-logger = logging.getLogger(__name__)
-
-MAX_EMAIL_ATTEMPTS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +51,12 @@ def last_top_up_query(user_id: int) -> sa.Select[Any]:
     )
 
 
-def current_allowance(db: Database, *, user_id: int) -> Allowance:
+def current_allowance(target: Database | Connection, *, user_id: int) -> Allowance:
     """One statement (so one consistent moment, and one round trip: it runs after every
     charge): the balance and the last top-up, both through their indexes."""
     top_up = last_top_up_query(user_id).subquery()
     row = None
-    with db.read() as conn:
+    with reading(target) as conn:
         row = conn.execute(
             sa.select(
                 credit_accounts.c.balance,
@@ -78,57 +75,76 @@ def current_allowance(db: Database, *, user_id: int) -> Allowance:
 def record_crossings(
     db: Database, settings: Settings, *, user_id: int, now: datetime | None = None
 ) -> list[int]:
-    """Record the thresholds this allowance has reached and were not yet recorded. Returns
-    the newly recorded ones. Safe to call after every charge, from any worker."""
+    """Record the thresholds this allowance has reached and were not yet recorded, queueing
+    their emails. Returns the newly recorded ones. Called after every charge (the gateway)
+    and every expiry (the jobs), from any worker; safe to call again."""
     current = current_allowance(db, user_id=user_id)
+    if not crossed(current, settings.threshold_percents):
+        return []
+    with db.transaction() as conn:
+        return _record(conn, settings, user_id=user_id, current=current, now=now or utcnow())
+
+
+def _record(
+    conn: Connection, settings: Settings, *, user_id: int, current: Allowance, now: datetime
+) -> list[int]:
     reached = crossed(current, settings.threshold_percents)
     if not reached or current.entry_id is None:
         return []
-    now = now or utcnow()
+    # A user with no address gets no email queued: it could never be sent.
+    emailed = settings.smtp_configured and bool(
+        conn.execute(sa.select(users.c.email).where(users.c.id == user_id)).scalar()
+    )
     new = []
-    with db.transaction() as conn:
-        for threshold in reached:
-            inserted = conn.execute(
-                db.insert_ignoring_conflict(
-                    threshold_crossings, index=("user_id", "allowance_entry_id", "threshold")
-                )
-                .values(
-                    user_id=user_id,
-                    allowance_entry_id=current.entry_id,
-                    threshold=threshold,
-                    allowance=current.size,
-                    used=current.used,
-                    crossed_at=now,
-                    email_attempts=0,
-                    next_email_at=now if settings.smtp_configured else None,
-                    email_error="",
-                )
-                .returning(threshold_crossings.c.id)
-            ).first()
-            if inserted is not None:
-                new.append(threshold)
+    for threshold in reached:
+        inserted = conn.execute(
+            insert_ignoring_conflict(
+                conn.dialect.name,
+                threshold_crossings,
+                index=("user_id", "allowance_entry_id", "threshold"),
+            )
+            .values(
+                user_id=user_id,
+                allowance_entry_id=current.entry_id,
+                threshold=threshold,
+                allowance=current.size,
+                used=current.used,
+                crossed_at=now,
+                email_attempts=0,
+                next_email_at=now if emailed else None,
+                email_error="",
+            )
+            .returning(threshold_crossings.c.id)
+        ).first()
+        if inserted is not None:
+            new.append(threshold)
     return new
 
 
-def banner(db: Database, settings: Settings, *, user_id: int) -> Banner | None:
+def banner(target: Database | Connection, settings: Settings, *, user_id: int) -> Banner | None:
     """The banner to show now: the highest threshold reached in this allowance and not
-    dismissed. A user who never had credits, or has none left, sees the blocking one."""
-    record_crossings(db, settings, user_id=user_id)
-    current = current_allowance(db, user_id=user_id)
-    if current.entry_id is None:
-        return None  # nothing was ever given: the chat's own error explains
-    with db.read() as conn:
-        open_thresholds = (
-            conn.execute(
-                sa.select(threshold_crossings.c.threshold).where(
-                    threshold_crossings.c.user_id == user_id,
-                    threshold_crossings.c.allowance_entry_id == current.entry_id,
-                    threshold_crossings.c.dismissed_at.is_(None),
-                )
+    dismissed. A user with no credits left sees the blocking one; one who never had any
+    sees none (the chat's own error explains).
+
+    Read-only, and from the balance itself, so it is right at once after any change (a
+    charge, an expiry, an admin's adjustment), whether or not its crossing is recorded yet;
+    only dismissals are read from the recorded crossings."""
+    with reading(target, snapshot=True) as conn:
+        current = current_allowance(conn, user_id=user_id)
+        if current.entry_id is None:
+            return None  # nothing was ever given: the chat's own error explains
+        reached = crossed(current, settings.threshold_percents)
+        if not reached:
+            return None
+        dismissed = conn.execute(
+            sa.select(sa.func.max(threshold_crossings.c.threshold)).where(
+                threshold_crossings.c.user_id == user_id,
+                threshold_crossings.c.allowance_entry_id == current.entry_id,
+                threshold_crossings.c.dismissed_at.is_not(None),
             )
-            .scalars()
-            .all()
-        )
+        ).scalar()
+    # Dismissing a banner dismisses every threshold up to its own (see `dismiss`).
+    open_thresholds = [t for t in reached if dismissed is None or t > dismissed]
     if not open_thresholds:
         return None
     top = max(open_thresholds)
@@ -141,15 +157,26 @@ def banner(db: Database, settings: Settings, *, user_id: int) -> Banner | None:
     )
 
 
-def dismiss(db: Database, *, user_id: int, threshold: int, now: datetime | None = None) -> bool:
-    """Hide a threshold's banner until the next top-up starts a new allowance. The blocking
-    banner stays: chat cannot work without credits."""
+def dismiss(
+    db: Database,
+    settings: Settings,
+    *,
+    user_id: int,
+    threshold: int,
+    now: datetime | None = None,
+) -> bool:
+    """Hide a threshold's banner, and those below it, until the next top-up starts a new
+    allowance. The blocking banner stays: chat cannot work without credits. The crossings
+    are recorded first (they may not be yet: an expiry, an admin's adjustment), so the
+    dismissal is kept with them."""
     if level(threshold) == "blocking":
         return False
-    current = current_allowance(db, user_id=user_id)
-    if current.entry_id is None:
-        return False
+    now = now or utcnow()
     with db.transaction() as conn:
+        current = current_allowance(conn, user_id=user_id)
+        if current.entry_id is None:
+            return False
+        _record(conn, settings, user_id=user_id, current=current, now=now)
         result = conn.execute(
             sa.update(threshold_crossings)
             .where(
@@ -158,98 +185,50 @@ def dismiss(db: Database, *, user_id: int, threshold: int, now: datetime | None 
                 threshold_crossings.c.threshold <= threshold,
                 threshold_crossings.c.dismissed_at.is_(None),
             )
-            .values(dismissed_at=now or utcnow())
+            .values(dismissed_at=now)
         )
     return result.rowcount > 0
-
-
-def _retry_delay(attempts: int) -> timedelta:
-    return timedelta(minutes=min(2**attempts, 360))
 
 
 def send_due_emails(
     db: Database, settings: Settings, *, now: datetime | None = None, batch: int = 50
 ) -> int:
-    """Email crossings that are due (background job). A failure is retried with backoff and
-    never affects chat; after MAX_EMAIL_ATTEMPTS it is given up, with the error kept."""
+    """Email crossings that are due (background job), through the outbox: a failure is
+    retried with backoff and never affects chat; after outbox.MAX_ATTEMPTS it is given up,
+    with the error kept."""
     if not settings.smtp_configured:
         return 0
-    now = now or utcnow()
-    query = (
-        sa.select(
-            threshold_crossings.c.id,
-            threshold_crossings.c.threshold,
-            threshold_crossings.c.allowance,
-            threshold_crossings.c.used,
-            threshold_crossings.c.email_attempts,
-            users.c.email,
-            users.c.name,
+    details = sa.select(
+        threshold_crossings.c.threshold,
+        threshold_crossings.c.allowance,
+        threshold_crossings.c.used,
+        users.c.email,
+        users.c.name,
+    ).select_from(threshold_crossings.join(users, users.c.id == threshold_crossings.c.user_id))
+
+    def compose(row: sa.Row[Any]) -> outbox.Email | None:
+        if not row.email:
+            return None
+        return outbox.Email(
+            to=row.email,
+            subject=f"You have used {row.threshold}% of your aicredits credits",
+            body=_email_body(settings, row.name, row.threshold, row.allowance, row.used),
         )
-        .select_from(threshold_crossings.join(users, users.c.id == threshold_crossings.c.user_id))
-        .where(
-            threshold_crossings.c.emailed_at.is_(None),
-            threshold_crossings.c.next_email_at.is_not(None),
-            threshold_crossings.c.next_email_at <= now,
-        )
-        .order_by(threshold_crossings.c.next_email_at)
-        .limit(batch)
+
+    return outbox.send_due(
+        db,
+        settings,
+        table=threshold_crossings,
+        details=details,
+        compose=compose,
+        label="threshold",
+        now=now,
+        batch=batch,
     )
-    sent = 0
-    with db.read() as conn:
-        due = conn.execute(query).all()
-    for row in due:
-        # Claim it first (moving next_email_at on), so two workers never both send it.
-        with db.transaction() as conn:
-            claimed = conn.execute(
-                sa.update(threshold_crossings)
-                .where(
-                    threshold_crossings.c.id == row.id,
-                    threshold_crossings.c.emailed_at.is_(None),
-                    threshold_crossings.c.next_email_at <= now,
-                )
-                .values(
-                    email_attempts=row.email_attempts + 1,
-                    next_email_at=now + _retry_delay(row.email_attempts + 1),
-                )
-            ).rowcount
-        if not claimed or not row.email:
-            continue
-        try:
-            mailer.send(
-                settings,
-                to=row.email,
-                subject=f"You have used {row.threshold}% of your aicredits credits",
-                body=_email_body(settings, row.name, row.threshold, row.allowance, row.used),
-            )
-        except mailer.MailError as exc:
-            gave_up = row.email_attempts + 1 >= MAX_EMAIL_ATTEMPTS
-            logger.warning(
-                "threshold email %s failed (%s)%s", row.id, exc, ", giving up" if gave_up else ""
-            )
-            with db.transaction() as conn:
-                conn.execute(
-                    sa.update(threshold_crossings)
-                    .where(threshold_crossings.c.id == row.id)
-                    .values(
-                        email_error=str(exc)[:500],
-                        next_email_at=None
-                        if gave_up
-                        else now + _retry_delay(row.email_attempts + 1),
-                    )
-                )
-            continue
-        with db.transaction() as conn:
-            conn.execute(
-                sa.update(threshold_crossings)
-                .where(threshold_crossings.c.id == row.id)
-                .values(emailed_at=utcnow(), next_email_at=None, email_error="")
-            )
-        sent += 1
-    return sent
 
 
 def _email_body(settings: Settings, name: str, threshold: int, size: int, used: int) -> str:
-    left = max(size - used, 0)
+    left = share(size=size, used=used).left
     return (
         f"Hello {name or 'there'},\n\n"
         f"You have used {threshold}% of your current credits: {left:,} of {size:,} are left.\n"

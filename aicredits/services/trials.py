@@ -21,7 +21,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, reading
 from aicredits.adapters.tables import ledger_entries, trial_addresses, users, utcnow
 from aicredits.domain.trials import address_bucket, trial_day, withheld_trial_notice
 
@@ -67,11 +67,13 @@ def claim_trial(
     return TrialClaim(address=address, granted=False, others=int(refused.granted))
 
 
-def trial_notice(db: Database, *, user_id: int, now: datetime | None = None) -> str | None:
+def trial_notice(
+    target: Database | Connection, *, user_id: int, now: datetime | None = None
+) -> str | None:
     """Why this user has no free trial, while it matters: from the refusal until the account
     first gets credits some other way (a purchase, an admin's grant). None otherwise."""
     has_entries = sa.exists().where(ledger_entries.c.user_id == users.c.id)
-    with db.read() as conn:
+    with reading(target) as conn:
         row = conn.execute(
             sa.select(
                 users.c.trial_withheld_at,

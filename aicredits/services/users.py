@@ -81,8 +81,3 @@ def set_suspended(db: Database, *, user_id: int, suspended: bool) -> None:
                 .values(revoked_at=now)
             )
             revoke_user_keys(conn, user_id=user_id, now=now)
-
-
-def count_users(db: Database) -> int:
-    with db.read() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())

@@ -14,12 +14,22 @@ from reflex_base.event import EventSpec
 
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
-from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
-from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
+from aicredits.domain.errors import (
+    AICreditsError,
+    InsufficientCredits,
+    LimiterUnavailable,
+    RateLimited,
+    answer_for,
+)
 from aicredits.domain.pricing import credits_per_1k
-from aicredits.services import chat, conversations, pricing
-from aicredits.services.chat import ChatReply
-from aicredits.services.conversations import STREAMING, UnknownConversation
+from aicredits.services import chat, conversations
+from aicredits.services.chat import ChatReply, Estimate
+from aicredits.services.conversations import (
+    STREAMING,
+    ConversationView,
+    MessageView,
+    UnknownConversation,
+)
 from aicredits.services.gateway import (
     ReplyCut,
     ServerRestarting,
@@ -52,28 +62,29 @@ def outcome_note(outcome: str) -> str:
     }.get(outcome, "")
 
 
+# What a person is told of each error, above the message box: (kind, message), the message
+# formatted with the error as `exc`. The most specific class listed here wins.
+ERROR_MESSAGES: dict[type[AICreditsError], tuple[str, str]] = {
+    InsufficientCredits: (
+        "credits",
+        "Not enough credits: this message needs up to {exc.needed} and you have "
+        "{exc.available} available.",
+    ),
+    RateLimited: ("rate", "You are sending too fast: try again in {exc.retry_after_header} s."),
+    LimiterUnavailable: ("rate", "The service is busy: try again in a few seconds."),
+    UpstreamFailed: ("upstream", "The model did not answer. Nothing was charged; try again."),
+    ServerRestarting: (
+        "upstream",
+        "The server is restarting. Nothing was charged; send again in a few seconds.",
+    ),
+    AICreditsError: ("invalid", "{exc}"),
+}
+
+
 def describe_error(exc: AICreditsError) -> tuple[str, str]:
     """(kind, message) for an error shown in place, above the message box."""
-    if isinstance(exc, InsufficientCredits):
-        return (
-            "credits",
-            f"Not enough credits: this message needs up to {exc.needed} and you have "
-            f"{exc.available} available.",
-        )
-    if isinstance(exc, RateLimited):
-        return "rate", f"You are sending too fast: try again in {exc.retry_after_header} s."
-    if isinstance(exc, LimiterUnavailable):
-        return "rate", "The service is busy: try again in a few seconds."
-    if isinstance(exc, UpstreamFailed):
-        return "upstream", "The model did not answer. Nothing was charged; try again."
-    if isinstance(exc, ServerRestarting):
-        return (
-            "upstream",
-            "The server is restarting. Nothing was charged; send again in a few seconds.",
-        )
-    if isinstance(exc, InvalidRequest):
-        return "invalid", str(exc)
-    return "invalid", str(exc)
+    kind, message = answer_for(ERROR_MESSAGES, exc)
+    return kind, message.format(exc=exc)
 
 
 def message_row(
@@ -94,6 +105,36 @@ def message_row(
     }
 
 
+def message_rows(messages: list[MessageView]) -> list[dict[str, Any]]:
+    """Stored messages as the page shows them: a finished reply with its cost and note, one
+    still being written as streaming."""
+    return [
+        message_row(
+            m.role,
+            m.content,
+            cost_line(m.input_tokens, m.output_tokens, m.credits_charged, m.estimated)
+            if m.role == "assistant" and m.outcome != STREAMING
+            else "",
+            outcome_note(m.outcome),
+            streaming=m.outcome == STREAMING,
+            message_id=m.id,
+        )
+        for m in messages
+    ]
+
+
+def conversation_row(conversation: ConversationView) -> dict[str, str]:
+    return {"id": str(conversation.id), "title": conversation.title}
+
+
+def estimate_line(result: Estimate | None) -> str:
+    """The line under the box: "≈ N credits, at most M", or why the draft cannot be sent
+    ("" when no model is chosen)."""
+    if result is None:
+        return ""
+    return result.problem or f"≈ {result.approx_credits} credits, at most {result.max_credits}"
+
+
 def with_reply_text(rows: list[dict[str, Any]], reply_id: int, text: str) -> bool:
     """Show `text` as the reply `reply_id` so far. False when the row is not on the page
     (the user opened another conversation, or reloaded into another)."""
@@ -107,20 +148,6 @@ def with_reply_text(rows: list[dict[str, Any]], reply_id: int, text: str) -> boo
 def as_conversation_id(value: str) -> int | None:
     """The open conversation's id as the services take it: None for a new, unsaved one."""
     return int(value) if value else None
-
-
-def choose_model(current: str, models: list[dict[str, str]]) -> str:
-    """Keep the chosen model while it is still offered, else the first one offered."""
-    if any(m["id"] == current for m in models):
-        return current
-    return models[0]["id"] if models else ""
-
-
-def choose_conversation(wanted: str, listed: list[dict[str, str]]) -> str:
-    """The conversation to open on load: the one in the address bar if it is the user's,
-    else the most recent, else "" (a new conversation)."""
-    ids = [c["id"] for c in listed]
-    return wanted if wanted in ids else (ids[0] if ids else "")
 
 
 def model_row(
@@ -192,20 +219,28 @@ class ChatState(SessionState):
         user = await self._authenticate()
         if user is None:
             return self._to_login()
-        await self._refresh_balance(user)
-        await self._refresh_trial_notice(user)
-        self.models = await _fetch_models()
-        self.model = choose_model(self.model, self.models)
+        page = await run_blocking(
+            chat.chat_page,
+            get_database(),
+            get_settings(),
+            user_id=user.id,
+            model=self.model,
+            wanted=str(self.router.url.query_parameters.get("c", "")),
+        )
+        self._show_balance(page.available, page.banner)
+        self.trial_notice = page.trial_notice
+        self.models = [
+            model_row(m.id, m.label, m.price.input_per_mtok, m.price.output_per_mtok)
+            for m in page.models
+        ]
+        self.model = page.model
         self.error = self.error_kind = ""
         self.streaming = False
-        await self._refresh_conversations(user.id)
-        wanted = self.router.url.query_parameters.get("c", "")
-        target = choose_conversation(wanted, (await self._sidebar()).conversations)
-        if target:
-            await self._open(user.id, int(target))
-        else:
-            await self._start_new()
-        await self._update_estimate(user.id, "")
+        sidebar = await self._sidebar()
+        sidebar.conversations = [conversation_row(c) for c in page.conversations]
+        sidebar.conversation_id = str(page.opened.id) if page.opened else ""
+        self.messages = message_rows(page.messages)
+        self.estimate_text = estimate_line(page.estimate)
         return None
 
     # --- conversations -----------------------------------------------------------------------
@@ -439,19 +474,6 @@ class ChatState(SessionState):
         return turn.result, ""
 
 
-async def _fetch_models() -> list[dict[str, str]]:
-    """The configured models that have a current price, as the picker lists them."""
-    db = get_database()
-    models = []
-    for spec in get_settings().models:
-        with contextlib.suppress(AICreditsError):
-            price = await run_blocking(pricing.current_price, db, model=spec.id)
-            models.append(
-                model_row(spec.id, spec.label, price.input_per_mtok, price.output_per_mtok)
-            )
-    return models
-
-
 async def _fetch_opened(user_id: int, conversation_id: int) -> tuple[list[dict[str, Any]], str]:
     """A conversation's messages as the page shows them, and the model it last used."""
     rows = await run_blocking(
@@ -466,44 +488,25 @@ async def _fetch_opened(user_id: int, conversation_id: int) -> tuple[list[dict[s
         user_id=user_id,
         conversation_id=conversation_id,
     )
-    messages = [
-        message_row(
-            m.role,
-            m.content,
-            cost_line(m.input_tokens, m.output_tokens, m.credits_charged, m.estimated)
-            if m.role == "assistant" and m.outcome != STREAMING
-            else "",
-            outcome_note(m.outcome),
-            streaming=m.outcome == STREAMING,
-            message_id=m.id,
-        )
-        for m in rows
-    ]
-    return messages, opened.model
+    return message_rows(rows), opened.model
 
 
 async def _fetch_conversations(user_id: int) -> list[dict[str, str]]:
     rows = await run_blocking(conversations.list_conversations, get_database(), user_id=user_id)
-    return [{"id": str(c.id), "title": c.title} for c in rows]
+    return [conversation_row(c) for c in rows]
 
 
 async def _fetch_estimate(user_id: int, model: str, conversation_id: int | None, draft: str) -> str:
-    """The line under the box: "≈ N credits, at most M", or why the draft cannot be sent."""
-    if not model:
-        return ""
-    try:
-        result = await run_blocking(
-            chat.estimate,
-            get_database(),
-            get_settings(),
-            user_id=user_id,
-            conversation_id=conversation_id,
-            model=model,
-            draft=draft,
-        )
-    except AICreditsError as exc:
-        return str(exc)
-    return result.problem or f"≈ {result.approx_credits} credits, at most {result.max_credits}"
+    result = await run_blocking(
+        chat.draft_estimate,
+        get_database(),
+        get_settings(),
+        user_id=user_id,
+        conversation_id=conversation_id,
+        model=model,
+        draft=draft,
+    )
+    return estimate_line(result)
 
 
 def _remember(conversation_id: str) -> EventSpec:

@@ -5,12 +5,12 @@ crafted websocket message, whatever the page shows."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import reflex as rx
 from reflex_base.event import EventSpec
 
+from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
 from aicredits.services import dashboard, payments
 from aicredits.services.payments import FulfilmentStatus, PackOffer, PaymentError, PurchaseView
@@ -81,21 +81,21 @@ class CreditsState(SessionState):
     history_page: int = 1
     history_pages: int = 1
 
+    def _history_kind(self) -> str | None:
+        return None if self.history_kind == "all" else self.history_kind
+
     async def _load_history(self, user_id: int) -> None:
-        lines, pages = await asyncio.to_thread(
+        lines, pages = await run_blocking(
             dashboard.history,
             get_database(),
             user_id=user_id,
-            kind=None if self.history_kind == "all" else self.history_kind,
+            kind=self._history_kind(),
             page=self.history_page,
         )
-        self.history_rows = [history_row(line) for line in lines]
-        self.history_pages = pages
-        self.history_page = min(self.history_page, pages)
+        self._show_history(lines, pages)
 
-    async def _load_dashboard(self, user_id: int) -> None:
-        db, settings = get_database(), get_settings()
-        summary = await asyncio.to_thread(dashboard.summary, db, settings, user_id=user_id)
+    def _show_dashboard(self, page: dashboard.CreditsPage, models: list[str]) -> None:
+        summary = page.summary
         self.held_credits, self.total_credits = summary.held, summary.total
         self.available_money, self.total_money = summary.available_money, summary.total_money
         self.expiring = [
@@ -104,15 +104,12 @@ class CreditsState(SessionState):
         ]
         self.allowance_size = summary.allowance.size
         self.allowance_used = summary.allowance.used
-        self.allowance_percent = summary.allowance.percent_used if summary.allowance.size else 0
+        self.allowance_percent = summary.allowance_percent
         self.allowance_since = (
             summary.allowance_since.strftime("%Y-%m-%d") if summary.allowance_since else ""
         )
-        models = [m.id for m in settings.models]
-        days = await asyncio.to_thread(dashboard.daily_usage, db, user_id=user_id)
-        self.usage_chart = chart_rows(days, models)
-        by_model = await asyncio.to_thread(dashboard.usage_by_model, db, user_id=user_id)
-        self.has_usage = bool(by_model)
+        self.usage_chart = chart_rows(page.daily_usage, models)
+        self.has_usage = bool(page.usage_by_model)
         self.model_rows = [
             {
                 "model": m.model,
@@ -121,9 +118,14 @@ class CreditsState(SessionState):
                 "output": f"{m.output_tokens:,}",
                 "credits": f"{m.credits:,}",
             }
-            for m in by_model
+            for m in page.usage_by_model
         ]
-        await self._load_history(user_id)
+        self._show_history(page.history, page.history_pages)
+
+    def _show_history(self, lines: list[dashboard.HistoryLine], pages: int) -> None:
+        self.history_rows = [history_row(line) for line in lines]
+        self.history_pages = pages
+        self.history_page = min(self.history_page, pages)
 
     @rx.event
     async def show_history(self, kind: str) -> EventSpec | None:
@@ -154,15 +156,21 @@ class CreditsState(SessionState):
         if user is None:
             return self._to_login()
         settings = get_settings()
-        offers = payments.list_packs(settings)
+        page = await run_blocking(
+            dashboard.credits_page,
+            get_database(),
+            settings,
+            user_id=user.id,
+            history_kind=self._history_kind(),
+            history_page=self.history_page,
+        )
         self.simulated = settings.simulated_checkout
-        self.packs = [pack_row(p) for p in offers]
-        history = await asyncio.to_thread(payments.list_purchases, get_database(), user_id=user.id)
-        labels = {p.id: p.label for p in offers}
-        self.purchases = [purchase_row(p, labels) for p in history]
-        await self._refresh_balance(user)
-        await self._refresh_trial_notice(user)
-        await self._load_dashboard(user.id)
+        self.packs = [pack_row(p) for p in page.packs]
+        labels = {p.id: p.label for p in page.packs}
+        self.purchases = [purchase_row(p, labels) for p in page.purchases]
+        self._show_balance(page.available, page.banner)
+        self.trial_notice = page.trial_notice
+        self._show_dashboard(page, [m.id for m in settings.models])
         return None
 
     @rx.event
@@ -174,7 +182,7 @@ class CreditsState(SessionState):
             return rx.redirect(login_path(f"/credits/success?session_id={session_id}"))
         self.outcome = ""
         try:
-            result = await asyncio.to_thread(
+            result = await run_blocking(
                 payments.confirm_checkout,
                 get_database(),
                 get_settings(),

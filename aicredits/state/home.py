@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import reflex as rx
 
+from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
 from aicredits.services.catalog import describe_database, list_model_offers
 from aicredits.settings import get_settings
@@ -30,5 +29,5 @@ class HomeState(SessionState):
                 "input": offer.input_per_1k,
                 "output": offer.output_per_1k,
             }
-            for offer in await asyncio.to_thread(list_model_offers, get_database(), settings)
+            for offer in await run_blocking(list_model_offers, get_database(), settings)
         ]

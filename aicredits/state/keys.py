@@ -3,13 +3,13 @@ handler can be called by a crafted websocket message, whatever the page shows.""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime
 from typing import Any
 
 import reflex as rx
 from reflex_base.event import EventSpec
 
+from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
 from aicredits.domain.errors import AICreditsError
 from aicredits.services import api_keys
@@ -46,7 +46,7 @@ class KeysState(SessionState):
             return self._to_login()
         self.new_key_secret = ""
         self.error = ""
-        listed = await asyncio.to_thread(api_keys.list_api_keys, get_database(), user_id=user.id)
+        listed = await run_blocking(api_keys.list_api_keys, get_database(), user_id=user.id)
         self.keys = [key_row(k) for k in listed]
         return None
 
@@ -58,7 +58,7 @@ class KeysState(SessionState):
         name = form_data.get("name")
         self.new_key_secret = ""
         try:
-            new = await asyncio.to_thread(
+            new = await run_blocking(
                 api_keys.create_api_key,
                 get_database(),
                 user_id=user.id,
@@ -83,7 +83,7 @@ class KeysState(SessionState):
             self.error = "There is no such API key."
             return None
         try:
-            revoked = await asyncio.to_thread(
+            revoked = await run_blocking(
                 api_keys.revoke_api_key, get_database(), user_id=user.id, key_id=wanted
             )
         except AICreditsError as exc:

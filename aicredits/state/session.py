@@ -132,7 +132,11 @@ class SessionState(rx.State):
         if user is None:
             return self._to_login()
         await asyncio.to_thread(
-            thresholds.dismiss, get_database(), user_id=user.id, threshold=self.banner_threshold
+            thresholds.dismiss,
+            get_database(),
+            get_settings(),
+            user_id=user.id,
+            threshold=self.banner_threshold,
         )
         await self._refresh_balance(user)
         return None

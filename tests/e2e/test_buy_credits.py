@@ -14,7 +14,7 @@ from aicredits.services import auth, payments, users
 from aicredits.services.verify import verify_ledger
 from aicredits.state.credits import CreditsState
 from tests.e2e.conftest import TRIAL_CREDITS, RunningApp, sign_in
-from tests.e2e.test_raw_events import changed, redirects, send_event
+from tests.e2e.raw_events import changed, redirects, send_event
 
 STARTER_CREDITS = 5_000
 
@@ -97,7 +97,7 @@ def test_cancelling_the_checkout_charges_nothing(app: RunningApp, page: Page) ->
 
 def test_crafted_credits_events_give_nothing_without_a_session(app: RunningApp) -> None:
     for handler in ("load", "confirm"):
-        updates = send_event(app, f"{CreditsState.get_full_name()}.{handler}")
+        updates = send_event(app, f"{CreditsState.get_full_name()}.{handler}", path="/credits")
         assert [r.split("?")[0] for r in redirects(updates)] == ["/login"], handler
         assert changed(updates, "packs") == []
         assert changed(updates, "outcome") == []
@@ -112,7 +112,10 @@ def test_the_credits_handler_does_answer_a_signed_in_user(app: RunningApp) -> No
     finally:
         db.dispose()
     updates = send_event(
-        app, f"{CreditsState.get_full_name()}.load", cookie=f"aicredits_session={token}"
+        app,
+        f"{CreditsState.get_full_name()}.load",
+        path="/credits",
+        cookie=f"aicredits_session={token}",
     )
     assert redirects(updates) == []
     assert [p["id"] for p in changed(updates, "packs")[0]] == ["starter", "plus"]

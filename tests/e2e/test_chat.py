@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -45,6 +46,14 @@ def save_screenshot(page: Page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"))  # the viewport: what one sees
 
 
+def wait_until(condition: Callable[[], bool], message: str, timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail with `message` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)
+
+
 def send(page: Page, text: str) -> None:
     page.locator("#chat-input").fill(text)
     page.locator("#chat-input").press("Enter")
@@ -68,9 +77,7 @@ def test_a_reply_streams_in_pieces_costs_what_it_says_and_survives_a_reload(
     early = len(reply.inner_text())
     expect(page.locator("#stop-button")).to_be_visible()
     expect(page.locator("#send-button")).to_be_disabled()
-    time.sleep(0.5)
-    later = len(reply.inner_text())
-    assert early < later, "the reply did not grow while streaming"
+    wait_until(lambda: len(reply.inner_text()) > early, "the reply did not grow while streaming")
     cost = page.locator(".reply-cost").last
     expect(cost).to_contain_text("40 out")
     spent = charged(cost.inner_text())
@@ -144,8 +151,10 @@ def test_stop_ends_a_slow_reply_and_charges_only_what_was_shown(
     before = header_balance(page)
     queue(app, reply_tokens=400, tokens_per_second=20)
     send(page, "Go on and on")
-    expect(page.locator(".message-assistant").last).to_contain_text("ipsum")
-    time.sleep(0.5)
+    reply = page.locator(".message-assistant").last
+    expect(reply).to_contain_text("ipsum")
+    # Stop part way: once some ten tokens (words) are shown, far from the 400 to come.
+    wait_until(lambda: len(reply.inner_text().split()) >= 10, "the reply stopped streaming")
     page.locator("#stop-button").click()
     note = page.locator(".reply-note").last
     expect(note).to_contain_text("Stopped")

@@ -5,13 +5,11 @@ confirmation) stops it working. Crafted websocket events get nothing from its ha
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import socketio
 import sqlalchemy as sa
 from playwright.sync_api import Browser, Page, expect
 
@@ -21,7 +19,9 @@ from aicredits.services import api_keys, auth, users
 from aicredits.services.api_keys import ApiKeyView
 from aicredits.settings import get_settings
 from aicredits.state.keys import KeysState
+from tests.e2e import raw_events
 from tests.e2e.conftest import RunningApp, sign_in
+from tests.e2e.raw_events import changed, redirects
 
 SECRET_SHAPE = re.compile(r"^aic_[A-Za-z0-9_-]{43}$")
 
@@ -169,68 +169,18 @@ def test_the_page_fits_a_phone(app: RunningApp, browser: Browser, db: Database) 
 
 # --- crafted websocket events -----------------------------------------------------------------
 
-NAMESPACE = "/_event"
-
 
 def send_event(
     app: RunningApp, handler: str, payload: dict[str, Any], cookie: str = ""
 ) -> list[dict[str, Any]]:
-    """Send one event on our own socket.io connection; collect the updates it causes."""
-    updates: list[dict[str, Any]] = []
-    last = [0.0]
-
-    def receive(data: dict[str, Any]) -> None:
-        updates.append(data)
-        last[0] = time.monotonic()
-
-    client = socketio.Client(websocket_extra_options={"origin": app.frontend})
-    client.on("event", receive, namespace=NAMESPACE)
-    client.connect(
-        f"{app.backend}?token={uuid.uuid4()}",
-        socketio_path="_event",
-        namespaces=[NAMESPACE],
-        transports=["websocket"],
-        headers={"Cookie": cookie} if cookie else {},
-        wait_timeout=15,
+    """Send one crafted event to a KeysState handler, from /keys."""
+    return raw_events.send_event(
+        app,
+        f"{KeysState.get_full_name()}.{handler}",
+        path="/keys",
+        cookie=cookie,
+        payload=payload,
     )
-    try:
-        client.emit(
-            "event",
-            {
-                "name": f"{KeysState.get_full_name()}.{handler}",
-                "payload": payload,
-                "router_data": {"pathname": "/keys", "asPath": "/keys"},
-            },
-            namespace=NAMESPACE,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if updates and time.monotonic() - last[0] > 1.0:
-                break
-            time.sleep(0.05)
-    finally:
-        client.disconnect()
-    assert updates, "the backend never answered"
-    return updates
-
-
-def sent(updates: list[dict[str, Any]], var: str) -> list[Any]:
-    return [
-        value
-        for update in updates
-        for substate in update.get("delta", {}).values()
-        for name, value in substate.items()
-        if name.startswith(var + "_rx_state_")
-    ]
-
-
-def redirects(updates: list[dict[str, Any]]) -> list[str]:
-    return [
-        str(event.get("payload", {}).get("path"))
-        for update in updates
-        for event in update.get("events", [])
-        if event.get("name") == "_redirect"
-    ]
 
 
 def key_count(db: Database) -> int:
@@ -262,8 +212,8 @@ def test_crafted_events_without_a_session_do_nothing(app: RunningApp, db: Databa
         for cookie in ("", "aicredits_session=forged"):
             updates = send_event(app, handler, payload, cookie)
             assert redirects(updates) == ["/login?next=/keys"], handler
-            assert not [v for v in sent(updates, "keys") if v], handler
-            assert not [v for v in sent(updates, "new_key_secret") if v], handler
+            assert not [v for v in changed(updates, "keys") if v], handler
+            assert not [v for v in changed(updates, "new_key_secret") if v], handler
     assert key_count(db) == before  # nothing was created for anyone
     assert resolves_to(db, key.secret) == "keys-victim@example.test"
 
@@ -276,7 +226,7 @@ def test_a_crafted_revoke_of_another_users_key_is_refused(app: RunningApp, db: D
     for key_id in (str(key.key.id), "not-a-number", "99999999999999999999"):
         updates = send_event(app, "revoke", {"key_id": key_id}, cookie)
         assert redirects(updates) == []
-        assert sent(updates, "error") == ["There is no such API key."], key_id
+        assert changed(updates, "error") == ["There is no such API key."], key_id
     assert resolves_to(db, key.secret) == "keys-victim@example.test"
 
     # The control: the same crafted event format does act for the key's own user.

@@ -3,13 +3,11 @@ server refuses them whatever the UI would have shown or hidden."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import socketio
 import sqlalchemy as sa
 from socketio.exceptions import ConnectionError as SocketConnectionError
 
@@ -17,10 +15,9 @@ from aicredits.adapters.tables import account_flags, admin_actions, model_prices
 from aicredits.services import auth, ledger, users
 from aicredits.state.admin import AdminState
 from aicredits.state.session import SessionState
+from tests.e2e import raw_events
 from tests.e2e.conftest import RunningApp
-
-NAMESPACE = "/_event"
-QUIET_SECONDS = 1.0
+from tests.e2e.raw_events import changed, redirects
 
 
 def send_event(
@@ -31,66 +28,12 @@ def send_event(
     origin: str | None = None,
     payload: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Open our own socket.io connection, send one event, collect the updates it causes."""
-    updates: list[dict[str, Any]] = []
-    last_update = [0.0]
-
-    def receive(data: dict[str, Any]) -> None:
-        updates.append(data)
-        last_update[0] = time.monotonic()
-
-    client = socketio.Client(websocket_extra_options={"origin": origin or app.frontend})
-    client.on("event", receive, namespace=NAMESPACE)
-    client.connect(
-        f"{app.backend}?token={uuid.uuid4()}",
-        socketio_path="_event",
-        namespaces=[NAMESPACE],
-        transports=["websocket"],
-        headers={"Cookie": cookie} if cookie else {},
-        wait_timeout=15,
+    """Send one crafted event from the page its handler belongs to (an admin handler from
+    /admin, any other from /chat)."""
+    path = "/admin" if "admin" in handler else "/chat"
+    return raw_events.send_event(
+        app, handler, path=path, cookie=cookie, origin=origin, payload=payload
     )
-    try:
-        path = "/admin" if "admin" in handler else "/chat"
-        client.emit(
-            "event",
-            {
-                "name": handler,
-                "payload": payload or {},
-                "router_data": {"pathname": path, "asPath": path},
-            },
-            namespace=NAMESPACE,
-        )
-        # The backend sends the delta and the follow-up events as separate messages; an
-        # answer is complete once it has been quiet for a moment.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if updates and time.monotonic() - last_update[0] > QUIET_SECONDS:
-                break
-            time.sleep(0.05)
-    finally:
-        client.disconnect()
-    assert updates, "the backend never answered"
-    return updates
-
-
-def changed(updates: list[dict[str, Any]], var: str) -> list[Any]:
-    """Every value the backend sent for a state var whose name starts with `var`."""
-    return [
-        value
-        for update in updates
-        for substate in update.get("delta", {}).values()
-        for name, value in substate.items()
-        if name.startswith(var + "_rx_state_")
-    ]
-
-
-def redirects(updates: list[dict[str, Any]]) -> list[str]:
-    return [
-        str(event.get("payload", {}).get("path"))
-        for update in updates
-        for event in update.get("events", [])
-        if event.get("name") == "_redirect"
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from aicredits.adapters.ratelimit import RateLimited, RateLimits, RedisRateLimiter, Slot
+from aicredits.adapters.ratelimit import RateLimits, RedisRateLimiter, Slot
+from aicredits.domain.errors import RateLimited
 
 
 def acquire_many(

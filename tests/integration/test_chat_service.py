@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import Pool
 
 from aicredits.adapters.db import Database
 from aicredits.devtools.fake_upstream import FakeUpstreamConfig
@@ -15,7 +17,7 @@ from aicredits.domain.errors import InsufficientCredits, InvalidRequest
 from aicredits.services import chat, conversations, ledger, pricing
 from aicredits.services.conversations import UnknownConversation
 from aicredits.services.gateway import build_gateway
-from aicredits.settings import Settings
+from aicredits.settings import ModelSpec, Settings
 from tests.factories import make_user
 from tests.integration.gateway_fixtures import MODEL
 from tests.servers import serve_asgi
@@ -128,3 +130,53 @@ def test_refusals_store_nothing(db: Database, settings: Settings) -> None:
         reply(db, settings, user, None, "   ")
     assert conversations.list_conversations(db, user_id=user) == []
     assert ledger.get_balance(db, user_id=user) == ledger.Balance(user, 0, 0)
+
+
+def test_the_chat_page_is_read_in_one_snapshot(db: Database, settings: Settings) -> None:
+    user = make_user(db, credits=1_000)
+    older = reply(db, settings, user, None, "First chat")
+    newer = reply(db, settings, user, None, "Second chat")
+    unpriced = ModelSpec(id="unpriced", label="", input_per_mtok=1, output_per_mtok=1)
+    with_unpriced = settings.model_copy(update={"models": [*settings.models, unpriced]})
+    checkouts = []
+
+    def count(*_: object) -> None:
+        checkouts.append(1)
+
+    sa.event.listen(Pool, "checkout", count)  # every pool, the autocommit one included
+    try:
+        page = chat.chat_page(db, with_unpriced, user_id=user, model="", wanted=str(older))
+    finally:
+        sa.event.remove(Pool, "checkout", count)
+    assert len(checkouts) == 1
+    assert [m.id for m in page.models] == [MODEL.id]  # a model with no price is not offered
+    assert page.model == MODEL.id
+    assert [c.id for c in page.conversations] == [newer, older]
+    assert page.opened is not None and page.opened.id == older
+    assert [m.role for m in page.messages] == ["user", "assistant"]
+    assert page.messages[0].content == "First chat"
+    assert page.available == ledger.get_balance(db, user_id=user).available
+    assert page.banner is None and page.trial_notice == ""
+    expected = chat.estimate(
+        db, settings, user_id=user, conversation_id=older, model=MODEL.id, draft=""
+    )
+    assert page.estimate == expected
+
+
+def test_the_chat_page_opens_the_latest_conversation_unless_the_users_own_is_asked_for(
+    db: Database, settings: Settings
+) -> None:
+    user = make_user(db, credits=1_000)
+    first = reply(db, settings, user, None, "Mine")
+    stranger = make_user(db, credits=1_000)
+    theirs = reply(db, settings, stranger, None, "Theirs")
+    for wanted in (str(theirs), "", "not-a-number"):
+        page = chat.chat_page(db, settings, user_id=user, model="gone", wanted=wanted)
+        assert page.opened is not None and page.opened.id == first, wanted
+        assert page.model == MODEL.id  # the chosen one is no longer offered: the first is
+    empty = chat.chat_page(db, settings, user_id=make_user(db), model="", wanted="")
+    assert (empty.opened, empty.messages, empty.conversations) == (None, [], [])
+    assert empty.estimate is not None and empty.estimate.problem == ""
+    unconfigured = settings.model_copy(update={"models": []})
+    nothing = chat.chat_page(db, unconfigured, user_id=user, model="", wanted="")
+    assert (nothing.model, nothing.estimate) == ("", None)

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import Pool
 from starlette.testclient import TestClient
 
 from aicredits.adapters.db import Database
@@ -138,3 +140,38 @@ def test_the_export_route_serves_only_the_signed_in_users_csv(
     assert "900" not in response.text
     signed_out = client.get("/credits/export.csv")
     assert signed_out.status_code == 303 and "/login" in signed_out.headers["location"]
+
+
+def test_the_credits_page_is_read_in_one_snapshot(priced: Database) -> None:
+    db = priced
+    user = make_user(db, credits=1_000)
+    for _ in range(3):
+        call(db, user, 200)
+    ledger.reserve(db, user_id=user, credits=50, request_id="in-flight")
+    checkouts = []
+
+    def count(*_: object) -> None:
+        checkouts.append(1)
+
+    # Every pool (the Database has two on Postgres: one of them in autocommit).
+    sa.event.listen(Pool, "checkout", count)
+    try:
+        page = dashboard.credits_page(db, SETTINGS, user_id=user, history_kind="spend")
+    finally:
+        sa.event.remove(Pool, "checkout", count)
+    assert len(checkouts) == 1  # one connection, one transaction, for the whole page
+    assert page.available == page.summary.available == 350
+    assert (page.summary.held, page.summary.total) == (50, 400)
+    assert (page.summary.allowance.used, page.summary.allowance_percent) == (600, 60)
+    assert page.banner is not None and page.banner.threshold == 50
+    assert [line.amount for line in page.history] == [-200, -200, -200]
+    assert page.history_pages == 1
+    assert sum(m.credits for m in page.usage_by_model) == 600
+    assert sum(sum(d.credits_by_model.values()) for d in page.daily_usage) == 600
+    assert [p.id for p in page.packs] == [p.id for p in SETTINGS.packs]
+    assert page.purchases == [] and page.trial_notice == ""
+
+
+def test_a_user_who_never_had_credits_has_used_none_of_them(priced: Database) -> None:
+    s = dashboard.summary(priced, SETTINGS, user_id=make_user(priced))
+    assert (s.allowance.size, s.allowance_percent, s.allowance_since) == (0, 0, None)

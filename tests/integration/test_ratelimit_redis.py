@@ -26,14 +26,13 @@ from redis.asyncio import Redis
 
 from aicredits.adapters.ratelimit import (
     ACQUIRE_LUA,
-    LimiterUnavailable,
     MemoryRateLimiter,
-    RateLimited,
     RateLimits,
     RedisRateLimiter,
     Slot,
     build_rate_limiter,
 )
+from aicredits.domain.errors import LimiterUnavailable, RateLimited
 from tests.integration.ratelimit_workers import acquire_many
 
 REDIS_URL = os.environ.get("AICREDITS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

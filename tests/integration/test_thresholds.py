@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import TOP_UP_PREDICATE, threshold_crossings, utcnow
-from aicredits.services import ledger, thresholds
+from aicredits.adapters.tables import users as users_table
+from aicredits.services import jobs, ledger, outbox, thresholds, users
 from aicredits.settings import Settings
 from tests.factories import make_user, new_key
 from tests.smtp_sink import Sink, smtp_sink
@@ -76,13 +77,13 @@ def test_dismissing_hides_a_threshold_until_the_next_top_up(db: Database) -> Non
     user = make_user(db, credits=100)
     spend(db, user, 60)
     assert thresholds.banner(db, SETTINGS, user_id=user) is not None
-    assert thresholds.dismiss(db, user_id=user, threshold=50)
+    assert thresholds.dismiss(db, SETTINGS, user_id=user, threshold=50)
     assert thresholds.banner(db, SETTINGS, user_id=user) is None
     spend(db, user, 25)  # a higher threshold is a new banner
     banner = thresholds.banner(db, SETTINGS, user_id=user)
     assert banner is not None and banner.threshold == 80
     spend(db, user, 15)
-    assert not thresholds.dismiss(db, user_id=user, threshold=100)  # blocking stays
+    assert not thresholds.dismiss(db, SETTINGS, user_id=user, threshold=100)  # blocking stays
 
 
 def test_configured_thresholds_are_used(db: Database) -> None:
@@ -183,3 +184,97 @@ def test_the_migration_and_the_model_agree_on_the_top_up_predicate() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.PREDICATE == TOP_UP_PREDICATE
+
+
+def test_the_banner_only_reads(db: Database) -> None:
+    """It is computed from the balance: a crossing no charge recorded still shows, and
+    showing it writes nothing (the gateway and the jobs record crossings)."""
+    user = make_user(db, credits=100)
+    spend(db, user, 85)
+    banner = thresholds.banner(db, SETTINGS, user_id=user)
+    assert banner is not None and (banner.threshold, banner.level) == (80, "warning")
+    assert rows(db, user) == []
+    assert thresholds.record_crossings(db, SETTINGS, user_id=user) == [50, 80]
+
+
+def test_a_crossing_no_charge_recorded_can_be_dismissed(db: Database) -> None:
+    user = make_user(db, credits=100)
+    ledger.adjust(db, user_id=user, credits=-60, key=new_key(), actor="admin", reason="test")
+    assert rows(db, user) == []  # an adjustment records no crossing
+    assert thresholds.dismiss(db, SETTINGS, user_id=user, threshold=50)
+    assert rows(db, user) == [(50, True)]
+    assert thresholds.banner(db, SETTINGS, user_id=user) is None
+
+
+def test_a_user_without_an_email_address_gets_no_email_queued(
+    db: Database, smtp: tuple[Sink, Settings]
+) -> None:
+    sink, settings = smtp
+    user = users.create_user(db, email=None, name="No Address").id
+    ledger.grant(db, user_id=user, credits=100, key=new_key(), reason="test")
+    spend(db, user, 55)
+    assert thresholds.record_crossings(db, settings, user_id=user) == [50]
+    with db.read() as conn:
+        row = conn.execute(sa.select(threshold_crossings)).one()
+    assert row.next_email_at is None and row.email_attempts == 0
+    assert thresholds.send_due_emails(db, settings, now=utcnow() + timedelta(days=1)) == 0
+    assert sink.messages == []
+
+
+def test_a_queued_email_with_nobody_to_send_it_to_is_closed_at_once(
+    db: Database, smtp: tuple[Sink, Settings]
+) -> None:
+    """Rows queued before addresses were checked (or whose user lost theirs) are not claimed
+    and skipped for ever: the first run closes them."""
+    sink, settings = smtp
+    user = make_user(db, credits=100)
+    spend(db, user, 55)
+    thresholds.record_crossings(db, settings, user_id=user)
+    with db.transaction() as conn:
+        conn.execute(sa.update(users_table).where(users_table.c.id == user).values(email=None))
+    assert thresholds.send_due_emails(db, settings) == 0
+    with db.read() as conn:
+        row = conn.execute(sa.select(threshold_crossings)).one()
+    assert (row.next_email_at, row.emailed_at, row.email_error) == (None, None, outbox.NO_RECIPIENT)
+    assert row.email_attempts == 1
+    assert thresholds.send_due_emails(db, settings, now=utcnow() + timedelta(days=1)) == 0
+    with db.read() as conn:
+        assert conn.execute(sa.select(threshold_crossings.c.email_attempts)).scalar_one() == 1
+    assert sink.messages == []
+
+
+def test_an_email_refused_every_time_is_given_up_with_its_error_kept(
+    db: Database, smtp: tuple[Sink, Settings]
+) -> None:
+    sink, settings = smtp
+    user = make_user(db, credits=100)
+    spend(db, user, 55)
+    thresholds.record_crossings(db, settings, user_id=user)
+    sink.refuse = True
+    moment = utcnow()
+    for _ in range(outbox.MAX_ATTEMPTS):
+        assert thresholds.send_due_emails(db, settings, now=moment) == 0
+        moment += timedelta(days=1)  # past any backoff
+    with db.read() as conn:
+        row = conn.execute(sa.select(threshold_crossings)).one()
+    assert row.email_attempts == outbox.MAX_ATTEMPTS
+    assert row.next_email_at is None and row.emailed_at is None and "550" in row.email_error
+    sink.refuse = False
+    assert thresholds.send_due_emails(db, settings, now=moment + timedelta(days=30)) == 0
+    assert sink.messages == []
+
+
+def test_credits_that_expire_are_warned_of_by_the_jobs(
+    db: Database, smtp: tuple[Sink, Settings]
+) -> None:
+    sink, settings = smtp
+    now = utcnow()
+    user = make_user(db, email="expiring@example.test")
+    ledger.grant(
+        db, user_id=user, credits=100, key=new_key(), reason="trial", expires_at=now + timedelta(1)
+    )
+    spend(db, user, 10)
+    report = jobs.run_all(db, settings, now=now + timedelta(days=2))
+    assert (report.credits_expired, report.emails_sent) == (90, 3)
+    assert rows(db, user) == [(50, False), (80, False), (100, False)]
+    assert sum("used 100% of your current credits" in m for m in sink.messages) == 1

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aicredits.domain.allowance import allowance, banner_text, crossed, level
+from aicredits.domain.allowance import Share, allowance, banner_text, crossed, level, share
 
 
 def test_no_top_up_means_no_allowance() -> None:
@@ -54,3 +54,16 @@ def test_banner_text_says_how_much_is_left() -> None:
     a = allowance(top_up_entry_id=1, size_after_top_up=2_000, balance=300)
     assert banner_text(80, a) == "You have used 85% of your credits (300 of 2,000 left)."
     assert "Buy credits" in banner_text(100, a)
+
+
+def test_the_share_used_is_within_the_allowance_and_rounded_down() -> None:
+    assert share(size=7, used=5) == Share(used=5, left=2, percent=71)
+    assert share(size=50, used=80) == Share(used=50, left=0, percent=100)
+    assert share(size=50, used=-3) == Share(used=0, left=50, percent=0)
+    assert share(size=0, used=0) == Share(used=0, left=0, percent=0)  # nothing of nothing
+
+
+def test_a_user_who_never_had_credits_has_used_all_of_none() -> None:
+    never = allowance(top_up_entry_id=None, size_after_top_up=0, balance=0)
+    emptied = allowance(top_up_entry_id=4, size_after_top_up=0, balance=0)
+    assert (never.percent_used, emptied.percent_used) == (100, 0)

@@ -2,14 +2,18 @@
 
 import pytest
 
-from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
-from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
+from aicredits.domain.errors import (
+    AICreditsError,
+    InsufficientCredits,
+    InvalidRequest,
+    LimiterUnavailable,
+    RateLimited,
+)
+from aicredits.services.chat import choose_conversation, choose_model
 from aicredits.services.conversations import clean_title, title_from
 from aicredits.services.gateway import UpstreamFailed
 from aicredits.state.chat import (
     as_conversation_id,
-    choose_conversation,
-    choose_model,
     cost_line,
     describe_error,
     model_row,
@@ -77,14 +81,15 @@ def test_model_rows_carry_prices_per_1k_tokens() -> None:
 
 
 def test_the_chosen_model_is_kept_while_offered() -> None:
-    assert choose_model("big", MODELS) == "big"
-    assert choose_model("gone", MODELS) == "demo"
-    assert choose_model("", MODELS) == "demo"
+    offered = [m["id"] for m in MODELS]
+    assert choose_model("big", offered) == "big"
+    assert choose_model("gone", offered) == "demo"
+    assert choose_model("", offered) == "demo"
     assert choose_model("demo", []) == ""
 
 
 def test_load_opens_the_asked_conversation_only_if_listed() -> None:
-    listed = [{"id": "7", "title": "b"}, {"id": "3", "title": "a"}]
+    listed = ["7", "3"]  # the most recent first
     assert choose_conversation("3", listed) == "3"
     assert choose_conversation("99", listed) == "7"  # not the user's: the most recent
     assert choose_conversation("", listed) == "7"

@@ -11,11 +11,11 @@ import pytest
 
 from aicredits.adapters.ratelimit import (
     MemoryRateLimiter,
-    RateLimited,
     RateLimits,
     Slot,
     build_rate_limiter,
 )
+from aicredits.domain.errors import RateLimited
 
 
 class FakeClock:
