@@ -2,17 +2,12 @@
 
 Every action writes one row to the append-only audit log (`admin_actions`) saying who, when,
 to whom, what and why. The row is keyed by the submitted form's token (a random value put in
-the form when it is rendered), so the same submission sent twice is one action and one row:
+the form when it is rendered), so the same submission sent twice is one action and one row.
 
-* Clearing a flag and adding a price run in one transaction with their audit row: the audit
-  row is inserted first (ON CONFLICT DO NOTHING); a replay finds it taken and rolls back.
-* Balance changes go through the ledger, which opens its own transaction. The ledger entry's
-  key is derived from the same token (`admin:{token}`) and the audit row is written right
-  after it. A replay finds the audit row (or, after a crash between the two, the ledger
-  entry) and returns the first result; nothing is applied twice, and a retry of the same
-  form completes a missing audit row. The entry itself carries the admin and the reason.
-* Suspension goes through `users.set_suspended` (which also revokes sessions and keys), then
-  the audit row, with the same replay rule.
+Each action and its audit row are one transaction: the ledger write (keyed `admin:{token}`),
+the suspension, the cleared flag or the new price commits with its row, or neither does. A
+form already submitted returns its first result; a submission of the same form at the same
+moment finds the token taken when it writes its row, rolls back and returns the first result.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, insert_ignoring_conflict
 from aicredits.adapters.tables import (
     account_flags,
     admin_actions,
@@ -57,7 +52,7 @@ from aicredits.domain.ledger import (
     require_positive,
     require_reason,
 )
-from aicredits.services import ledger, payments
+from aicredits.services import ledger, payments, pricing
 from aicredits.services import users as users_service
 from aicredits.services.ledger import EntryResult
 from aicredits.services.payments import PurchaseView
@@ -113,6 +108,9 @@ class FormAlreadyUsed(AdminError):
     """The form's token already did something else: a replay must repeat the same action."""
 
     code = "form_already_used"
+
+
+_FORM_USED = "This form was already used for another action. Reload the page and try again."
 
 
 class CannotSuspendSelf(AdminError):
@@ -222,8 +220,14 @@ class ActionResult:
     replayed: bool
 
 
-class _Replay(Exception):
-    """The form token is taken; raised inside a transaction to roll it back."""
+class _FormRecordedMeanwhile(Exception):
+    """A concurrent submission of the same form wrote its audit row first. Raised inside the
+    transaction to roll back everything this one wrote; the first result is returned."""
+
+    def __init__(self, action: ActionKind, target_user_id: int | None) -> None:
+        super().__init__(action.value)
+        self.action = action
+        self.target_user_id = target_user_id
 
 
 def _action_by_token(conn: Connection, token: str) -> Any:
@@ -232,16 +236,9 @@ def _action_by_token(conn: Connection, token: str) -> Any:
     ).first()
 
 
-def _find_action(db: Database, token: str) -> Any:
-    with db.read() as conn:
-        return _action_by_token(conn, token)
-
-
 def _replayed(row: Any, action: ActionKind, target_user_id: int | None) -> ActionResult:
     if (row.action, row.target_user_id) != (action.value, target_user_id):
-        raise FormAlreadyUsed(
-            "This form was already used for another action. Reload the page and try again."
-        )
+        raise FormAlreadyUsed(_FORM_USED)
     return ActionResult(
         audit_id=row.id,
         action=row.action,
@@ -251,8 +248,29 @@ def _replayed(row: Any, action: ActionKind, target_user_id: int | None) -> Actio
     )
 
 
-def _insert_action(
-    db: Database,
+def _once_per_form(
+    db: Database, token: str, act: Callable[[Connection], ActionResult]
+) -> ActionResult:
+    """Run `act`, an action with its audit row, as one transaction. When a submission of the
+    same form running at the same moment records it first, everything `act` wrote is rolled
+    back and the first result is returned."""
+    try:
+        with db.transaction() as conn:
+            return act(conn)
+    except _FormRecordedMeanwhile as taken:
+        with db.read() as conn:
+            return _replayed(_action_by_token(conn, token), taken.action, taken.target_user_id)
+
+
+def _earlier_use(
+    conn: Connection, token: str, action: ActionKind, target_user_id: int | None
+) -> ActionResult | None:
+    """The first result of this form when it was submitted before; None when it was not."""
+    row = _action_by_token(conn, token)
+    return None if row is None else _replayed(row, action, target_user_id)
+
+
+def _record(
     conn: Connection,
     *,
     actor: AdminActor,
@@ -262,10 +280,10 @@ def _insert_action(
     reason: str,
     token: str,
     now: datetime,
-) -> int | None:
-    """The audit row, or None when this token already has one."""
+) -> ActionResult:
+    """Write the audit row of an action, in the action's own transaction."""
     row = conn.execute(
-        db.insert_ignoring_conflict(admin_actions, index="idempotency_key")
+        insert_ignoring_conflict(conn.dialect.name, admin_actions, index="idempotency_key")
         .values(
             actor_user_id=actor.user_id,
             actor_email=actor.email[:320],
@@ -278,37 +296,10 @@ def _insert_action(
         )
         .returning(admin_actions.c.id)
     ).first()
-    return None if row is None else int(row.id)
-
-
-def _record(
-    db: Database,
-    *,
-    actor: AdminActor,
-    action: ActionKind,
-    target_user_id: int | None,
-    detail: str,
-    reason: str,
-    token: str,
-    now: datetime,
-) -> ActionResult:
-    """Write the audit row of an action already applied (by its own service's transaction)."""
-    with db.transaction() as conn:
-        audit_id = _insert_action(
-            db,
-            conn,
-            actor=actor,
-            action=action,
-            target_user_id=target_user_id,
-            detail=detail,
-            reason=reason,
-            token=token,
-            now=now,
-        )
-        if audit_id is None:  # the same form, submitted concurrently, recorded it first
-            return _replayed(_action_by_token(conn, token), action, target_user_id)
+    if row is None:
+        raise _FormRecordedMeanwhile(action, target_user_id)
     return ActionResult(
-        audit_id=audit_id,
+        audit_id=int(row.id),
         action=action.value,
         target_user_id=target_user_id,
         detail=detail,
@@ -319,19 +310,16 @@ def _record(
 # --- balance actions --------------------------------------------------------------------------
 
 
-def _entry_by_key(db: Database, key: str) -> Any:
-    with db.read() as conn:
-        return conn.execute(
-            sa.select(ledger_entries).where(ledger_entries.c.idempotency_key == key)
-        ).first()
+def _entry_by_key(conn: Connection, key: str) -> Any:
+    return conn.execute(
+        sa.select(ledger_entries).where(ledger_entries.c.idempotency_key == key)
+    ).first()
 
 
 def _require_same_entry(entry: Any, *, kind: EntryKind, user_id: int, credits: int) -> None:
     """A replayed form must ask for exactly what its first submission did."""
     if entry is None or (entry.user_id, entry.kind, entry.amount) != (user_id, kind.value, credits):
-        raise FormAlreadyUsed(
-            "This form was already used for another action. Reload the page and try again."
-        )
+        raise FormAlreadyUsed(_FORM_USED)
 
 
 def _ledger_action(
@@ -345,37 +333,44 @@ def _ledger_action(
     reason: str,
     token: str,
     now: datetime,
-    apply: Callable[[str], EntryResult],
+    apply: Callable[[Connection, str], EntryResult],
     describe: Callable[[int, int], str],
 ) -> ActionResult:
+    """A balance change and its audit row, committed together once per form token."""
     key = ledger_key(token)
-    first = _find_action(db, token)
-    if first is not None:
-        replay = _replayed(first, action, user_id)
-        _require_same_entry(_entry_by_key(db, key), kind=kind, user_id=user_id, credits=credits)
-        return replay
-    entry = _entry_by_key(db, key)  # applied, but the audit row never written (a crash)
-    if entry is None:
+
+    def act(conn: Connection) -> ActionResult:
+        first = _earlier_use(conn, token, action, user_id)
+        if first is not None:
+            _require_same_entry(
+                _entry_by_key(conn, key), kind=kind, user_id=user_id, credits=credits
+            )
+            return first
+        entry: Any
         try:
-            applied = apply(key)
+            entry = apply(conn, key)
         except InsufficientCredits:
-            # A concurrent submission of this same form may have just taken the credits.
-            entry = _entry_by_key(db, key)
+            # The ledger checks the balance before the key, so a submission of this form that
+            # already took the credits (at the same moment, on Postgres) shows up as
+            # insufficient: the form's key says whether it was applied.
+            entry = _entry_by_key(conn, key)
             if entry is None:
                 raise
-        else:
-            entry = applied
-    _require_same_entry(entry, kind=kind, user_id=user_id, credits=credits)
-    return _record(
-        db,
-        actor=actor,
-        action=action,
-        target_user_id=user_id,
-        detail=describe(entry.amount, entry.balance_after),
-        reason=reason,
-        token=token,
-        now=now,
-    )
+        except IdempotencyConflict:
+            raise FormAlreadyUsed(_FORM_USED) from None
+        _require_same_entry(entry, kind=kind, user_id=user_id, credits=credits)
+        return _record(
+            conn,
+            actor=actor,
+            action=action,
+            target_user_id=user_id,
+            detail=describe(entry.amount, entry.balance_after),
+            reason=reason,
+            token=token,
+            now=now,
+        )
+
+    return _once_per_form(db, token, act)
 
 
 def adjust_balance(
@@ -397,9 +392,9 @@ def adjust_balance(
     if abs(credits) > MAX_ADMIN_CREDITS:
         raise AdminError("The amount is too large.")
 
-    def apply(key: str) -> EntryResult:
+    def apply(conn: Connection, key: str) -> EntryResult:
         return ledger.adjust(
-            db,
+            conn,
             user_id=user_id,
             credits=credits,
             key=key,
@@ -447,9 +442,9 @@ def grant_credits(
     expires_at = now + timedelta(days=expires_in_days) if expires_in_days else None
     until = f", expiring {_minute(expires_at)}" if expires_at else ", not expiring"
 
-    def apply(key: str) -> EntryResult:
+    def apply(conn: Connection, key: str) -> EntryResult:
         return ledger.grant(
-            db,
+            conn,
             user_id=user_id,
             credits=credits,
             key=key,
@@ -497,30 +492,33 @@ def set_suspension(
     action = ActionKind.SUSPEND if suspended else ActionKind.UNSUSPEND
     if suspended and user_id == actor.user_id:
         raise CannotSuspendSelf("You cannot suspend your own account.")
-    first = _find_action(db, token)
-    if first is not None:
-        return _replayed(first, action, user_id)
-    with db.read() as conn:
+
+    def act(conn: Connection) -> ActionResult:
+        first = _earlier_use(conn, token, action, user_id)
+        if first is not None:
+            return first
         was = conn.execute(sa.select(users.c.is_suspended).where(users.c.id == user_id)).first()
-    if was is None:
-        raise UnknownUser(f"no user {user_id}")
-    users_service.set_suspended(db, user_id=user_id, suspended=suspended)
-    if suspended:
-        detail = "suspended; every session and API key revoked"
-    else:
-        detail = "unsuspended; the user can sign in again"
-    if bool(was.is_suspended) == suspended:
-        detail += " (it already was)"
-    return _record(
-        db,
-        actor=actor,
-        action=action,
-        target_user_id=user_id,
-        detail=detail,
-        reason=reason,
-        token=token,
-        now=now,
-    )
+        if was is None:
+            raise UnknownUser(f"no user {user_id}")
+        users_service.set_suspended(conn, user_id=user_id, suspended=suspended)
+        if suspended:
+            detail = "suspended; every session and API key revoked"
+        else:
+            detail = "unsuspended; the user can sign in again"
+        if bool(was.is_suspended) == suspended:
+            detail += " (it already was)"
+        return _record(
+            conn,
+            actor=actor,
+            action=action,
+            target_user_id=user_id,
+            detail=detail,
+            reason=reason,
+            token=token,
+            now=now,
+        )
+
+    return _once_per_form(db, token, act)
 
 
 def clear_flag(
@@ -536,46 +534,39 @@ def clear_flag(
     now = now or utcnow()
     token = require_form_token(form_token)
     note = require_reason(note)
-    try:
-        with db.transaction() as conn:
-            flag = conn.execute(
-                sa.select(account_flags).where(account_flags.c.id == flag_id)
-            ).first()
-            if flag is None:
-                raise UnknownFlag("There is no such flag.")
-            flag_user_id: int = flag.user_id
-            detail = f"cleared {flag.kind} flag #{flag.id}"
-            if flag.amount:
-                detail += f" ({flag.amount:,} credits)"
-            audit_id = _insert_action(
-                db,
-                conn,
-                actor=actor,
-                action=ActionKind.CLEAR_FLAG,
-                target_user_id=flag_user_id,
-                detail=detail,
-                reason=note,
-                token=token,
-                now=now,
-            )
-            if audit_id is None:
-                raise _Replay
-            cleared = conn.execute(
-                sa.update(account_flags)
-                .where(account_flags.c.id == flag_id, account_flags.c.cleared_at.is_(None))
-                .values(cleared_at=now, cleared_by=actor.email[:200], clear_note=note)
-            )
-            if cleared.rowcount != 1:
-                raise FlagAlreadyCleared("This flag was already cleared.")
-    except _Replay:
-        return _replayed(_find_action(db, token), ActionKind.CLEAR_FLAG, flag_user_id)
-    return ActionResult(
-        audit_id=audit_id,
-        action=ActionKind.CLEAR_FLAG.value,
-        target_user_id=flag_user_id,
-        detail=detail,
-        replayed=False,
-    )
+
+    def act(conn: Connection) -> ActionResult:
+        flag = conn.execute(sa.select(account_flags).where(account_flags.c.id == flag_id)).first()
+        if flag is None:
+            raise UnknownFlag("There is no such flag.")
+        first = _earlier_use(conn, token, ActionKind.CLEAR_FLAG, flag.user_id)
+        if first is not None:
+            return first
+        detail = f"cleared {flag.kind} flag #{flag.id}"
+        if flag.amount:
+            detail += f" ({flag.amount:,} credits)"
+        # The audit row first: a submission of this form at the same moment waits on it and
+        # replays, rather than finding the flag cleared.
+        result = _record(
+            conn,
+            actor=actor,
+            action=ActionKind.CLEAR_FLAG,
+            target_user_id=flag.user_id,
+            detail=detail,
+            reason=note,
+            token=token,
+            now=now,
+        )
+        cleared = conn.execute(
+            sa.update(account_flags)
+            .where(account_flags.c.id == flag_id, account_flags.c.cleared_at.is_(None))
+            .values(cleared_at=now, cleared_by=actor.email[:200], clear_note=note)
+        )
+        if cleared.rowcount != 1:
+            raise FlagAlreadyCleared("This flag was already cleared.")
+        return result
+
+    return _once_per_form(db, token, act)
 
 
 # --- prices -----------------------------------------------------------------------------------
@@ -594,11 +585,9 @@ def add_price(
     effective_from: datetime | None = None,
     now: datetime | None = None,
 ) -> ActionResult:
-    """A new price version for a model, from now or a later moment. Earlier versions stay,
-    and every usage event keeps the version it was charged at.
-
-    The row is written here rather than by pricing.add_price_version so that it and its
-    audit row are one transaction: price rows carry no idempotency key of their own."""
+    """A new price version for a model, from now or a later moment, with its audit row in the
+    same transaction. Earlier versions stay, and every usage event keeps the version it was
+    charged at."""
     now = now or utcnow()
     token = require_form_token(form_token)
     reason = require_reason(reason)
@@ -613,51 +602,43 @@ def add_price(
     if starts < now - timedelta(minutes=1):
         # A past start would change which price "was in force" for calls already charged.
         raise InvalidEffectiveDate("A new price cannot start in the past: choose now or later.")
-    first = _find_action(db, token)
-    if first is not None:
-        return _replayed(first, ActionKind.ADD_PRICE, None)
     detail = (
         f"{model}: {input_per_mtok:,} input / {output_per_mtok:,} output credits per 1M tokens, "
         f"from {_minute(starts)}"
     )
+
+    def act(conn: Connection) -> ActionResult:
+        first = _earlier_use(conn, token, ActionKind.ADD_PRICE, None)
+        if first is not None:
+            return first
+        # Price rows carry no idempotency key of their own: the audit row's token is theirs.
+        result = _record(
+            conn,
+            actor=actor,
+            action=ActionKind.ADD_PRICE,
+            target_user_id=None,
+            detail=detail,
+            reason=reason,
+            token=token,
+            now=now,
+        )
+        pricing.add_price_version(
+            conn,
+            model=model,
+            input_per_mtok=input_per_mtok,
+            output_per_mtok=output_per_mtok,
+            actor=actor.ledger_actor,
+            effective_from=starts,
+            now=now,
+        )
+        return result
+
     try:
-        with db.transaction() as conn:
-            audit_id = _insert_action(
-                db,
-                conn,
-                actor=actor,
-                action=ActionKind.ADD_PRICE,
-                target_user_id=None,
-                detail=detail,
-                reason=reason,
-                token=token,
-                now=now,
-            )
-            if audit_id is None:
-                raise _Replay
-            conn.execute(
-                sa.insert(model_prices).values(
-                    model=model,
-                    input_per_mtok=input_per_mtok,
-                    output_per_mtok=output_per_mtok,
-                    effective_from=starts,
-                    created_at=now,
-                    created_by=actor.ledger_actor,
-                )
-            )
-    except _Replay:
-        return _replayed(_find_action(db, token), ActionKind.ADD_PRICE, None)
+        return _once_per_form(db, token, act)
     except sa.exc.IntegrityError:
         raise AdminError(
             f"{model} already has a price starting at exactly that moment; choose another."
         ) from None
-    return ActionResult(
-        audit_id=audit_id,
-        action=ActionKind.ADD_PRICE.value,
-        target_user_id=None,
-        detail=detail,
-        replayed=False,
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,9 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, unit_of_work
 from aicredits.adapters.tables import model_prices, utcnow
 from aicredits.adapters.tokenizer import count_message_tokens
 from aicredits.domain.errors import InvalidRequest, UnknownModel
@@ -97,22 +98,24 @@ def price_history(db: Database, *, model: str) -> list[Price]:
 
 
 def add_price_version(
-    db: Database,
+    target: Database | Connection,
     *,
     model: str,
     input_per_mtok: int,
     output_per_mtok: int,
     actor: str,
     effective_from: datetime | None = None,
+    now: datetime | None = None,
 ) -> Price:
-    """Add a new price for a model, now or from a later date. Old versions stay untouched."""
+    """Add a new price for a model, now or from a later date. Old versions stay untouched.
+    Given a connection, the row is part of the caller's transaction."""
     model = model.strip()
     if not model:
         raise UnknownModel("a model id is required")
     require_non_negative(input_per_mtok, "input price")
     require_non_negative(output_per_mtok, "output price")
-    now = utcnow()
-    with db.transaction() as conn:
+    now = now or utcnow()
+    with unit_of_work(target) as conn:
         row = conn.execute(
             sa.insert(model_prices)
             .values(

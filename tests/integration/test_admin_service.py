@@ -3,6 +3,7 @@ with its audit row, replays of a form token, the money views and spike alerts.""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -259,6 +260,69 @@ def test_a_retry_after_a_crash_between_entry_and_audit_row_completes_the_audit_r
     )
     assert not result.replayed and balance(db, user) == 0
     assert len(ledger_rows(db, user)) == 2 and len(audit_rows(db)) == 1
+    assert verify_ledger(db) == []
+
+
+def test_a_failure_after_the_ledger_write_leaves_neither_the_credit_nor_the_audit_row(
+    db: Database, boss: AdminActor
+) -> None:
+    user = make_user(db, credits=100)
+    before = ledger_rows(db, user)
+    # An actor the users table does not know: the ledger write goes through, then the audit
+    # row's foreign key refuses it, in the same transaction.
+    ghost = AdminActor(user_id=10**9, email="ghost@example.test")
+    form = token()
+    for action in (admin.adjust_balance, admin.grant_credits):
+        with pytest.raises(sa.exc.IntegrityError):
+            action(db, actor=ghost, user_id=user, credits=40, reason="r", form_token=form)
+    assert ledger_rows(db, user) == before and balance(db, user) == 100
+    assert audit_rows(db) == []
+    # The same form, sent again by a real admin, applies once.
+    result = admin.grant_credits(
+        db, actor=boss, user_id=user, credits=40, reason="r", form_token=form
+    )
+    assert not result.replayed and balance(db, user) == 140
+    assert len(ledger_rows(db, user)) == 2 and len(audit_rows(db)) == 1
+    assert verify_ledger(db) == []
+
+
+@pytest.mark.parametrize("credits", [-100, 25], ids=["debit-everything", "credit"])
+def test_one_form_submitted_several_times_at_once_applies_once(
+    db: Database, boss: AdminActor, credits: int
+) -> None:
+    user = make_user(db, credits=100)
+    form = token()
+    submissions = 4
+    gate = threading.Barrier(submissions)
+    results: list[admin.ActionResult] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+
+    def submit() -> None:
+        gate.wait()
+        try:
+            result = admin.adjust_balance(
+                db, actor=boss, user_id=user, credits=credits, reason="r", form_token=form
+            )
+        except BaseException as exc:
+            with lock:
+                failures.append(exc)
+            return
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=submit) for _ in range(submissions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert len(results) == submissions
+    assert len({r.audit_id for r in results}) == 1
+    assert sorted(r.replayed for r in results) == [False] + [True] * (submissions - 1)
+    assert balance(db, user) == 100 + credits
+    assert [r.kind for r in ledger_rows(db, user)] == ["grant", "adjustment"]
+    assert len(audit_rows(db)) == 1
     assert verify_ledger(db) == []
 
 
