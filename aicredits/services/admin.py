@@ -37,6 +37,7 @@ from aicredits.adapters.tables import (
     users,
     utcnow,
 )
+from aicredits.domain import spikes
 from aicredits.domain.errors import (
     AICreditsError,
     IdempotencyConflict,
@@ -65,7 +66,6 @@ _FORM_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,100}$")
 MAX_ADMIN_CREDITS = 10**12
 MAX_GRANT_DAYS = 3650
 MAX_PRICE_PER_MTOK = 10**12
-SPIKE_BASELINE_HOURS = 7 * 24
 # The overview lists at most this many (address, day) rows that reached the trial limit.
 MAX_LIMITED_ADDRESSES = 200
 
@@ -1110,7 +1110,7 @@ class SpikeAlert:
 
     @property
     def usual_hourly(self) -> Fraction:
-        return Fraction(self.previous_week, SPIKE_BASELINE_HOURS)
+        return spikes.usual_hourly(self.previous_week)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1253,11 +1253,12 @@ def trial_limit_rule(settings: Settings) -> str:
 def spike_alerts(
     db: Database, *, factor: float, min_credits: int, now: datetime | None = None
 ) -> list[SpikeAlert]:
-    """Users who spent, in the last hour, at least `min_credits` and more than `factor` times
-    their average hourly spend over the 7 days before it. Biggest hour first."""
+    """Users whose spending spiked in the last hour (domain.spikes has the rule), biggest hour
+    first."""
     now = now or utcnow()
+    rule = spikes.SpikeRule.of(factor=factor, min_credits=min_credits)
     hour_start = now - timedelta(hours=1)
-    week_start = hour_start - timedelta(hours=SPIKE_BASELINE_HOURS)
+    week_start = hour_start - timedelta(hours=spikes.BASELINE_HOURS)
     recent = usage_events.c.created_at >= hour_start
     last_hour = sa.func.sum(sa.case((recent, usage_events.c.charged), else_=0))
     before = sa.func.sum(sa.case((recent, 0), else_=usage_events.c.charged))
@@ -1273,10 +1274,8 @@ def spike_alerts(
             .select_from(usage_events.join(users, users.c.id == usage_events.c.user_id))
             .where(usage_events.c.created_at >= week_start, usage_events.c.created_at <= now)
             .group_by(users.c.id, users.c.email, users.c.name)
-            .having(last_hour >= max(min_credits, 1))
+            .having(last_hour >= rule.least_last_hour)
         ).all()
-    # Exact: the factor is compared as a fraction, never as a float product of credits.
-    ratio = Fraction(str(factor))
     alerts = [
         SpikeAlert(
             user_id=r.id,
@@ -1286,9 +1285,11 @@ def spike_alerts(
             previous_week=int(r.before or 0),
         )
         for r in rows
-        if int(r.last_hour) * SPIKE_BASELINE_HOURS > ratio * int(r.before or 0)
     ]
-    return sorted(alerts, key=lambda a: (-a.last_hour, a.user_id))
+    return sorted(
+        (a for a in alerts if rule.is_spike(last_hour=a.last_hour, previous_week=a.previous_week)),
+        key=lambda a: (-a.last_hour, a.user_id),
+    )
 
 
 def _minute(moment: datetime | None) -> str:

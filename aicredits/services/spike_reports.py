@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from aicredits.adapters import mailer
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import spike_reports, users, utcnow
+from aicredits.domain import spikes
 from aicredits.services import admin
 from aicredits.settings import Settings
 
@@ -64,11 +65,11 @@ def record_spikes(db: Database, settings: Settings, *, now: datetime | None = No
             continue  # reported already this hour, by an earlier run or another worker
         new += 1
         logger.warning(
-            "spending spike: user %s (%s) spent %d credits in the last hour; usually %.1f an hour",
+            "spending spike: user %s (%s) spent %d credits in the last hour; usually %s an hour",
             alert.user_id,
             alert.email or "no email",
             alert.last_hour,
-            float(alert.usual_hourly),
+            spikes.usual_hourly_text(alert.previous_week),
             extra={"user_id": alert.user_id},
         )
     return new
@@ -155,7 +156,7 @@ def send_due_emails(
 
 
 def _email_body(settings: Settings, row: Any) -> str:
-    usual = row.previous_week / admin.SPIKE_BASELINE_HOURS
+    usual = row.previous_week / spikes.BASELINE_HOURS
     return (
         f"User {row.user_id} ({row.name or 'no name'}, {row.email or 'no email'}) spent "
         f"{row.last_hour:,} credits in the hour before {row.reported_at:%Y-%m-%d %H:%M} UTC, "

@@ -17,6 +17,7 @@ from reflex_base.event import EventSpec
 
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
+from aicredits.domain import spikes
 from aicredits.domain.errors import AICreditsError
 from aicredits.services import admin
 from aicredits.services.admin import (
@@ -188,7 +189,7 @@ def spike_row(s: SpikeAlert) -> dict[str, str]:
         "user": _who(s.email, s.name),
         "href": f"/admin/user?id={s.user_id}",
         "last_hour": _n(s.last_hour),
-        "usual": f"{float(s.usual_hourly):,.1f}",
+        "usual": spikes.usual_hourly_text(s.previous_week),
     }
 
 
