@@ -1,6 +1,6 @@
 """Spending spikes, reported to the admins: the periodic job's side of the admin alerts.
 
-Each run asks `admin.spike_alerts` who is spiking now and records each of them once per
+Each run asks `admin_views.spike_alerts` who is spiking now and records each of them once per
 clock hour (a unique (user_id, hour) row, inserted with ON CONFLICT DO NOTHING), so a run
 repeated, or raced by another worker, reports nobody twice. A new report writes a warning
 log line and, when SMTP and ADMIN_EMAILS are configured, is emailed to the admins by the
@@ -19,7 +19,7 @@ from aicredits.adapters import mailer
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import spike_reports, users, utcnow
 from aicredits.domain import spikes
-from aicredits.services import admin
+from aicredits.services import admin_views
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def record_spikes(db: Database, settings: Settings, *, now: datetime | None = No
     were newly recorded."""
     now = now or utcnow()
     hour = hour_of(now)
-    alerts = admin.spike_alerts(
+    alerts = admin_views.spike_alerts(
         db, factor=settings.spike_factor, min_credits=settings.spike_min_credits, now=now
     )
     new = 0

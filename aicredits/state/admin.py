@@ -19,27 +19,27 @@ from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
 from aicredits.domain import spikes
 from aicredits.domain.errors import AICreditsError
-from aicredits.services import admin
-from aicredits.services.admin import (
-    AdminActor,
+from aicredits.services import admin_actions, admin_views, pricing
+from aicredits.services.admin_actions import ActionResult, AdminActor
+from aicredits.services.admin_views import (
     AuditRow,
     FlagRow,
     HoldRow,
     LedgerLineView,
     LimitedAddress,
-    ModelPrices,
     ModelUsage,
     Overview,
-    PriceVersionView,
     Spender,
     SpikeAlert,
-    UsageRow,
+    UsageLine,
     UserDetail,
     UserSummary,
 )
 from aicredits.services.auth import CurrentUser
 from aicredits.services.payments import PurchaseView, format_money
+from aicredits.services.pricing import ModelPrices, PriceVersionView
 from aicredits.settings import get_settings
+from aicredits.state import admin_forms
 from aicredits.state.session import SessionState
 
 # --- display rows (strings only) --------------------------------------------------------------
@@ -117,7 +117,7 @@ def purchase_row(p: PurchaseView) -> dict[str, str]:
     }
 
 
-def usage_row(u: UsageRow) -> dict[str, str]:
+def usage_row(u: UsageLine) -> dict[str, str]:
     return {
         "id": str(u.id),
         "date": _when(u.created_at),
@@ -303,19 +303,19 @@ class AdminState(SessionState):
             self.error = ""
             self.notice = ""
         self._keep_messages = False
-        self.form_token = admin.new_form_token()
+        self.form_token = admin_actions.new_form_token()
 
-    def _done(self, result: admin.ActionResult, reload: EventSpec | Any) -> list[Any]:
+    def _done(self, result: ActionResult, reload: EventSpec | Any) -> list[Any]:
         already = " (this form had already been submitted: nothing changed now)"
         self.error = ""
         self.notice = "Done: " + result.detail + (already if result.replayed else "") + "."
         self._keep_messages = True
-        self.form_token = admin.new_form_token()
+        self.form_token = admin_actions.new_form_token()
         return [reload]
 
     def _fail(self, exc: AICreditsError) -> None:
         self.notice = ""
-        self.error = admin.describe_error(exc)
+        self.error = admin_forms.admin_error_message(exc)
 
     # --- overview -----------------------------------------------------------------------------
 
@@ -327,7 +327,7 @@ class AdminState(SessionState):
         self._start_load()
         settings = get_settings()
         seen = await run_blocking(
-            admin.overview,
+            admin_views.overview,
             get_database(),
             spike_factor=settings.spike_factor,
             spike_min_credits=settings.spike_min_credits,
@@ -344,13 +344,13 @@ class AdminState(SessionState):
             "before it"
         )
         self.limited_addresses = [limited_address_row(a) for a in seen.limited_addresses]
-        self.trial_rule = admin.trial_limit_rule(settings)
+        self.trial_rule = admin_views.trial_limit_rule(settings)
         return None
 
     # --- users --------------------------------------------------------------------------------
 
     async def _show_users(self, query: str, page: int) -> None:
-        found = await run_blocking(admin.search_users, get_database(), query=query, page=page)
+        found = await run_blocking(admin_views.search_users, get_database(), query=query, page=page)
         self.user_query = found.query
         self.users = [user_row(u) for u in found.users]
         self.users_total = found.total
@@ -416,8 +416,8 @@ class AdminState(SessionState):
             return self._refuse(user)
         self._start_load()
         try:
-            wanted = admin.parse_id(self.router.url.query_parameters.get("id"))
-            detail = await run_blocking(admin.user_detail, get_database(), user_id=wanted)
+            wanted = admin_forms.parse_id(self.router.url.query_parameters.get("id"))
+            detail = await run_blocking(admin_views.user_detail, get_database(), user_id=wanted)
         except AICreditsError as exc:
             self._clear_detail()
             self._fail(exc)
@@ -427,16 +427,16 @@ class AdminState(SessionState):
 
     async def _credit_action(
         self, user: CurrentUser, action: Any, form_data: dict[str, Any], **extra: Any
-    ) -> admin.ActionResult | None:
+    ) -> ActionResult | None:
         """Run one of the two balance actions from its form; None (with the error shown)
         when the service refuses it. Refreshes the header when admins change themselves."""
         try:
-            result: admin.ActionResult = await run_blocking(
+            result: ActionResult = await run_blocking(
                 action,
                 get_database(),
                 actor=self._actor(user),
-                user_id=admin.parse_id(form_data.get("user_id")),
-                credits=admin.parse_credits(form_data.get("credits")),
+                user_id=admin_forms.parse_id(form_data.get("user_id")),
+                credits=admin_forms.parse_credits(form_data.get("credits")),
                 reason=str(form_data.get("reason") or ""),
                 form_token=str(form_data.get("form_token") or ""),
                 **extra,
@@ -453,7 +453,7 @@ class AdminState(SessionState):
         user = await self._authenticate()
         if user is None or not user.is_admin:
             return self._refuse(user)
-        result = await self._credit_action(user, admin.adjust_balance, form_data)
+        result = await self._credit_action(user, admin_actions.adjust_balance, form_data)
         if result is None:
             return None
         return [
@@ -468,12 +468,12 @@ class AdminState(SessionState):
         if user is None or not user.is_admin:
             return self._refuse(user)
         try:
-            days = admin.parse_optional_days(form_data.get("expires_in_days"))
+            days = admin_forms.parse_optional_days(form_data.get("expires_in_days"))
         except AICreditsError as exc:
             self._fail(exc)
             return None
         result = await self._credit_action(
-            user, admin.grant_credits, form_data, expires_in_days=days
+            user, admin_actions.grant_credits, form_data, expires_in_days=days
         )
         if result is None:
             return None
@@ -489,10 +489,10 @@ class AdminState(SessionState):
     ) -> Any:
         try:
             result = await run_blocking(
-                admin.set_suspension,
+                admin_actions.set_suspension,
                 get_database(),
                 actor=self._actor(user),
-                user_id=admin.parse_id(form_data.get("user_id")),
+                user_id=admin_forms.parse_id(form_data.get("user_id")),
                 suspended=suspended,
                 reason=str(form_data.get("reason") or ""),
                 form_token=str(form_data.get("form_token") or ""),
@@ -523,10 +523,10 @@ class AdminState(SessionState):
             return self._refuse(user)
         try:
             result = await run_blocking(
-                admin.clear_flag,
+                admin_actions.clear_flag,
                 get_database(),
                 actor=self._actor(user),
-                flag_id=admin.parse_id(form_data.get("flag_id"), what="flag"),
+                flag_id=admin_forms.parse_id(form_data.get("flag_id"), what="flag"),
                 note=str(form_data.get("note") or ""),
                 form_token=str(form_data.get("form_token") or ""),
             )
@@ -538,7 +538,7 @@ class AdminState(SessionState):
     # --- audit log ----------------------------------------------------------------------------
 
     async def _show_audit(self, page: int) -> None:
-        found = await run_blocking(admin.list_audit, get_database(), page=page)
+        found = await run_blocking(admin_views.list_audit, get_database(), page=page)
         self.audit = [audit_row(a) for a in found.rows]
         self.audit_total = found.total
         self.audit_page = found.page
@@ -578,7 +578,9 @@ class AdminState(SessionState):
             return self._refuse(user)
         self._start_load()
         configured = [m.id for m in get_settings().models]
-        listed = await run_blocking(admin.list_prices, get_database(), configured_models=configured)
+        listed = await run_blocking(
+            pricing.list_prices, get_database(), configured_models=configured
+        )
         self.current_prices = [current_price_row(m) for m in listed]
         self.price_versions = [price_version_row(v) for m in listed for v in m.versions]
         self.model_ids = [m.model for m in listed if m.configured]
@@ -591,20 +593,20 @@ class AdminState(SessionState):
             return self._refuse(user)
         try:
             result = await run_blocking(
-                admin.add_price,
+                pricing.add_price_by_admin,
                 get_database(),
                 actor=self._actor(user),
                 model=str(form_data.get("model") or ""),
-                input_per_mtok=admin.parse_credits(
+                input_per_mtok=admin_forms.parse_credits(
                     form_data.get("input_per_mtok"), what="the input price"
                 ),
-                output_per_mtok=admin.parse_credits(
+                output_per_mtok=admin_forms.parse_credits(
                     form_data.get("output_per_mtok"), what="the output price"
                 ),
                 reason=str(form_data.get("reason") or ""),
                 form_token=str(form_data.get("form_token") or ""),
                 known_models=[m.id for m in get_settings().models],
-                effective_from=admin.parse_effective_from(form_data.get("effective_from")),
+                effective_from=admin_forms.parse_effective_from(form_data.get("effective_from")),
             )
         except AICreditsError as exc:
             self._fail(exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from aicredits.services.admin import LimitedAddress, trial_limit_rule
+from aicredits.services.admin_views import LimitedAddress, trial_limit_rule
 from aicredits.settings import Settings
 from aicredits.state.admin import limited_address_row
 
