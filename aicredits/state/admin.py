@@ -1,6 +1,7 @@
-"""The admin console's state. Every handler checks the admin role itself, on the server, before
-anything else: any handler can be called by a crafted websocket message, whatever the page
-shows. A refused call changes none of this state's vars.
+"""The admin console's state. Every handler is `@admin_only` (state/guards.py): it checks the
+admin role on the server before anything else, since any handler can be called by a crafted
+websocket message, whatever the page shows. A refused call changes none of this state's vars,
+and a handler without the guard stops the class from being defined.
 
 Forms carry a random token in a hidden field, made when the form is rendered. The handler
 reads it from the submitted form, never from this state, so a form submitted twice sends the
@@ -40,6 +41,7 @@ from aicredits.services.payments import PurchaseView, format_money
 from aicredits.services.pricing import ModelPrices, PriceVersionView
 from aicredits.settings import get_settings
 from aicredits.state import admin_forms
+from aicredits.state.guards import Role, admin_only, unguarded_handlers
 from aicredits.state.session import SessionState
 
 # --- display rows (strings only) --------------------------------------------------------------
@@ -290,9 +292,11 @@ class AdminState(SessionState):
     # Set by an action that reloads its page next, so the reload keeps its message.
     _keep_messages: bool = False
 
-    def _refuse(self, user: CurrentUser | None) -> EventSpec:
-        """Where a caller who is not a signed-in admin goes. Changes nothing of this state."""
-        return self._to_login() if user is None else rx.redirect("/forbidden")
+    def __init_subclass__(cls, mixin: bool = False, **kwargs: Any) -> None:
+        # Checked before Reflex registers the class: a refused class leaves no trace.
+        if unguarded := unguarded_handlers(cls, Role.ADMIN):
+            raise TypeError(f"{cls.__name__}: every admin handler is @admin_only, not {unguarded}")
+        super().__init_subclass__(mixin=mixin, **kwargs)
 
     @staticmethod
     def _actor(user: CurrentUser) -> AdminActor:
@@ -320,10 +324,8 @@ class AdminState(SessionState):
     # --- overview -----------------------------------------------------------------------------
 
     @rx.event
-    async def load(self) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def load(self, user: CurrentUser) -> EventSpec | None:
         self._start_load()
         settings = get_settings()
         seen = await run_blocking(
@@ -358,36 +360,28 @@ class AdminState(SessionState):
         self.users_pages = found.pages
 
     @rx.event
-    async def load_users(self) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def load_users(self, user: CurrentUser) -> EventSpec | None:
         self._start_load()
         await self._show_users(self.user_query, self.users_page)
         return None
 
     @rx.event
-    async def search_users(self, form_data: dict[str, Any]) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def search_users(self, user: CurrentUser, form_data: dict[str, Any]) -> EventSpec | None:
         query = form_data.get("q")
         await self._show_users(query if isinstance(query, str) else "", 1)
         return None
 
     @rx.event
-    async def users_next_page(self) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def users_next_page(self, user: CurrentUser) -> EventSpec | None:
         await self._show_users(self.user_query, self.users_page + 1)
         return None
 
     @rx.event
-    async def users_previous_page(self) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def users_previous_page(self, user: CurrentUser) -> EventSpec | None:
         await self._show_users(self.user_query, self.users_page - 1)
         return None
 
@@ -409,11 +403,9 @@ class AdminState(SessionState):
         self.flags, self.expiring, self.user_audit = [], [], []
 
     @rx.event
-    async def load_user(self) -> EventSpec | None:
+    @admin_only
+    async def load_user(self, user: CurrentUser) -> EventSpec | None:
         """on_load of /admin/user?id=N, and the reload after each action on that page."""
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
         self._start_load()
         try:
             wanted = admin_forms.parse_id(self.router.url.query_parameters.get("id"))
@@ -449,10 +441,8 @@ class AdminState(SessionState):
         return result
 
     @rx.event
-    async def adjust_balance(self, form_data: dict[str, Any]) -> Any:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def adjust_balance(self, user: CurrentUser, form_data: dict[str, Any]) -> Any:
         result = await self._credit_action(user, admin_actions.adjust_balance, form_data)
         if result is None:
             return None
@@ -463,10 +453,8 @@ class AdminState(SessionState):
         ]
 
     @rx.event
-    async def grant_credits(self, form_data: dict[str, Any]) -> Any:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def grant_credits(self, user: CurrentUser, form_data: dict[str, Any]) -> Any:
         try:
             days = admin_forms.parse_optional_days(form_data.get("expires_in_days"))
         except AICreditsError as exc:
@@ -503,24 +491,18 @@ class AdminState(SessionState):
         return [*self._done(result, AdminState.load_user), rx.set_value("suspension-reason", "")]
 
     @rx.event
-    async def suspend_user(self, form_data: dict[str, Any]) -> Any:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def suspend_user(self, user: CurrentUser, form_data: dict[str, Any]) -> Any:
         return await self._set_suspension(user, form_data, suspended=True)
 
     @rx.event
-    async def unsuspend_user(self, form_data: dict[str, Any]) -> Any:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def unsuspend_user(self, user: CurrentUser, form_data: dict[str, Any]) -> Any:
         return await self._set_suspension(user, form_data, suspended=False)
 
     @rx.event
-    async def clear_flag(self, form_data: dict[str, Any]) -> Any:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def clear_flag(self, user: CurrentUser, form_data: dict[str, Any]) -> Any:
         try:
             result = await run_blocking(
                 admin_actions.clear_flag,
@@ -545,37 +527,29 @@ class AdminState(SessionState):
         self.audit_pages = found.pages
 
     @rx.event
-    async def load_audit(self) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def load_audit(self, user: CurrentUser) -> EventSpec | None:
         self._start_load()
         await self._show_audit(1)
         return None
 
     @rx.event
-    async def audit_next_page(self) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def audit_next_page(self, user: CurrentUser) -> EventSpec | None:
         await self._show_audit(self.audit_page + 1)
         return None
 
     @rx.event
-    async def audit_previous_page(self) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def audit_previous_page(self, user: CurrentUser) -> EventSpec | None:
         await self._show_audit(self.audit_page - 1)
         return None
 
     # --- prices -------------------------------------------------------------------------------
 
     @rx.event
-    async def load_prices(self) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def load_prices(self, user: CurrentUser) -> EventSpec | None:
         self._start_load()
         configured = [m.id for m in get_settings().models]
         listed = await run_blocking(
@@ -587,10 +561,8 @@ class AdminState(SessionState):
         return None
 
     @rx.event
-    async def add_price(self, form_data: dict[str, Any]) -> Any:
-        user = await self._authenticate()
-        if user is None or not user.is_admin:
-            return self._refuse(user)
+    @admin_only
+    async def add_price(self, user: CurrentUser, form_data: dict[str, Any]) -> Any:
         try:
             result = await run_blocking(
                 pricing.add_price_by_admin,
