@@ -1,7 +1,10 @@
-"""The admin console's state. Every handler is `@admin_only` (state/guards.py): it checks the
-admin role on the server before anything else, since any handler can be called by a crafted
-websocket message, whatever the page shows. A refused call changes none of this state's vars,
-and a handler without the guard stops the class from being defined.
+"""The admin console's state: one class per page, each holding that page's vars and handlers,
+on a small base with what every page shares (the messages, the forms' token).
+
+Every handler is `@admin_only` (state/guards.py): it checks the admin role on the server before
+anything else, since any handler can be called by a crafted websocket message, whatever the
+page shows. A refused call changes none of these states' vars, and an admin state with a
+handler that lacks the guard is refused when its class is defined.
 
 Forms carry a random token in a hidden field, made when the form is rendered. The handler
 reads it from the submitted form, never from this state, so a form submitted twice sends the
@@ -10,7 +13,7 @@ same token twice and the services apply it once.
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
 import reflex as rx
@@ -18,276 +21,23 @@ from reflex_base.event import EventSpec
 
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
-from aicredits.domain import spikes
 from aicredits.domain.errors import AICreditsError
 from aicredits.services import admin_actions, admin_views, pricing
 from aicredits.services.admin_actions import ActionResult, AdminActor
-from aicredits.services.admin_views import (
-    AuditRow,
-    FlagRow,
-    HoldRow,
-    LedgerLineView,
-    LimitedAddress,
-    ModelUsage,
-    Overview,
-    Spender,
-    SpikeAlert,
-    UsageLine,
-    UserDetail,
-    UserSummary,
-)
+from aicredits.services.admin_views import UserDetail
 from aicredits.services.auth import CurrentUser
-from aicredits.services.payments import PurchaseView, format_money
-from aicredits.services.pricing import ModelPrices, PriceVersionView
 from aicredits.settings import get_settings
-from aicredits.state import admin_forms
+from aicredits.state import admin_forms, admin_rows
 from aicredits.state.guards import Role, admin_only, unguarded_handlers
 from aicredits.state.session import SessionState
 
-# --- display rows (strings only) --------------------------------------------------------------
 
+class AdminPageState(SessionState):
+    """What every admin page shares: its messages and the token of the forms it renders."""
 
-def _when(moment: datetime | None, default: str = "") -> str:
-    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else default
-
-
-def _n(value: int) -> str:
-    return f"{value:,}"
-
-
-def _signed(value: int) -> str:
-    return f"{value:+,}"
-
-
-def _who(email: str | None, name: str) -> str:
-    return email or name or "(no email)"
-
-
-def user_row(u: UserSummary) -> dict[str, str]:
-    flags = (["suspended"] if u.is_suspended else []) + list(u.open_flags)
-    return {
-        "id": str(u.id),
-        "email": u.email or "",
-        "name": u.name,
-        "balance": _n(u.balance),
-        "held": _n(u.held),
-        "available": _n(u.available),
-        "purchased": _n(u.total_purchased),
-        "flags": ", ".join(f.replace("_", " ") for f in flags),
-        "last_activity": _when(u.last_activity, "never"),
-        "created": _when(u.created_at),
-        "suspended": "yes" if u.is_suspended else "",
-        "href": f"/admin/user?id={u.id}",
-    }
-
-
-def ledger_row(e: LedgerLineView) -> dict[str, str]:
-    return {
-        "id": str(e.id),
-        "date": _when(e.created_at),
-        "kind": e.kind,
-        "amount": _signed(e.amount),
-        "balance_after": _n(e.balance_after),
-        "actor": e.actor,
-        "reason": e.reason,
-    }
-
-
-def hold_row(h: HoldRow) -> dict[str, str]:
-    return {
-        "id": str(h.id),
-        "request_id": h.request_id,
-        "amount": _n(h.amount),
-        "status": h.status,
-        "charged": "" if h.charged is None else _n(h.charged),
-        "created": _when(h.created_at),
-        "expires": _when(h.expires_at),
-    }
-
-
-def purchase_row(p: PurchaseView) -> dict[str, str]:
-    return {
-        "id": str(p.id),
-        "date": _when(p.created_at),
-        "pack": p.pack_id,
-        "amount": format_money(p.amount, p.currency),
-        "credits": _n(p.credits),
-        "status": p.status_label,
-        "clawed_back": _n(p.credits_clawed_back),
-        "shortfall": _n(p.credits_shortfall),
-        "session": p.checkout_session_id,
-    }
-
-
-def usage_row(u: UsageLine) -> dict[str, str]:
-    return {
-        "id": str(u.id),
-        "date": _when(u.created_at),
-        "model": u.model,
-        "price_version": str(u.price_version_id),
-        "tokens": f"{u.input_tokens:,} in / {u.output_tokens:,} out"
-        + (" (estimated)" if u.estimated else ""),
-        "cost": _n(u.cost),
-        "charged": _n(u.charged),
-        "unbilled": _n(u.unbilled),
-        "outcome": u.outcome,
-    }
-
-
-def flag_row(f: FlagRow) -> dict[str, str]:
-    return {
-        "id": str(f.id),
-        "kind": f.kind.replace("_", " "),
-        "amount": _n(f.amount),
-        "detail": f.detail,
-        "created": _when(f.created_at),
-        "open": "" if f.cleared_at else "yes",
-        "cleared": (
-            f"cleared {_when(f.cleared_at)} by {f.cleared_by}: {f.clear_note}"
-            if f.cleared_at
-            else ""
-        ),
-    }
-
-
-def audit_row(a: AuditRow) -> dict[str, str]:
-    target = ""
-    if a.target_user_id is not None:
-        target = a.target_email or f"user {a.target_user_id}"
-    return {
-        "id": str(a.id),
-        "date": _when(a.created_at),
-        "actor": a.actor_email,
-        "action": a.action.replace("_", " "),
-        "target": target,
-        "target_href": f"/admin/user?id={a.target_user_id}" if a.target_user_id else "",
-        "detail": a.detail,
-        "reason": a.reason,
-    }
-
-
-def model_usage_row(m: ModelUsage) -> dict[str, str]:
-    return {
-        "model": m.model,
-        "calls": _n(m.calls),
-        "tokens": f"{m.input_tokens:,} in / {m.output_tokens:,} out",
-        "cost": _n(m.cost),
-        "charged": _n(m.charged),
-        "unbilled": _n(m.unbilled),
-    }
-
-
-def spender_row(s: Spender) -> dict[str, str]:
-    return {
-        "user": _who(s.email, s.name),
-        "href": f"/admin/user?id={s.user_id}",
-        "spent": _n(s.spent),
-    }
-
-
-def spike_row(s: SpikeAlert) -> dict[str, str]:
-    return {
-        "id": str(s.user_id),
-        "user": _who(s.email, s.name),
-        "href": f"/admin/user?id={s.user_id}",
-        "last_hour": _n(s.last_hour),
-        "usual": spikes.usual_hourly_text(s.previous_week),
-    }
-
-
-def limited_address_row(a: LimitedAddress) -> dict[str, str]:
-    return {
-        "id": f"{a.address}-{a.day.isoformat()}",
-        "address": a.address,
-        "day": a.day.isoformat(),
-        "granted": _n(a.granted),
-        "refused": _n(a.refused),
-    }
-
-
-def totals_rows(o: Overview) -> list[dict[str, str]]:
-    return [
-        {"id": "sold", "label": "Credits sold", "value": _n(o.credits_sold)},
-        {"id": "spent", "label": "Credits spent", "value": _n(o.credits_spent)},
-        {"id": "granted", "label": "Credits granted", "value": _n(o.credits_granted)},
-        {"id": "clawed-back", "label": "Clawed back (refunds)", "value": _n(o.credits_clawed_back)},
-        {"id": "expired", "label": "Expired", "value": _n(o.credits_expired)},
-        {"id": "adjusted", "label": "Adjustments (net)", "value": _signed(o.adjustments_net)},
-    ]
-
-
-def price_version_row(v: PriceVersionView) -> dict[str, str]:
-    return {
-        "id": str(v.version_id),
-        "model": v.model,
-        "input": _n(v.input_per_mtok),
-        "output": _n(v.output_per_mtok),
-        "from": _when(v.effective_from),
-        "status": v.status,
-        "by": v.created_by,
-        "created": _when(v.created_at),
-    }
-
-
-def current_price_row(m: ModelPrices) -> dict[str, str]:
-    current = m.current
-    return {
-        "model": m.model,
-        "input": _n(current.input_per_mtok) if current else "—",
-        "output": _n(current.output_per_mtok) if current else "—",
-        "since": _when(current.effective_from) if current else "no price yet",
-        "scheduled": str(sum(1 for v in m.versions if v.status == "scheduled")),
-        "configured": "yes" if m.configured else "no (not served)",
-    }
-
-
-# --- the state --------------------------------------------------------------------------------
-
-
-class AdminState(SessionState):
-    # Messages and the rendered forms' token.
     error: str = ""
     notice: str = ""
     form_token: str = ""
-
-    # Overview (/admin)
-    user_count: int = 0
-    window: str = ""
-    totals: list[dict[str, str]] = []
-    usage_by_model: list[dict[str, str]] = []
-    top_spenders: list[dict[str, str]] = []
-    spikes: list[dict[str, str]] = []
-    spike_rule: str = ""
-    limited_addresses: list[dict[str, str]] = []
-    trial_rule: str = ""
-
-    # Users (/admin/users)
-    user_query: str = ""
-    users: list[dict[str, str]] = []
-    users_total: int = 0
-    users_page: int = 1
-    users_pages: int = 1
-
-    # One user (/admin/user?id=N)
-    target: dict[str, str] = {}
-    ledger: list[dict[str, str]] = []
-    holds: list[dict[str, str]] = []
-    purchases: list[dict[str, str]] = []
-    usage: list[dict[str, str]] = []
-    flags: list[dict[str, str]] = []
-    expiring: list[dict[str, str]] = []
-    user_audit: list[dict[str, str]] = []
-
-    # Audit log (/admin/audit)
-    audit: list[dict[str, str]] = []
-    audit_total: int = 0
-    audit_page: int = 1
-    audit_pages: int = 1
-
-    # Prices (/admin/prices)
-    current_prices: list[dict[str, str]] = []
-    price_versions: list[dict[str, str]] = []
-    model_ids: list[str] = []
 
     # Set by an action that reloads its page next, so the reload keeps its message.
     _keep_messages: bool = False
@@ -321,7 +71,19 @@ class AdminState(SessionState):
         self.notice = ""
         self.error = admin_forms.admin_error_message(exc)
 
-    # --- overview -----------------------------------------------------------------------------
+
+class AdminOverviewState(AdminPageState):
+    """/admin: the money over the last 30 days, spike alerts, sign-ups past the trial limit."""
+
+    user_count: int = 0
+    window: str = ""
+    totals: list[dict[str, str]] = []
+    usage_by_model: list[dict[str, str]] = []
+    top_spenders: list[dict[str, str]] = []
+    spikes: list[dict[str, str]] = []
+    spike_rule: str = ""
+    limited_addresses: list[dict[str, str]] = []
+    trial_rule: str = ""
 
     @rx.event
     @admin_only
@@ -335,26 +97,34 @@ class AdminState(SessionState):
             spike_min_credits=settings.spike_min_credits,
         )
         self.user_count = seen.user_count
-        self.window = f"{_when(seen.since)} to {_when(seen.until)}"
-        self.totals = totals_rows(seen)
-        self.usage_by_model = [model_usage_row(m) for m in seen.usage_by_model]
-        self.top_spenders = [spender_row(s) for s in seen.top_spenders]
-        self.spikes = [spike_row(s) for s in seen.spikes]
+        self.window = admin_rows.window_text(seen.since, seen.until)
+        self.totals = admin_rows.totals_rows(seen)
+        self.usage_by_model = [admin_rows.model_usage_row(m) for m in seen.usage_by_model]
+        self.top_spenders = [admin_rows.spender_row(s) for s in seen.top_spenders]
+        self.spikes = [admin_rows.spike_row(s) for s in seen.spikes]
         self.spike_rule = (
             f"spent at least {settings.spike_min_credits:,} credits in the last hour, and more "
             f"than {settings.spike_factor:g} times their average hourly spend over the 7 days "
             "before it"
         )
-        self.limited_addresses = [limited_address_row(a) for a in seen.limited_addresses]
+        self.limited_addresses = [admin_rows.limited_address_row(a) for a in seen.limited_addresses]
         self.trial_rule = admin_views.trial_limit_rule(settings)
         return None
 
-    # --- users --------------------------------------------------------------------------------
+
+class AdminUserSearchState(AdminPageState):
+    """/admin/users: users found by email, name or id, a page at a time."""
+
+    user_query: str = ""
+    users: list[dict[str, str]] = []
+    users_total: int = 0
+    users_page: int = 1
+    users_pages: int = 1
 
     async def _show_users(self, query: str, page: int) -> None:
         found = await run_blocking(admin_views.search_users, get_database(), query=query, page=page)
         self.user_query = found.query
-        self.users = [user_row(u) for u in found.users]
+        self.users = [admin_rows.user_row(u) for u in found.users]
         self.users_total = found.total
         self.users_page = found.page
         self.users_pages = found.pages
@@ -385,17 +155,28 @@ class AdminState(SessionState):
         await self._show_users(self.user_query, self.users_page - 1)
         return None
 
-    # --- one user -----------------------------------------------------------------------------
+
+class AdminUserAccountState(AdminPageState):
+    """/admin/user?id=N: one account, and the actions on it."""
+
+    target: dict[str, str] = {}
+    ledger: list[dict[str, str]] = []
+    holds: list[dict[str, str]] = []
+    purchases: list[dict[str, str]] = []
+    usage: list[dict[str, str]] = []
+    flags: list[dict[str, str]] = []
+    expiring: list[dict[str, str]] = []
+    user_audit: list[dict[str, str]] = []
 
     def _show_detail(self, detail: UserDetail) -> None:
-        self.target = user_row(detail.user)
-        self.ledger = [ledger_row(e) for e in detail.ledger]
-        self.holds = [hold_row(h) for h in detail.holds]
-        self.purchases = [purchase_row(p) for p in detail.purchases]
-        self.usage = [usage_row(u) for u in detail.usage]
-        self.flags = [flag_row(f) for f in detail.flags]
-        self.expiring = [{"date": _when(at), "credits": _n(c)} for at, c in detail.expiring]
-        self.user_audit = [audit_row(a) for a in detail.audit]
+        self.target = admin_rows.user_row(detail.user)
+        self.ledger = [admin_rows.ledger_row(e) for e in detail.ledger]
+        self.holds = [admin_rows.hold_row(h) for h in detail.holds]
+        self.purchases = [admin_rows.purchase_row(p) for p in detail.purchases]
+        self.usage = [admin_rows.usage_row(u) for u in detail.usage]
+        self.flags = [admin_rows.flag_row(f) for f in detail.flags]
+        self.expiring = [admin_rows.expiring_row(at, c) for at, c in detail.expiring]
+        self.user_audit = [admin_rows.audit_row(a) for a in detail.audit]
 
     def _clear_detail(self) -> None:
         self.target = {}
@@ -418,12 +199,16 @@ class AdminState(SessionState):
         return None
 
     async def _credit_action(
-        self, user: CurrentUser, action: Any, form_data: dict[str, Any], **extra: Any
+        self,
+        user: CurrentUser,
+        action: Callable[..., ActionResult],
+        form_data: dict[str, Any],
+        **extra: Any,
     ) -> ActionResult | None:
         """Run one of the two balance actions from its form; None (with the error shown)
         when the service refuses it. Refreshes the header when admins change themselves."""
         try:
-            result: ActionResult = await run_blocking(
+            result = await run_blocking(
                 action,
                 get_database(),
                 actor=self._actor(user),
@@ -447,7 +232,7 @@ class AdminState(SessionState):
         if result is None:
             return None
         return [
-            *self._done(result, AdminState.load_user),
+            *self._done(result, AdminUserAccountState.load_user),
             rx.set_value("adjust-credits", ""),
             rx.set_value("adjust-reason", ""),
         ]
@@ -466,7 +251,7 @@ class AdminState(SessionState):
         if result is None:
             return None
         return [
-            *self._done(result, AdminState.load_user),
+            *self._done(result, AdminUserAccountState.load_user),
             rx.set_value("grant-credits", ""),
             rx.set_value("grant-reason", ""),
             rx.set_value("grant-days", ""),
@@ -488,7 +273,10 @@ class AdminState(SessionState):
         except AICreditsError as exc:
             self._fail(exc)
             return None
-        return [*self._done(result, AdminState.load_user), rx.set_value("suspension-reason", "")]
+        return [
+            *self._done(result, AdminUserAccountState.load_user),
+            rx.set_value("suspension-reason", ""),
+        ]
 
     @rx.event
     @admin_only
@@ -515,13 +303,20 @@ class AdminState(SessionState):
         except AICreditsError as exc:
             self._fail(exc)
             return None
-        return self._done(result, AdminState.load_user)
+        return self._done(result, AdminUserAccountState.load_user)
 
-    # --- audit log ----------------------------------------------------------------------------
+
+class AdminAuditLogState(AdminPageState):
+    """/admin/audit: every admin action, newest first, a page at a time."""
+
+    audit: list[dict[str, str]] = []
+    audit_total: int = 0
+    audit_page: int = 1
+    audit_pages: int = 1
 
     async def _show_audit(self, page: int) -> None:
         found = await run_blocking(admin_views.list_audit, get_database(), page=page)
-        self.audit = [audit_row(a) for a in found.rows]
+        self.audit = [admin_rows.audit_row(a) for a in found.rows]
         self.audit_total = found.total
         self.audit_page = found.page
         self.audit_pages = found.pages
@@ -545,7 +340,13 @@ class AdminState(SessionState):
         await self._show_audit(self.audit_page - 1)
         return None
 
-    # --- prices -------------------------------------------------------------------------------
+
+class AdminPricesState(AdminPageState):
+    """/admin/prices: each model's price now and every version, and a new version's form."""
+
+    current_prices: list[dict[str, str]] = []
+    price_versions: list[dict[str, str]] = []
+    model_ids: list[str] = []
 
     @rx.event
     @admin_only
@@ -555,8 +356,8 @@ class AdminState(SessionState):
         listed = await run_blocking(
             pricing.list_prices, get_database(), configured_models=configured
         )
-        self.current_prices = [current_price_row(m) for m in listed]
-        self.price_versions = [price_version_row(v) for m in listed for v in m.versions]
+        self.current_prices = [admin_rows.current_price_row(m) for m in listed]
+        self.price_versions = [admin_rows.price_version_row(v) for m in listed for v in m.versions]
         self.model_ids = [m.model for m in listed if m.configured]
         return None
 
@@ -584,7 +385,7 @@ class AdminState(SessionState):
             self._fail(exc)
             return None
         return [
-            *self._done(result, AdminState.load_prices),
+            *self._done(result, AdminPricesState.load_prices),
             rx.set_value("price-input", ""),
             rx.set_value("price-output", ""),
             rx.set_value("price-from", ""),

@@ -14,7 +14,7 @@ from reflex.state import BaseState
 from reflex_base.event import EventSpec
 
 from aicredits.services.auth import CurrentUser
-from aicredits.state.admin import AdminState
+from aicredits.state.admin import AdminPageState, AdminUserAccountState
 from aicredits.state.guards import Role, admin_only, guard_of, signed_in, unguarded_handlers
 from aicredits.state.session import SessionState
 
@@ -83,7 +83,7 @@ def test_the_browser_cannot_send_the_user() -> None:
     assert "user" not in grant.__annotations__
     assert inspect.iscoroutinefunction(grant)
     assert (guard_of(grant), guard_of(read)) == (Role.ADMIN, Role.SIGNED_IN)
-    handler = AdminState.event_handlers["grant_credits"]
+    handler = AdminUserAccountState.event_handlers["grant_credits"]
     assert list(handler.get_parameters()) == ["self", "form_data"]
     assert set(handler._get_type_hints()) == {"form_data", "return"}
 
@@ -91,7 +91,7 @@ def test_the_browser_cannot_send_the_user() -> None:
 def admin_states() -> list[type[BaseState]]:
     """The admin states: the base every admin page's state derives from, and all of those."""
     found: list[type[BaseState]] = []
-    todo: list[type[BaseState]] = [AdminState]
+    todo: list[type[BaseState]] = [AdminPageState]
     while todo:
         state = todo.pop()
         found.append(state)
@@ -101,6 +101,14 @@ def admin_states() -> list[type[BaseState]]:
 
 def test_every_handler_of_every_admin_state_is_admin_only() -> None:
     states = admin_states()
+    assert {s.__name__ for s in states} >= {
+        "AdminPageState",
+        "AdminOverviewState",
+        "AdminUserSearchState",
+        "AdminUserAccountState",
+        "AdminAuditLogState",
+        "AdminPricesState",
+    }
     handlers = [name for state in states for name in state.event_handlers if name != "setvar"]
     assert len(handlers) >= 16
     assert {s.__name__: unguarded_handlers(s, Role.ADMIN) for s in states} == {
@@ -121,14 +129,14 @@ def test_the_check_finds_handlers_that_check_the_user_by_hand() -> None:
 def test_an_admin_state_with_an_unguarded_handler_is_refused_when_defined() -> None:
     with pytest.raises(TypeError, match=r"@admin_only, not \['leak'\]"):
 
-        class LeakyAdminState(AdminState):
+        class LeakyAdminState(AdminPageState):
             @rx.event
             async def leak(self) -> None:
                 pass
 
     with pytest.raises(TypeError, match=r"@admin_only, not \['leak'\]"):
 
-        class SignedInOnlyAdminState(AdminState):
+        class SignedInOnlyAdminState(AdminPageState):
             @rx.event
             @signed_in
             async def leak(self, user: CurrentUser) -> None:
