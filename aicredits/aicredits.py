@@ -14,7 +14,13 @@ from aicredits.pages import admin, auth, chat, credits, home, keys
 from aicredits.services import gateway, jobs
 from aicredits.services.production import refuse_unless_ready
 from aicredits.settings import get_settings
-from aicredits.state.admin import AdminState
+from aicredits.state.admin import (
+    AdminAuditLogState,
+    AdminOverviewState,
+    AdminPricesState,
+    AdminUserAccountState,
+    AdminUserSearchState,
+)
 from aicredits.state.chat import ChatState
 from aicredits.state.credits import CreditsState
 from aicredits.state.home import HomeState
@@ -89,11 +95,11 @@ app.add_page(
 )
 # The admin console. Each on_load and each handler checks the admin role on the server.
 for _route, _component, _title, _load in (
-    ("/admin", admin.overview, "Admin", AdminState.load),
-    ("/admin/users", admin.users, "Users · Admin", AdminState.load_users),
-    ("/admin/user", admin.user_page, "User · Admin", AdminState.load_user),
-    ("/admin/audit", admin.audit, "Audit log · Admin", AdminState.load_audit),
-    ("/admin/prices", admin.prices, "Prices · Admin", AdminState.load_prices),
+    ("/admin", admin.overview, "Admin", AdminOverviewState.load),
+    ("/admin/users", admin.users, "Users · Admin", AdminUserSearchState.load_users),
+    ("/admin/user", admin.user_page, "User · Admin", AdminUserAccountState.load_user),
+    ("/admin/audit", admin.audit, "Audit log · Admin", AdminAuditLogState.load_audit),
+    ("/admin/prices", admin.prices, "Prices · Admin", AdminPricesState.load_prices),
 ):
     app.add_page(
         _component,

@@ -9,7 +9,14 @@ from typing import Any
 import reflex as rx
 
 from aicredits.components.layout import page
-from aicredits.state.admin import AdminState
+from aicredits.state.admin import (
+    AdminAuditLogState,
+    AdminOverviewState,
+    AdminPageState,
+    AdminPricesState,
+    AdminUserAccountState,
+    AdminUserSearchState,
+)
 
 Column = tuple[str, str]  # (header, key in the row dict)
 
@@ -30,14 +37,16 @@ def _nav() -> rx.Component:
 def _messages() -> rx.Component:
     return rx.fragment(
         rx.cond(
-            AdminState.error != "",
+            AdminPageState.error != "",
             rx.callout(
-                AdminState.error, icon="triangle_alert", color_scheme="red", id="admin-error"
+                AdminPageState.error, icon="triangle_alert", color_scheme="red", id="admin-error"
             ),
         ),
         rx.cond(
-            AdminState.notice != "",
-            rx.callout(AdminState.notice, icon="check", color_scheme="green", id="admin-notice"),
+            AdminPageState.notice != "",
+            rx.callout(
+                AdminPageState.notice, icon="check", color_scheme="green", id="admin-notice"
+            ),
         ),
     )
 
@@ -123,11 +132,11 @@ def _pager(page_var: Any, pages_var: Any, previous: Any, next_: Any, name: str) 
 
 def _token() -> rx.Component:
     """The form's one-time token: a form submitted twice is applied once."""
-    return rx.el.input(type="hidden", name="form_token", value=AdminState.form_token)
+    return rx.el.input(type="hidden", name="form_token", value=AdminPageState.form_token)
 
 
 def _target_id() -> rx.Component:
-    return rx.el.input(type="hidden", name="user_id", value=AdminState.target["id"])
+    return rx.el.input(type="hidden", name="user_id", value=AdminUserAccountState.target["id"])
 
 
 def _field(label: str, control: rx.Component) -> rx.Component:
@@ -142,13 +151,13 @@ def overview() -> rx.Component:
         "Admin",
         rx.text(
             "Users: ",
-            rx.text.strong(AdminState.user_count, id="admin-user-count"),
+            rx.text.strong(AdminOverviewState.user_count, id="admin-user-count"),
             " · last 30 days: ",
-            AdminState.window,
+            AdminOverviewState.window,
         ),
         rx.grid(
             rx.foreach(
-                AdminState.totals,
+                AdminOverviewState.totals,
                 lambda t: rx.card(
                     rx.text(t["label"], size="2", color_scheme="gray"),
                     rx.heading(t["value"], size="5", id=rx.Var.create("total-") + t["id"]),
@@ -160,7 +169,7 @@ def overview() -> rx.Component:
         ),
         rx.heading("Upstream cost by model", size="4"),
         _table(
-            AdminState.usage_by_model,
+            AdminOverviewState.usage_by_model,
             [
                 ("Model", "model"),
                 ("Calls", "calls"),
@@ -174,16 +183,16 @@ def overview() -> rx.Component:
         ),
         rx.heading("Top spenders", size="4"),
         _table(
-            AdminState.top_spenders,
+            AdminOverviewState.top_spenders,
             [("User", "user"), ("Spent (credits)", "spent")],
             table_id="admin-top-spenders",
             empty="Nobody has spent credits in the last 30 days.",
             link=("User", "user"),
         ),
         rx.heading("Spike alerts", size="4"),
-        rx.text("A user appears here when they ", AdminState.spike_rule, ".", size="2"),
+        rx.text("A user appears here when they ", AdminOverviewState.spike_rule, ".", size="2"),
         _table(
-            AdminState.spikes,
+            AdminOverviewState.spikes,
             [("User", "user"), ("Last hour", "last_hour"), ("Usual per hour", "usual")],
             table_id="admin-spikes",
             empty="No spikes right now.",
@@ -191,9 +200,9 @@ def overview() -> rx.Component:
             link=("User", "user"),
         ),
         rx.heading("Sign-ups past the free trial limit", size="4"),
-        rx.text(AdminState.trial_rule, size="2"),
+        rx.text(AdminOverviewState.trial_rule, size="2"),
         _table(
-            AdminState.limited_addresses,
+            AdminOverviewState.limited_addresses,
             [
                 ("Address", "address"),
                 ("Day (UTC)", "day"),
@@ -218,18 +227,18 @@ def users() -> rx.Component:
                 rx.input(
                     name="q",
                     placeholder="Email, name or user id",
-                    default_value=AdminState.user_query,
+                    default_value=AdminUserSearchState.user_query,
                     id="admin-user-search",
                     width="24em",
                 ),
                 rx.button("Search", type="submit", id="admin-user-search-submit"),
                 spacing="2",
             ),
-            on_submit=AdminState.search_users,
+            on_submit=AdminUserSearchState.search_users,
         ),
-        rx.text(AdminState.users_total, " users", size="2", id="admin-users-total"),
+        rx.text(AdminUserSearchState.users_total, " users", size="2", id="admin-users-total"),
         _table(
-            AdminState.users,
+            AdminUserSearchState.users,
             [
                 ("Email", "email"),
                 ("Name", "name"),
@@ -245,10 +254,10 @@ def users() -> rx.Component:
             link=("Email", "email"),
         ),
         _pager(
-            AdminState.users_page,
-            AdminState.users_pages,
-            AdminState.users_previous_page,
-            AdminState.users_next_page,
+            AdminUserSearchState.users_page,
+            AdminUserSearchState.users_pages,
+            AdminUserSearchState.users_previous_page,
+            AdminUserSearchState.users_next_page,
             "users",
         ),
     )
@@ -274,7 +283,7 @@ def _adjust_form() -> rx.Component:
             rx.button("Adjust", type="submit", id="adjust-submit"),
             spacing="2",
         ),
-        on_submit=AdminState.adjust_balance,
+        on_submit=AdminUserAccountState.adjust_balance,
     )
 
 
@@ -293,7 +302,7 @@ def _grant_form() -> rx.Component:
             rx.button("Grant", type="submit", id="grant-submit"),
             spacing="2",
         ),
-        on_submit=AdminState.grant_credits,
+        on_submit=AdminUserAccountState.grant_credits,
     )
 
 
@@ -313,17 +322,17 @@ def _suspension_form() -> rx.Component:
         )
 
     return rx.cond(
-        AdminState.target["suspended"] == "yes",
+        AdminUserAccountState.target["suspended"] == "yes",
         form(
             "Unsuspend",
             "Lets the user sign in again. Their old sessions and API keys stay revoked.",
-            AdminState.unsuspend_user,
+            AdminUserAccountState.unsuspend_user,
             rx.button("Unsuspend", type="submit", id="unsuspend-submit"),
         ),
         form(
             "Suspend",
             "Signs the user out everywhere and revokes their API keys.",
-            AdminState.suspend_user,
+            AdminUserAccountState.suspend_user,
             rx.button("Suspend", type="submit", color_scheme="red", id="suspend-submit"),
         ),
     )
@@ -356,7 +365,7 @@ def _flag_row(flag: Any) -> rx.Component:
                         ),
                         spacing="2",
                     ),
-                    on_submit=AdminState.clear_flag,
+                    on_submit=AdminUserAccountState.clear_flag,
                 ),
                 rx.text(flag["cleared"], size="2"),
             )
@@ -367,7 +376,7 @@ def _flag_row(flag: Any) -> rx.Component:
 
 def _flags() -> rx.Component:
     return rx.cond(
-        AdminState.flags.length() > 0,  # type: ignore[attr-defined]
+        AdminUserAccountState.flags.length() > 0,  # type: ignore[attr-defined]
         rx.table.root(
             rx.table.header(
                 rx.table.row(
@@ -377,7 +386,7 @@ def _flags() -> rx.Component:
                     ]
                 )
             ),
-            rx.table.body(rx.foreach(AdminState.flags, _flag_row)),
+            rx.table.body(rx.foreach(AdminUserAccountState.flags, _flag_row)),
             id="admin-flags",
             width="100%",
             size="1",
@@ -387,7 +396,7 @@ def _flags() -> rx.Component:
 
 
 def _summary() -> rx.Component:
-    t = AdminState.target
+    t = AdminUserAccountState.target
     return rx.card(
         rx.vstack(
             rx.heading(t["email"], size="5", id="admin-target-email"),
@@ -415,7 +424,7 @@ def user_page() -> rx.Component:
     return _admin_page(
         "User",
         rx.cond(
-            AdminState.target.contains("id"),  # type: ignore[attr-defined]
+            AdminUserAccountState.target.contains("id"),  # type: ignore[attr-defined]
             rx.vstack(
                 _summary(),
                 rx.grid(
@@ -430,7 +439,7 @@ def user_page() -> rx.Component:
                 _flags(),
                 rx.heading("Ledger", size="4"),
                 _table(
-                    AdminState.ledger,
+                    AdminUserAccountState.ledger,
                     [
                         ("Date", "date"),
                         ("Kind", "kind"),
@@ -445,14 +454,14 @@ def user_page() -> rx.Component:
                 ),
                 rx.heading("Credits that will expire", size="4"),
                 _table(
-                    AdminState.expiring,
+                    AdminUserAccountState.expiring,
                     [("Expires", "date"), ("Credits", "credits")],
                     table_id="admin-expiring",
                     empty="Nothing expires.",
                 ),
                 rx.heading("Holds", size="4"),
                 _table(
-                    AdminState.holds,
+                    AdminUserAccountState.holds,
                     [
                         ("Created", "created"),
                         ("Request", "request_id"),
@@ -466,7 +475,7 @@ def user_page() -> rx.Component:
                 ),
                 rx.heading("Purchases", size="4"),
                 _table(
-                    AdminState.purchases,
+                    AdminUserAccountState.purchases,
                     [
                         ("Date", "date"),
                         ("Pack", "pack"),
@@ -481,7 +490,7 @@ def user_page() -> rx.Component:
                 ),
                 rx.heading("Usage", size="4"),
                 _table(
-                    AdminState.usage,
+                    AdminUserAccountState.usage,
                     [
                         ("Date", "date"),
                         ("Model", "model"),
@@ -497,7 +506,7 @@ def user_page() -> rx.Component:
                 ),
                 rx.heading("Admin actions on this user", size="4"),
                 _table(
-                    AdminState.user_audit,
+                    AdminUserAccountState.user_audit,
                     [("When", "date"), ("Who", "actor"), ("What", "detail"), ("Why", "reason")],
                     table_id="admin-user-audit",
                     empty="No admin actions yet.",
@@ -521,7 +530,7 @@ def audit() -> rx.Component:
             size="2",
         ),
         _table(
-            AdminState.audit,
+            AdminAuditLogState.audit,
             [
                 ("When", "date"),
                 ("Who", "actor"),
@@ -535,10 +544,10 @@ def audit() -> rx.Component:
             row_id="audit",
         ),
         _pager(
-            AdminState.audit_page,
-            AdminState.audit_pages,
-            AdminState.audit_previous_page,
-            AdminState.audit_next_page,
+            AdminAuditLogState.audit_page,
+            AdminAuditLogState.audit_pages,
+            AdminAuditLogState.audit_previous_page,
+            AdminAuditLogState.audit_next_page,
             "audit",
         ),
     )
@@ -556,7 +565,7 @@ def prices() -> rx.Component:
             size="2",
         ),
         _table(
-            AdminState.current_prices,
+            AdminPricesState.current_prices,
             [
                 ("Model", "model"),
                 ("Input", "input"),
@@ -576,7 +585,9 @@ def prices() -> rx.Component:
                     _field(
                         "Model",
                         rx.el.select(
-                            rx.foreach(AdminState.model_ids, lambda m: rx.el.option(m, value=m)),
+                            rx.foreach(
+                                AdminPricesState.model_ids, lambda m: rx.el.option(m, value=m)
+                            ),
                             name="model",
                             id="price-model",
                         ),
@@ -600,13 +611,13 @@ def prices() -> rx.Component:
                     rx.button("Add version", type="submit", id="price-submit"),
                     spacing="2",
                 ),
-                on_submit=AdminState.add_price,
+                on_submit=AdminPricesState.add_price,
             ),
             width="100%",
         ),
         rx.heading("All versions", size="4"),
         _table(
-            AdminState.price_versions,
+            AdminPricesState.price_versions,
             [
                 ("Version", "id"),
                 ("Model", "model"),

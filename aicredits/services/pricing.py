@@ -1,23 +1,39 @@
-"""Model prices: the versioned price table, quotes before a call, and costs after it."""
+"""Model prices: the versioned price table, quotes before a call, costs after it, and the
+admin console's price page (new versions, with their audit row, and every version listed)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from aicredits.adapters.db import Database, reading
+from aicredits.adapters.db import Database, reading, unit_of_work
 from aicredits.adapters.tables import model_prices, utcnow
 from aicredits.adapters.tokenizer import count_message_tokens
 from aicredits.domain.errors import InvalidRequest, UnknownModel
-from aicredits.domain.ledger import require_non_negative
+from aicredits.domain.ledger import require_non_negative, require_reason
 from aicredits.domain.pricing import Price, clamp_max_tokens, usage_cost, worst_case_cost
+from aicredits.services.admin_actions import (
+    ActionKind,
+    ActionResult,
+    AdminActor,
+    AdminError,
+    InvalidEffectiveDate,
+    earlier_use,
+    once_per_form,
+    record_action,
+    require_form_token,
+    utc_minute,
+)
 from aicredits.settings import ModelSpec
+
+# Far beyond any real price, and well inside BIGINT: a typo of extra digits is refused.
+MAX_PRICE_PER_MTOK = 10**12
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,22 +116,24 @@ def price_history(db: Database, *, model: str) -> list[Price]:
 
 
 def add_price_version(
-    db: Database,
+    target: Database | Connection,
     *,
     model: str,
     input_per_mtok: int,
     output_per_mtok: int,
     actor: str,
     effective_from: datetime | None = None,
+    now: datetime | None = None,
 ) -> Price:
-    """Add a new price for a model, now or from a later date. Old versions stay untouched."""
+    """Add a new price for a model, now or from a later date. Old versions stay untouched.
+    Given a connection, the row is part of the caller's transaction."""
     model = model.strip()
     if not model:
         raise UnknownModel("a model id is required")
     require_non_negative(input_per_mtok, "input price")
     require_non_negative(output_per_mtok, "output price")
-    now = utcnow()
-    with db.transaction() as conn:
+    now = now or utcnow()
+    with unit_of_work(target) as conn:
         row = conn.execute(
             sa.insert(model_prices)
             .values(
@@ -178,3 +196,149 @@ def quote_worst_case(
 def price_usage(price: Price, *, input_tokens: int, output_tokens: int) -> int:
     """What a finished call costs, from its actual token counts."""
     return usage_cost(price, input_tokens=input_tokens, output_tokens=output_tokens)
+
+
+# --- prices the admins set ------------------------------------------------------------------
+
+
+def add_price_by_admin(
+    db: Database,
+    *,
+    actor: AdminActor,
+    model: str,
+    input_per_mtok: int,
+    output_per_mtok: int,
+    reason: str,
+    form_token: str,
+    known_models: Collection[str],
+    effective_from: datetime | None = None,
+    now: datetime | None = None,
+) -> ActionResult:
+    """A new price version for a model, from now or a later moment, with its audit row in the
+    same transaction. Earlier versions stay, and every usage event keeps the version it was
+    charged at."""
+    now = now or utcnow()
+    token = require_form_token(form_token)
+    reason = require_reason(reason)
+    model = model.strip()
+    if model not in known_models:
+        raise UnknownModel(f"There is no model called {model!r} here.")
+    for value, what in ((input_per_mtok, "input price"), (output_per_mtok, "output price")):
+        require_non_negative(value, what)
+        if value > MAX_PRICE_PER_MTOK:
+            raise AdminError(f"The {what} is too large.")
+    starts = effective_from or now
+    if starts < now - timedelta(minutes=1):
+        # A past start would change which price "was in force" for calls already charged.
+        raise InvalidEffectiveDate("A new price cannot start in the past: choose now or later.")
+    detail = (
+        f"{model}: {input_per_mtok:,} input / {output_per_mtok:,} output credits per 1M tokens, "
+        f"from {utc_minute(starts)}"
+    )
+
+    def act(conn: Connection) -> ActionResult:
+        first = earlier_use(conn, token, ActionKind.ADD_PRICE, None)
+        if first is not None:
+            return first
+        # Price rows carry no idempotency key of their own: the audit row's token is theirs.
+        result = record_action(
+            conn,
+            actor=actor,
+            action=ActionKind.ADD_PRICE,
+            target_user_id=None,
+            detail=detail,
+            reason=reason,
+            token=token,
+            now=now,
+        )
+        add_price_version(
+            conn,
+            model=model,
+            input_per_mtok=input_per_mtok,
+            output_per_mtok=output_per_mtok,
+            actor=actor.ledger_actor,
+            effective_from=starts,
+            now=now,
+        )
+        return result
+
+    try:
+        return once_per_form(db, token, act)
+    except sa.exc.IntegrityError:
+        raise AdminError(
+            f"{model} already has a price starting at exactly that moment; choose another."
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class PriceVersionView:
+    version_id: int
+    model: str
+    input_per_mtok: int
+    output_per_mtok: int
+    effective_from: datetime
+    created_at: datetime
+    created_by: str
+    status: str  # current | scheduled | past
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrices:
+    model: str
+    configured: bool
+    current: PriceVersionView | None
+    # Every version, newest start first.
+    versions: list[PriceVersionView]
+
+
+def list_prices(
+    db: Database, *, configured_models: Sequence[str], now: datetime | None = None
+) -> list[ModelPrices]:
+    """Each model's price now and its whole history: configured models first, then any
+    model that only the price table still knows."""
+    now = now or utcnow()
+    with db.read() as conn:
+        rows = conn.execute(
+            sa.select(model_prices).order_by(
+                model_prices.c.model,
+                model_prices.c.effective_from.desc(),
+                model_prices.c.id.desc(),
+            )
+        ).all()
+    by_model: dict[str, list[Any]] = {}
+    for row in rows:
+        by_model.setdefault(row.model, []).append(row)
+    names = list(dict.fromkeys([*configured_models, *sorted(by_model)]))
+    result = []
+    for name in names:
+        versions = by_model.get(name, [])
+        # Rows are newest start first; the first that has started is in force.
+        current_id = next((r.id for r in versions if r.effective_from <= now), None)
+        views = [
+            PriceVersionView(
+                version_id=r.id,
+                model=r.model,
+                input_per_mtok=r.input_per_mtok,
+                output_per_mtok=r.output_per_mtok,
+                effective_from=r.effective_from,
+                created_at=r.created_at,
+                created_by=r.created_by,
+                status=(
+                    "current"
+                    if r.id == current_id
+                    else "scheduled"
+                    if r.effective_from > now
+                    else "past"
+                ),
+            )
+            for r in versions
+        ]
+        result.append(
+            ModelPrices(
+                model=name,
+                configured=name in configured_models,
+                current=next((v for v in views if v.status == "current"), None),
+                versions=views,
+            )
+        )
+    return result

@@ -1,6 +1,6 @@
 """Spending spikes, reported to the admins: the periodic job's side of the admin alerts.
 
-Each run asks `admin.spike_alerts` who is spiking now and records each of them once per
+Each run asks `admin_views.spike_alerts` who is spiking now and records each of them once per
 clock hour (a unique (user_id, hour) row, inserted with ON CONFLICT DO NOTHING), so a run
 repeated, or raced by another worker, reports nobody twice. A new report writes a warning
 log line and, when SMTP and ADMIN_EMAILS are configured, is emailed to the admins by the
@@ -17,7 +17,8 @@ import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import spike_reports, users, utcnow
-from aicredits.services import admin, outbox
+from aicredits.domain import spikes
+from aicredits.services import admin_views, outbox
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def record_spikes(db: Database, settings: Settings, *, now: datetime | None = No
     were newly recorded."""
     now = now or utcnow()
     hour = hour_of(now)
-    alerts = admin.spike_alerts(
+    alerts = admin_views.spike_alerts(
         db, factor=settings.spike_factor, min_credits=settings.spike_min_credits, now=now
     )
     new = 0
@@ -61,11 +62,11 @@ def record_spikes(db: Database, settings: Settings, *, now: datetime | None = No
             continue  # reported already this hour, by an earlier run or another worker
         new += 1
         logger.warning(
-            "spending spike: user %s (%s) spent %d credits in the last hour; usually %.1f an hour",
+            "spending spike: user %s (%s) spent %d credits in the last hour; usually %s an hour",
             alert.user_id,
             alert.email or "no email",
             alert.last_hour,
-            float(alert.usual_hourly),
+            spikes.usual_hourly_text(alert.previous_week),
             extra={"user_id": alert.user_id},
         )
     return new
@@ -107,11 +108,11 @@ def send_due_emails(
 
 
 def _email_body(settings: Settings, row: Any) -> str:
-    usual = row.previous_week / admin.SPIKE_BASELINE_HOURS
+    usual = spikes.usual_hourly_text(row.previous_week)
     return (
         f"User {row.user_id} ({row.name or 'no name'}, {row.email or 'no email'}) spent "
         f"{row.last_hour:,} credits in the hour before {row.reported_at:%Y-%m-%d %H:%M} UTC, "
-        f"against a usual {usual:,.1f} an hour over the week before.\n\n"
+        f"against a usual {usual} an hour over the week before.\n\n"
         f"Look into it: {settings.public_url}/admin/user?id={row.user_id}\n\n"
         "You get one message per user per hour of spiking.\n"
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, unit_of_work
 from aicredits.adapters.tables import auth_sessions, credit_accounts, users, utcnow
 from aicredits.domain.errors import InvalidRequest, UnknownUser
 from aicredits.services.api_keys import revoke_user_keys
@@ -64,10 +65,11 @@ def find_user_by_email(db: Database, *, email: str) -> UserView:
     return UserView(id=r.id, email=r.email, name=r.name, is_suspended=r.is_suspended)
 
 
-def set_suspended(db: Database, *, user_id: int, suspended: bool) -> None:
+def set_suspended(target: Database | Connection, *, user_id: int, suspended: bool) -> None:
     """Suspend or restore a user. Suspending ends every session at its next request and
-    revokes every API key, in one transaction; restoring brings neither back."""
-    with db.transaction() as conn:
+    revokes every API key, in one transaction (the caller's, given its connection);
+    restoring brings neither back."""
+    with unit_of_work(target) as conn:
         changed = conn.execute(
             sa.update(users).where(users.c.id == user_id).values(is_suspended=suspended)
         )

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from reflex.state import BaseState
 from socketio.exceptions import ConnectionError as SocketConnectionError
 
 from aicredits.adapters.tables import account_flags, admin_actions, model_prices, utcnow
 from aicredits.services import auth, ledger, users
-from aicredits.state.admin import AdminState
+from aicredits.state.admin import AdminOverviewState, AdminPageState, AdminUserAccountState
 from aicredits.state.session import SessionState
 from tests.e2e import raw_events
 from tests.e2e.conftest import RunningApp
@@ -78,7 +79,7 @@ def test_the_same_handler_does_answer_a_signed_in_user(
 
 
 def test_an_admin_handler_gives_nothing_to_a_signed_out_client(app: RunningApp) -> None:
-    updates = send_event(app, f"{AdminState.get_full_name()}.load")
+    updates = send_event(app, f"{AdminOverviewState.get_full_name()}.load")
     assert redirects(updates) == ["/login?next=/admin"]
     assert changed(updates, "user_count") == []
 
@@ -87,7 +88,7 @@ def test_an_admin_handler_gives_nothing_to_a_non_admin(
     app: RunningApp, cookies: dict[str, str]
 ) -> None:
     updates = send_event(
-        app, f"{AdminState.get_full_name()}.load", cookie=cookies["carol@example.test"]
+        app, f"{AdminOverviewState.get_full_name()}.load", cookie=cookies["carol@example.test"]
     )
     assert redirects(updates) == ["/forbidden"]
     assert changed(updates, "user_count") == []
@@ -95,7 +96,7 @@ def test_an_admin_handler_gives_nothing_to_a_non_admin(
 
 def test_an_admin_handler_answers_an_admin(app: RunningApp, cookies: dict[str, str]) -> None:
     updates = send_event(
-        app, f"{AdminState.get_full_name()}.load", cookie=cookies["admin@example.test"]
+        app, f"{AdminOverviewState.get_full_name()}.load", cookie=cookies["admin@example.test"]
     )
     assert redirects(updates) == []
     assert changed(updates, "user_count") and changed(updates, "user_count")[0] >= 2
@@ -108,15 +109,34 @@ def test_a_websocket_from_a_foreign_origin_is_refused(
     with pytest.raises(SocketConnectionError):
         send_event(
             app,
-            f"{AdminState.get_full_name()}.load",
+            f"{AdminOverviewState.get_full_name()}.load",
             cookie=cookies["admin@example.test"],
             origin=origin,
         )
 
 
-# Every handler AdminState adds, each with the most damaging input a non-admin could send.
-ADMIN_HANDLERS = sorted(set(AdminState.event_handlers) - set(SessionState.event_handlers))
-ADMIN_VARS = {name for name in AdminState.__annotations__ if not name.startswith("_")}
+def _admin_states() -> list[type[BaseState]]:
+    """The admin pages' base state and every state under it (one per page)."""
+    found: list[type[BaseState]] = []
+    todo: list[type[BaseState]] = [AdminPageState]
+    while todo:
+        state = todo.pop()
+        found.append(state)
+        todo.extend(state.get_substates())
+    return found
+
+
+# Every handler the admin states add, each with the most damaging input a non-admin could send.
+ADMIN_STATES = _admin_states()
+HANDLER_STATES = {
+    name: state
+    for state in ADMIN_STATES
+    for name in set(state.event_handlers) - set(SessionState.event_handlers)
+}
+ADMIN_HANDLERS = sorted(HANDLER_STATES)
+ADMIN_VARS = {
+    name for state in ADMIN_STATES for name in state.__annotations__ if not name.startswith("_")
+}
 
 
 def _hostile_payload(handler: str, carol_id: int, flag_id: int) -> dict[str, Any]:
@@ -150,6 +170,10 @@ def test_every_admin_handler_is_covered_here() -> None:
     # A new handler must be added to the hostile payloads above if it takes input.
     assert len(ADMIN_HANDLERS) >= 16
     assert {"adjust_balance", "grant_credits", "suspend_user", "add_price"} <= set(ADMIN_HANDLERS)
+    # One name, one handler: no two admin states share a handler's name.
+    assert len(ADMIN_HANDLERS) == sum(
+        len(set(state.event_handlers) - set(SessionState.event_handlers)) for state in ADMIN_STATES
+    )
 
 
 @pytest.mark.parametrize("handler", ADMIN_HANDLERS)
@@ -180,7 +204,7 @@ def test_every_admin_handler_refuses_a_non_admin_on_the_server(
 
         updates = send_event(
             app,
-            f"{AdminState.get_full_name()}.{handler}",
+            f"{HANDLER_STATES[handler].get_full_name()}.{handler}",
             cookie=cookies["carol@example.test"],
             payload=_hostile_payload(handler, carol, flag_id),
         )
@@ -221,7 +245,7 @@ def test_an_admin_handler_with_input_does_act_for_an_admin(
         payload["form_data"]["credits"] = "7"
         updates = send_event(
             app,
-            f"{AdminState.get_full_name()}.grant_credits",
+            f"{AdminUserAccountState.get_full_name()}.grant_credits",
             cookie=cookies["admin@example.test"],
             payload=payload,
         )

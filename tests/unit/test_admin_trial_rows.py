@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import date
 
-from aicredits.services.admin import LimitedAddress, trial_limit_rule
+from aicredits.services.admin_views import LimitedAddress, trial_limit_rule
 from aicredits.settings import Settings
-from aicredits.state.admin import limited_address_row
+from aicredits.state.admin_rows import limited_address_row
 
 
 def test_a_limited_address_is_shown_with_its_day_and_counts() -> None:
