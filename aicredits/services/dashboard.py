@@ -16,8 +16,8 @@ from aicredits.adapters.db import Database
 from aicredits.adapters.tables import ledger_entries, purchases, usage_events, utcnow
 from aicredits.domain.allowance import Allowance
 from aicredits.domain.ledger import EntryKind
+from aicredits.domain.money import credits_worth
 from aicredits.services import ledger, thresholds
-from aicredits.services.payments import format_money
 from aicredits.settings import Settings
 
 USAGE_DAYS = 30
@@ -64,14 +64,6 @@ class HistoryLine:
     receipt_url: str | None
 
 
-def money(settings: Settings, credits: int) -> str:
-    """What `credits` are worth at the first pack priced in money (5,000 for 5.00 USD)."""
-    pack = next((p for p in settings.packs if p.amount > 0), None)
-    if pack is None:
-        return ""
-    return format_money(credits * pack.amount // pack.credits, pack.currency)
-
-
 def summary(db: Database, settings: Settings, *, user_id: int) -> Summary:
     balance = ledger.get_balance(db, user_id=user_id)
     current = thresholds.current_allowance(db, user_id=user_id)
@@ -87,8 +79,8 @@ def summary(db: Database, settings: Settings, *, user_id: int) -> Summary:
         available=balance.available,
         held=balance.held,
         total=balance.balance,
-        available_money=money(settings, balance.available),
-        total_money=money(settings, balance.balance),
+        available_money=credits_worth(balance.available, settings.packs),
+        total_money=credits_worth(balance.balance, settings.packs),
         expiring=ledger.expiring_credits(db, user_id=user_id),
         allowance=current,
         allowance_since=since,

@@ -58,6 +58,7 @@ from aicredits.adapters.tables import (
 )
 from aicredits.domain.errors import AICreditsError
 from aicredits.domain.ledger import EntryKind
+from aicredits.domain.money import clawback_target, format_money, refund_due
 from aicredits.services import ledger
 from aicredits.settings import CreditPack, Settings
 
@@ -91,12 +92,6 @@ WEBHOOK_PATH = "/api/stripe/webhook"
 LEASE = timedelta(seconds=60)
 LEASE_WAIT_SECONDS = 10.0
 _SESSION_ID = re.compile(r"^cs_[A-Za-z0-9_]{1,150}$")
-# Stripe amounts are in the currency's smallest unit; these have none below the unit.
-_ZERO_DECIMAL = frozenset(
-    {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd"}
-    | {"vuv", "xaf", "xof", "xpf"}
-)
-_THREE_DECIMAL = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -169,29 +164,6 @@ def cancel_url(settings: Settings) -> str:
 
 def webhook_url(settings: Settings) -> str:
     return settings.api_url + WEBHOOK_PATH
-
-
-# --- arithmetic -----------------------------------------------------------------------------
-
-
-def format_money(amount: int, currency: str) -> str:
-    """500, "usd" -> "5.00 USD" (Stripe amounts are in the currency's smallest unit)."""
-    code = currency.upper()
-    if currency.lower() in _ZERO_DECIMAL:
-        return f"{amount:,} {code}"
-    if currency.lower() in _THREE_DECIMAL:
-        return f"{amount // 1000:,}.{amount % 1000:03d} {code}"
-    return f"{amount // 100:,}.{amount % 100:02d} {code}"
-
-
-def clawback_target(*, credits: int, amount: int, amount_refunded: int) -> int:
-    """The credits that the refunded part of a payment bought, rounded up, never more than
-    the pack. Computed on the cumulative refund, so partial refunds never drift."""
-    if credits <= 0 or amount_refunded <= 0:
-        return 0
-    if amount <= 0 or amount_refunded >= amount:
-        return credits
-    return min(credits, -(-credits * amount_refunded // amount))
 
 
 # --- packs and history ----------------------------------------------------------------------
@@ -943,10 +915,13 @@ def _lease(db: Database, purchase_id: int, wait_seconds: float) -> Iterator[None
 
 
 def _refund_due(row: Any) -> int:
-    target = clawback_target(
-        credits=row.credits_granted, amount=row.amount, amount_refunded=row.amount_refunded
+    return refund_due(
+        credits_granted=row.credits_granted,
+        amount=row.amount,
+        amount_refunded=row.amount_refunded,
+        clawed_back=row.credits_clawed_back,
+        shortfall=row.credits_shortfall,
     )
-    return target - row.credits_clawed_back - row.credits_shortfall
 
 
 def _settle_refunds(db: Database, purchase_id: int) -> None:

@@ -399,22 +399,6 @@ def test_the_dev_webhook_secret_is_made_once_and_private(tmp_path: Path) -> None
     assert [p.name for p in path.parent.iterdir()] == ["dev_webhook_secret"]
 
 
-@pytest.mark.parametrize(
-    ("amount", "currency", "shown"),
-    [
-        (500, "usd", "5.00 USD"),
-        (123_456, "eur", "1,234.56 EUR"),
-        (5, "usd", "0.05 USD"),
-        (500, "jpy", "500 JPY"),  # no minor unit
-        (1_500, "kwd", "1.500 KWD"),  # three decimals
-    ],
-)
-def test_prices_are_shown_in_the_currencys_own_units(
-    amount: int, currency: str, shown: str
-) -> None:
-    assert payments.format_money(amount, currency) == shown
-
-
 def test_packs_are_offered_with_price_currency_and_credits() -> None:
     offers = payments.list_packs(_settings())
     assert [(o.id, o.label, o.price, o.credits) for o in offers] == [
