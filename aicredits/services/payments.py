@@ -200,6 +200,8 @@ def list_packs(settings: Settings) -> list[PackOffer]:
 
 @dataclass(frozen=True, slots=True)
 class PurchaseView:
+    """A purchase row, read once: what the services work from and the pages show."""
+
     id: int
     user_id: int
     checkout_session_id: str
@@ -216,8 +218,35 @@ class PurchaseView:
     flagged: bool
     simulated: bool
     payment_intent_id: str | None
+    charge_id: str | None
+    customer_id: str | None
     created_at: datetime
     fulfilled_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any]) -> PurchaseView:
+        return cls(
+            id=row.id,
+            user_id=row.user_id,
+            checkout_session_id=row.checkout_session_id,
+            pack_id=row.pack_id,
+            credits=row.credits,
+            amount=row.amount,
+            currency=row.currency,
+            status=row.status,
+            amount_refunded=row.amount_refunded,
+            credits_granted=row.credits_granted,
+            credits_clawed_back=row.credits_clawed_back,
+            credits_shortfall=row.credits_shortfall,
+            receipt_url=row.receipt_url,
+            flagged=row.flagged,
+            simulated=row.simulated,
+            payment_intent_id=row.payment_intent_id,
+            charge_id=row.charge_id,
+            customer_id=row.customer_id,
+            created_at=row.created_at,
+            fulfilled_at=row.fulfilled_at,
+        )
 
     @property
     def status_label(self) -> str:
@@ -234,29 +263,6 @@ class PurchaseView:
         }.get(self.status, self.status)
 
 
-def _view(row: Any) -> PurchaseView:
-    return PurchaseView(
-        id=row.id,
-        user_id=row.user_id,
-        checkout_session_id=row.checkout_session_id,
-        pack_id=row.pack_id,
-        credits=row.credits,
-        amount=row.amount,
-        currency=row.currency,
-        status=row.status,
-        amount_refunded=row.amount_refunded,
-        credits_granted=row.credits_granted,
-        credits_clawed_back=row.credits_clawed_back,
-        credits_shortfall=row.credits_shortfall,
-        receipt_url=row.receipt_url,
-        flagged=row.flagged,
-        simulated=row.simulated,
-        payment_intent_id=row.payment_intent_id,
-        created_at=row.created_at,
-        fulfilled_at=row.fulfilled_at,
-    )
-
-
 def list_purchases(db: Database, *, user_id: int, limit: int = 50) -> list[PurchaseView]:
     """A user's purchase history, newest first. Checkouts abandoned before paying are left
     out: nothing happened in them."""
@@ -270,24 +276,27 @@ def list_purchases(db: Database, *, user_id: int, limit: int = 50) -> list[Purch
             .order_by(purchases.c.created_at.desc(), purchases.c.id.desc())
             .limit(limit)
         ).all()
-    return [_view(r) for r in rows]
+    return [PurchaseView.from_row(r) for r in rows]
 
 
 def get_purchase(db: Database, *, session_id: str) -> PurchaseView | None:
     with db.read() as conn:
-        row = _purchase_row(conn, session_id)
-    return None if row is None else _view(row)
+        return _purchase_row(conn, session_id)
 
 
-def _purchase_row(conn: Connection, session_id: str) -> Any:
-    return conn.execute(
-        sa.select(purchases).where(purchases.c.checkout_session_id == session_id)
-    ).first()
+def _purchase_row(conn: Connection, session_id: str) -> PurchaseView | None:
+    row = conn.execute(_by_session(session_id)).first()
+    return None if row is None else PurchaseView.from_row(row)
 
 
-def _load(db: Database, purchase_id: int) -> Any:
+def _by_session(session_id: str) -> sa.Select[Any]:
+    return sa.select(purchases).where(purchases.c.checkout_session_id == session_id)
+
+
+def _load(db: Database, purchase_id: int) -> PurchaseView:
     with db.read() as conn:
-        return conn.execute(sa.select(purchases).where(purchases.c.id == purchase_id)).one()
+        row = conn.execute(sa.select(purchases).where(purchases.c.id == purchase_id)).one()
+    return PurchaseView.from_row(row)
 
 
 # --- starting a checkout --------------------------------------------------------------------
@@ -478,7 +487,7 @@ def fulfil_checkout_session(
     return Fulfilment(FulfilmentStatus.CREDITED, purchase.credits, purchase.id, newly)
 
 
-def _grant_purchase(db: Database, purchase: Any, now: datetime) -> bool:
+def _grant_purchase(db: Database, purchase: PurchaseView, now: datetime) -> bool:
     """Credit the pack; True if this call did. The ledger key decides "exactly once"; the
     purchase row then records it, so a crash between the two is repaired by the next call
     (whose grant replays)."""
@@ -518,7 +527,7 @@ def _unpaid_status(status: str) -> FulfilmentStatus:
     return FulfilmentStatus.PROCESSING
 
 
-def _purchase_for_session(db: Database, session: CheckoutSession, now: datetime) -> Any:
+def _purchase_for_session(db: Database, session: CheckoutSession, now: datetime) -> PurchaseView:
     """The purchase row of a session. A session of ours whose row is missing (its insert was
     lost after Stripe made it) is recreated from the metadata it carries, so a payment is
     never dropped; a session that is not ours raises UnknownCheckoutSession."""
@@ -556,7 +565,8 @@ def _purchase_for_session(db: Database, session: CheckoutSession, now: datetime)
                 updated_at=now,
             )
         )
-        return _purchase_row(conn, session.id)
+        # Inserted above, or by a concurrent call first.
+        return PurchaseView.from_row(conn.execute(_by_session(session.id)).one())
 
 
 def _note_payment(db: Database, purchase_id: int, session: CheckoutSession, now: datetime) -> None:
@@ -769,7 +779,9 @@ def _on_session_expired(db: Database, event: WebhookEvent, now: datetime) -> _Ou
     return _Outcome("expired")
 
 
-def _purchase_by_payment(db: Database, payment_intent_id: str | None, charge_id: str | None) -> Any:
+def _purchase_by_payment(
+    db: Database, payment_intent_id: str | None, charge_id: str | None
+) -> PurchaseView | None:
     conditions = []
     if payment_intent_id:
         conditions.append(purchases.c.payment_intent_id == payment_intent_id)
@@ -778,9 +790,10 @@ def _purchase_by_payment(db: Database, payment_intent_id: str | None, charge_id:
     if not conditions:
         return None
     with db.read() as conn:
-        return conn.execute(
+        row = conn.execute(
             sa.select(purchases).where(sa.or_(*conditions)).order_by(purchases.c.id)
         ).first()
+    return None if row is None else PurchaseView.from_row(row)
 
 
 def _on_charge_refunded(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:
@@ -914,7 +927,7 @@ def _lease(db: Database, purchase_id: int, wait_seconds: float) -> Iterator[None
             )
 
 
-def _refund_due(row: Any) -> int:
+def _refund_due(row: PurchaseView) -> int:
     return refund_due(
         credits_granted=row.credits_granted,
         amount=row.amount,
@@ -934,7 +947,7 @@ def _settle_refunds(db: Database, purchase_id: int) -> None:
             _settle_refund_step(db, row, due)
 
 
-def _settle_refund_step(db: Database, row: Any, due: int) -> None:
+def _settle_refund_step(db: Database, row: PurchaseView, due: int) -> None:
     settled = row.credits_clawed_back + row.credits_shortfall
     # Keyed by where this step starts: a retry after a crash finds the entry it made.
     key = f"clawback:{row.checkout_session_id}:{settled}"
@@ -990,7 +1003,7 @@ def _settle_refund_step(db: Database, row: Any, due: int) -> None:
 # --- the simulated checkout -----------------------------------------------------------------
 
 
-def _simulated_session(row: Any, settings: Settings, *, paid: bool) -> CheckoutSession:
+def _simulated_session(row: PurchaseView, settings: Settings, *, paid: bool) -> CheckoutSession:
     """What "retrieve the session" reads in simulated mode: the local purchase."""
     return stripe_api.parse_checkout_session(_simulated_session_object(row, settings, paid=paid))
 
@@ -1000,7 +1013,7 @@ def _simulated_payment_intent(session_id: str) -> str:
 
 
 def _simulated_session_object(
-    row: Any, settings: Settings, *, paid: bool, status: str = ""
+    row: PurchaseView, settings: Settings, *, paid: bool, status: str = ""
 ) -> dict[str, Any]:
     """A Checkout Session as Stripe's JSON has it."""
     created = int(row.created_at.timestamp())
@@ -1045,7 +1058,7 @@ def simulated_checkout(
         row = _purchase_row(conn, session_id) if _SESSION_ID.match(session_id) else None
     if row is None or row.user_id != user_id or not row.simulated:
         raise UnknownCheckoutSession("There is no such checkout.")
-    return _view(row)
+    return row
 
 
 def _deliver_simulated(settings: Settings, event_type: str, obj: dict[str, Any]) -> int:
@@ -1071,12 +1084,10 @@ def pay_simulated_checkout(
     if purchase.status == "expired":
         raise PaymentError("This checkout was cancelled. Start a new one from the credits page.")
     if purchase.status != "paid":
-        with db.read() as conn:
-            row = _purchase_row(conn, session_id)
         status = _deliver_simulated(
             settings,
             "checkout.session.completed",
-            _simulated_session_object(row, settings, paid=True),
+            _simulated_session_object(purchase, settings, paid=True),
         )
         if status != 200:
             raise CheckoutFailed(
@@ -1093,11 +1104,9 @@ def cancel_simulated_checkout(
     cancel page's URL."""
     purchase = simulated_checkout(db, settings, user_id=user_id, session_id=session_id)
     if purchase.status == "open":
-        with db.read() as conn:
-            row = _purchase_row(conn, session_id)
         _deliver_simulated(
             settings,
             "checkout.session.expired",
-            _simulated_session_object(row, settings, paid=False, status="expired"),
+            _simulated_session_object(purchase, settings, paid=False, status="expired"),
         )
     return cancel_url(settings)
