@@ -60,9 +60,6 @@ async def webhook(request: Request) -> Response:
         logger.warning("refused a webhook: %s", exc)
         metrics.webhook_event(event_type="unverified", outcome=exc.code)
         return _json_error(400, exc.code, str(exc))
-    except payments.PurchaseBusy as exc:
-        metrics.webhook_event(event_type="unknown", outcome="busy")
-        return _json_error(503, exc.code, exc.message, headers={"Retry-After": "5"})
     except sa.exc.SQLAlchemyError:
         # Nothing was marked processed: Stripe retries, and the retry applies it once.
         logger.exception("a webhook failed on the database; Stripe will retry it")
@@ -74,12 +71,8 @@ async def webhook(request: Request) -> Response:
     return JSONResponse({"received": True, "event": result.event_id, "outcome": result.outcome})
 
 
-def _json_error(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
+def _json_error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
 def _to_sign_in(settings: Settings) -> Response:

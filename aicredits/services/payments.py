@@ -11,8 +11,8 @@ Exactly once, whatever arrives twice, late, out of order or concurrently:
 * Refunds claw back what the refunded part bought, pro rata, from Stripe's cumulative
   `amount_refunded`, so partial refunds add up and arrive in any order. What cannot be
   taken back (already spent) is recorded as a shortfall and the account is flagged.
-  Refund settlement runs under a short per-purchase lease, because the ledger's clawback
-  takes "what is available now", which two concurrent callers could see differently.
+  A refund is settled in one transaction holding the purchase's row, because the ledger's
+  clawback takes "what is available now", which two concurrent callers could see differently.
 * An event about a payment we cannot place yet (a refund or dispute before its session's
   completion) is parked with its payload and applied when the completion arrives.
 
@@ -27,10 +27,9 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -38,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from aicredits.adapters import stripe_api
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, insert_ignoring_conflict
 from aicredits.adapters.local_secret import LOCAL_DATA_DIR
 from aicredits.adapters.stripe_api import (
     CheckoutSession,
@@ -73,7 +72,6 @@ __all__ = [
     "PackOffer",
     "PaymentError",
     "PaymentsUnavailable",
-    "PurchaseBusy",
     "PurchaseView",
     "UnknownCheckoutSession",
     "UnknownPack",
@@ -89,8 +87,6 @@ __all__ = [
 SIMULATED_PREFIX = "cs_test_sim_"
 DEV_WEBHOOK_SECRET_PATH = LOCAL_DATA_DIR / "dev_webhook_secret"
 WEBHOOK_PATH = "/api/stripe/webhook"
-LEASE = timedelta(seconds=60)
-LEASE_WAIT_SECONDS = 10.0
 _SESSION_ID = re.compile(r"^cs_[A-Za-z0-9_]{1,150}$")
 
 
@@ -125,13 +121,6 @@ class CheckoutFailed(PaymentError):
 class UnknownCheckoutSession(PaymentError):
     code = "unknown_checkout_session"
     status = 404
-
-
-class PurchaseBusy(PaymentError):
-    """Another worker is settling this purchase's refunds right now; try again shortly."""
-
-    code = "purchase_busy"
-    status = 503
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -291,12 +280,6 @@ def _purchase_row(conn: Connection, session_id: str) -> PurchaseView | None:
 
 def _by_session(session_id: str) -> sa.Select[Any]:
     return sa.select(purchases).where(purchases.c.checkout_session_id == session_id)
-
-
-def _load(db: Database, purchase_id: int) -> PurchaseView:
-    with db.read() as conn:
-        row = conn.execute(sa.select(purchases).where(purchases.c.id == purchase_id)).one()
-    return PurchaseView.from_row(row)
 
 
 # --- starting a checkout --------------------------------------------------------------------
@@ -471,28 +454,40 @@ def fulfil_checkout_session(
     payment_status (async_payment_succeeded says so by its type)."""
     now = now or utcnow()
     is_paid = session.payment_status == "paid" if paid is None else paid
-    purchase = _purchase_for_session(db, session, now)
-    _note_payment(db, purchase.id, session, now)
-    if not is_paid:
-        status = _mark_unpaid(db, purchase.id, session, now)
-        if session.payment_intent_id:
-            _apply_parked(db, session.payment_intent_id, now)
-        return Fulfilment(_unpaid_status(status), purchase.credits, purchase.id)
-    newly = False
-    if purchase.fulfilled_at is None:  # once set, the grant below is known to exist
-        newly = _grant_purchase(db, purchase, now)
+    found = _purchase_for_session(db, session, now)
+    # One unit of work: the credit, the purchase row that records it and the settlement of
+    # any refund that came first commit together or not at all.
+    with db.transaction() as conn:
+        purchase = _lock_purchase(conn, found.id)
+        _note_payment(conn, purchase.id, session, now)
+        if is_paid:
+            newly = purchase.fulfilled_at is None and _grant_purchase(conn, purchase, now)
+            _settle_refunds(conn, purchase.id, now)  # a refund that arrived before this completion
+            result = Fulfilment(FulfilmentStatus.CREDITED, purchase.credits, purchase.id, newly)
+        else:
+            status = _mark_unpaid(conn, purchase.id, session, now)
+            result = Fulfilment(_unpaid_status(status), purchase.credits, purchase.id)
     if session.payment_intent_id:
         _apply_parked(db, session.payment_intent_id, now)
-    _settle_refunds(db, purchase.id)  # a refund that arrived before this completion
-    return Fulfilment(FulfilmentStatus.CREDITED, purchase.credits, purchase.id, newly)
+    return result
 
 
-def _grant_purchase(db: Database, purchase: PurchaseView, now: datetime) -> bool:
-    """Credit the pack; True if this call did. The ledger key decides "exactly once"; the
-    purchase row then records it, so a crash between the two is repaired by the next call
-    (whose grant replays)."""
+def _lock_purchase(conn: Connection, purchase_id: int) -> PurchaseView:
+    """Read a purchase and hold its row until the caller's transaction ends, so that its
+    fulfilment and refund settlements run one at a time (FOR UPDATE on Postgres; SQLite
+    runs one writer at a time already)."""
+    row = conn.execute(
+        sa.select(purchases).where(purchases.c.id == purchase_id).with_for_update()
+    ).one()
+    return PurchaseView.from_row(row)
+
+
+def _grant_purchase(conn: Connection, purchase: PurchaseView, now: datetime) -> bool:
+    """Credit the pack and record it on the purchase, in the caller's transaction; True if
+    this call did. The ledger key decides "exactly once": a grant made before the purchase
+    row recorded it (as older versions could leave behind) replays, and is recorded now."""
     entry = ledger.grant(
-        db,
+        conn,
         user_id=purchase.user_id,
         credits=purchase.credits,
         key=purchase_key(purchase.checkout_session_id),
@@ -503,17 +498,16 @@ def _grant_purchase(db: Database, purchase: PurchaseView, now: datetime) -> bool
         actor="stripe",
         now=now,
     )
-    with db.transaction() as conn:
-        conn.execute(
-            sa.update(purchases)
-            .where(purchases.c.id == purchase.id, purchases.c.fulfilled_at.is_(None))
-            .values(
-                status="paid",
-                credits_granted=purchases.c.credits,
-                fulfilled_at=now,
-                updated_at=now,
-            )
+    conn.execute(
+        sa.update(purchases)
+        .where(purchases.c.id == purchase.id, purchases.c.fulfilled_at.is_(None))
+        .values(
+            status="paid",
+            credits_granted=purchases.c.credits,
+            fulfilled_at=now,
+            updated_at=now,
         )
+    )
     return not entry.replayed
 
 
@@ -569,7 +563,9 @@ def _purchase_for_session(db: Database, session: CheckoutSession, now: datetime)
         return PurchaseView.from_row(conn.execute(_by_session(session.id)).one())
 
 
-def _note_payment(db: Database, purchase_id: int, session: CheckoutSession, now: datetime) -> None:
+def _note_payment(
+    conn: Connection, purchase_id: int, session: CheckoutSession, now: datetime
+) -> None:
     """Keep the payment's Stripe ids and receipt, where the session tells us them."""
     known = {
         "payment_intent_id": session.payment_intent_id,
@@ -581,29 +577,29 @@ def _note_payment(db: Database, purchase_id: int, session: CheckoutSession, now:
     if not values:
         return
     missing = [purchases.c[k].is_(None) for k in values]
-    with db.transaction() as conn:
-        conn.execute(
-            sa.update(purchases)
-            .where(purchases.c.id == purchase_id, sa.or_(*missing))
-            .values(**values, updated_at=now)
-        )
+    conn.execute(
+        sa.update(purchases)
+        .where(purchases.c.id == purchase_id, sa.or_(*missing))
+        .values(**values, updated_at=now)
+    )
 
 
-def _mark_unpaid(db: Database, purchase_id: int, session: CheckoutSession, now: datetime) -> str:
+def _mark_unpaid(
+    conn: Connection, purchase_id: int, session: CheckoutSession, now: datetime
+) -> str:
     """A completed but unpaid session is waiting for its payment (a bank debit, say).
     Returns the purchase's status; a paid or failed purchase is never moved back."""
-    with db.transaction() as conn:
-        if session.status == "complete":
-            conn.execute(
-                sa.update(purchases)
-                .where(purchases.c.id == purchase_id, purchases.c.status.in_(("open", "expired")))
-                .values(status="pending", updated_at=now)
-            )
-        return str(
-            conn.execute(
-                sa.select(purchases.c.status).where(purchases.c.id == purchase_id)
-            ).scalar_one()
+    if session.status == "complete":
+        conn.execute(
+            sa.update(purchases)
+            .where(purchases.c.id == purchase_id, purchases.c.status.in_(("open", "expired")))
+            .values(status="pending", updated_at=now)
         )
+    return str(
+        conn.execute(
+            sa.select(purchases.c.status).where(purchases.c.id == purchase_id)
+        ).scalar_one()
+    )
 
 
 def confirm_checkout(
@@ -757,8 +753,8 @@ def _fulfilment_outcome(result: Fulfilment) -> _Outcome:
 def _on_async_payment_failed(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:
     session = stripe_api.parse_checkout_session(event.object)
     purchase = _purchase_for_session(db, session, now)
-    _note_payment(db, purchase.id, session, now)
     with db.transaction() as conn:
+        _note_payment(conn, purchase.id, session, now)
         changed = conn.execute(
             sa.update(purchases)
             .where(purchases.c.id == purchase.id, purchases.c.fulfilled_at.is_(None))
@@ -803,7 +799,9 @@ def _on_charge_refunded(db: Database, event: WebhookEvent, now: datetime) -> _Ou
         if charge.payment_intent_id:
             return _Outcome("parked", parked_on=charge.payment_intent_id)
         return _Outcome("unknown_payment")
+    # One unit of work: the refund, what it takes back and any shortfall it leaves.
     with db.transaction() as conn:
+        _lock_purchase(conn, purchase.id)
         # Stripe's amount_refunded is cumulative: keep the largest seen, so partial refunds
         # arriving out of order end in the same place.
         conn.execute(
@@ -821,7 +819,7 @@ def _on_charge_refunded(db: Database, event: WebhookEvent, now: datetime) -> _Ou
                 receipt_url=sa.func.coalesce(purchases.c.receipt_url, charge.receipt_url),
             )
         )
-    _settle_refunds(db, purchase.id)
+        _settle_refunds(conn, purchase.id, now)
     return _Outcome("refund_recorded")
 
 
@@ -895,38 +893,6 @@ def _apply_parked(db: Database, payment_intent_id: str, now: datetime) -> None:
 # --- refunds --------------------------------------------------------------------------------
 
 
-@contextmanager
-def _lease(db: Database, purchase_id: int, wait_seconds: float) -> Iterator[None]:
-    """Hold a purchase's settlement lease. A worker that dies holding it loses it after LEASE."""
-    token = secrets.token_hex(16)
-    deadline = time.monotonic() + wait_seconds
-    while True:
-        now = utcnow()
-        with db.transaction() as conn:
-            taken = conn.execute(
-                sa.update(purchases)
-                .where(
-                    purchases.c.id == purchase_id,
-                    sa.or_(purchases.c.lease_until.is_(None), purchases.c.lease_until < now),
-                )
-                .values(lease_token=token, lease_until=now + LEASE)
-            ).rowcount
-        if taken:
-            break
-        if time.monotonic() > deadline:
-            raise PurchaseBusy("This purchase is being updated; try again in a moment.")
-        time.sleep(0.05)
-    try:
-        yield
-    finally:
-        with db.transaction() as conn:
-            conn.execute(
-                sa.update(purchases)
-                .where(purchases.c.id == purchase_id, purchases.c.lease_token == token)
-                .values(lease_token=None, lease_until=None)
-            )
-
-
 def _refund_due(row: PurchaseView) -> int:
     return refund_due(
         credits_granted=row.credits_granted,
@@ -937,22 +903,23 @@ def _refund_due(row: PurchaseView) -> int:
     )
 
 
-def _settle_refunds(db: Database, purchase_id: int) -> None:
+def _settle_refunds(conn: Connection, purchase_id: int, now: datetime) -> None:
     """Take back the credits the refunds so far bought, as far as the balance allows; record
-    the rest as a shortfall and flag the account. Nothing to do until the pack is credited."""
-    if _refund_due(_load(db, purchase_id)) <= 0:
-        return
-    with _lease(db, purchase_id, LEASE_WAIT_SECONDS):
-        while (due := _refund_due(row := _load(db, purchase_id))) > 0:
-            _settle_refund_step(db, row, due)
+    the rest as a shortfall and flag the account. Nothing to do until the pack is credited.
+
+    In the caller's transaction, holding the purchase's row: the ledger's clawback takes
+    "what is available now", which two concurrent settlements could each see whole."""
+    while (due := _refund_due(row := _lock_purchase(conn, purchase_id))) > 0:
+        _settle_refund_step(conn, row, due, now)
 
 
-def _settle_refund_step(db: Database, row: PurchaseView, due: int) -> None:
+def _settle_refund_step(conn: Connection, row: PurchaseView, due: int, now: datetime) -> None:
     settled = row.credits_clawed_back + row.credits_shortfall
-    # Keyed by where this step starts: a retry after a crash finds the entry it made.
+    # Keyed by where this step starts: a clawback entry committed without its counters (as
+    # older versions could leave behind) replays instead of taking twice.
     key = f"clawback:{row.checkout_session_id}:{settled}"
     result = ledger.clawback(
-        db,
+        conn,
         user_id=row.user_id,
         credits=due,
         key=key,
@@ -962,42 +929,40 @@ def _settle_refund_step(db: Database, row: PurchaseView, due: int) -> None:
         ),
         reference=f"stripe:{row.checkout_session_id}",
         actor="stripe",
+        now=now,
     )
     replayed = result.entry is not None and result.entry.replayed
     # A replayed step took what it took; whatever it could not is tried again next round.
     shortfall = 0 if replayed else due - result.taken
-    now = utcnow()
-    with db.transaction() as conn:
-        recorded = conn.execute(
-            sa.update(purchases)
-            .where(
-                purchases.c.id == row.id,
-                purchases.c.credits_clawed_back + purchases.c.credits_shortfall == settled,
+    conn.execute(
+        sa.update(purchases)
+        .where(purchases.c.id == row.id)
+        .values(
+            credits_clawed_back=purchases.c.credits_clawed_back + result.taken,
+            credits_shortfall=purchases.c.credits_shortfall + shortfall,
+            updated_at=now,
+            **({"flagged": True} if shortfall else {}),
+        )
+    )
+    if shortfall:
+        conn.execute(
+            insert_ignoring_conflict(
+                conn.dialect.name, account_flags, index="idempotency_key"
+            ).values(
+                user_id=row.user_id,
+                kind="refund_shortfall",
+                purchase_id=row.id,
+                detail=(
+                    f"A refund of {format_money(row.amount_refunded, row.currency)} on the "
+                    f"{row.pack_id} pack ({row.checkout_session_id}) called for {due:,} "
+                    f"credits back; {result.taken:,} were taken and {shortfall:,} were "
+                    "already spent or in use."
+                )[:500],
+                amount=shortfall,
+                idempotency_key=f"shortfall:{row.checkout_session_id}:{settled}"[:200],
+                created_at=now,
             )
-            .values(
-                credits_clawed_back=purchases.c.credits_clawed_back + result.taken,
-                credits_shortfall=purchases.c.credits_shortfall + shortfall,
-                updated_at=now,
-                **({"flagged": True} if shortfall else {}),
-            )
-        ).rowcount
-        if recorded and shortfall:
-            conn.execute(
-                db.insert_ignoring_conflict(account_flags, index="idempotency_key").values(
-                    user_id=row.user_id,
-                    kind="refund_shortfall",
-                    purchase_id=row.id,
-                    detail=(
-                        f"A refund of {format_money(row.amount_refunded, row.currency)} on the "
-                        f"{row.pack_id} pack ({row.checkout_session_id}) called for {due:,} "
-                        f"credits back; {result.taken:,} were taken and {shortfall:,} were "
-                        "already spent or in use."
-                    )[:500],
-                    amount=shortfall,
-                    idempotency_key=f"shortfall:{row.checkout_session_id}:{settled}"[:200],
-                    created_at=now,
-                )
-            )
+        )
 
 
 # --- the simulated checkout -----------------------------------------------------------------
