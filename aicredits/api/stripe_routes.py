@@ -26,14 +26,40 @@ from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
 from aicredits.adapters.db import get_database
 from aicredits.api.auth_routes import login_page_url
 from aicredits.api.session import signed_in_user
+from aicredits.domain.errors import AICreditsError
 from aicredits.services import payments
-from aicredits.services.payments import PaymentError, PurchaseView
+from aicredits.services.payments import (
+    CheckoutFailed,
+    InvalidSignature,
+    MalformedEvent,
+    PaymentError,
+    PaymentsUnavailable,
+    PurchaseView,
+    UnknownCheckoutSession,
+    UnknownPack,
+)
 from aicredits.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
 # Stripe's events are a few kilobytes; anything far larger is not one.
 MAX_WEBHOOK_BYTES = 1_000_000
+
+# The status each service error is answered with here; its message is the error's own. An
+# error not named takes the status of its nearest named base class.
+ERROR_STATUS: dict[type[AICreditsError], int] = {
+    InvalidSignature: 400,
+    MalformedEvent: 400,
+    PaymentError: 400,
+    UnknownPack: 400,
+    UnknownCheckoutSession: 404,
+    CheckoutFailed: 502,
+    PaymentsUnavailable: 503,
+}
+
+
+def error_status(exc: AICreditsError) -> int:
+    return next(ERROR_STATUS[kind] for kind in type(exc).__mro__ if kind in ERROR_STATUS)
 
 
 async def webhook(request: Request) -> Response:
@@ -56,10 +82,10 @@ async def webhook(request: Request) -> Response:
             payload=bytes(payload),
             signature=request.headers.get("stripe-signature"),
         )
-    except (payments.InvalidSignature, payments.MalformedEvent) as exc:
+    except (InvalidSignature, MalformedEvent) as exc:
         logger.warning("refused a webhook: %s", exc)
         metrics.webhook_event(event_type="unverified", outcome=exc.code)
-        return _json_error(400, exc.code, str(exc))
+        return _json_error(error_status(exc), exc.code, str(exc))
     except sa.exc.SQLAlchemyError:
         # Nothing was marked processed: Stripe retries, and the retry applies it once.
         logger.exception("a webhook failed on the database; Stripe will retry it")
@@ -101,7 +127,7 @@ def _error_page(settings: Settings, exc: PaymentError) -> HTMLResponse:
         f"<h1>{html.escape('Checkout unavailable')}</h1>"
         f'<p id="error-message" role="alert">{html.escape(exc.message)}</p>'
     )
-    return _page(settings, title="Checkout unavailable", body=body, status=exc.status)
+    return _page(settings, title="Checkout unavailable", body=body, status=error_status(exc))
 
 
 async def checkout_start(request: Request) -> Response:

@@ -94,10 +94,9 @@ _SESSION_ID = re.compile(r"^cs_[A-Za-z0-9_]{1,150}$")
 
 
 class PaymentError(AICreditsError):
-    """A purchase that cannot go ahead. `message` is safe to show; `status` is for HTTP."""
+    """A purchase that cannot go ahead. `message` is safe to show."""
 
     code = "payment_failed"
-    status = 400
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -110,17 +109,14 @@ class UnknownPack(PaymentError):
 
 class PaymentsUnavailable(PaymentError):
     code = "payments_unavailable"
-    status = 503
 
 
 class CheckoutFailed(PaymentError):
     code = "checkout_failed"
-    status = 502
 
 
 class UnknownCheckoutSession(PaymentError):
     code = "unknown_checkout_session"
-    status = 404
 
 
 # --- configuration --------------------------------------------------------------------------
