@@ -26,18 +26,21 @@ from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
 from aicredits.adapters.db import get_database
 from aicredits.api.auth_routes import login_page_url
 from aicredits.api.session import signed_in_user
+from aicredits.devtools import simulated_checkout as simulated
 from aicredits.domain.errors import AICreditsError
-from aicredits.services import payments
-from aicredits.services.payments import (
+from aicredits.domain.money import format_money
+from aicredits.services import checkout, stripe_webhook
+from aicredits.services.packs import pack_label
+from aicredits.services.payment_errors import (
     CheckoutFailed,
-    InvalidSignature,
-    MalformedEvent,
     PaymentError,
     PaymentsUnavailable,
-    PurchaseView,
     UnknownCheckoutSession,
     UnknownPack,
 )
+from aicredits.services.purchases import PurchaseView
+from aicredits.services.stripe_config import WEBHOOK_PATH
+from aicredits.services.stripe_webhook import InvalidSignature, MalformedEvent
 from aicredits.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ async def webhook(request: Request) -> Response:
     try:
         # Money must be settled even if Stripe hangs up half-way.
         result = await run_blocking_to_completion(
-            payments.handle_webhook,
+            stripe_webhook.handle_webhook,
             get_database(),
             settings,
             payload=bytes(payload),
@@ -139,7 +142,7 @@ async def checkout_start(request: Request) -> Response:
     pack = form.get("pack")
     try:
         url = await run_blocking(
-            payments.start_checkout,
+            checkout.start_checkout,
             get_database(),
             settings,
             user_id=user.id,
@@ -153,8 +156,8 @@ async def checkout_start(request: Request) -> Response:
 
 def _simulated_page(settings: Settings, purchase: PurchaseView) -> HTMLResponse:
     sid = html.escape(purchase.checkout_session_id)
-    price = html.escape(payments.format_money(purchase.amount, purchase.currency))
-    pack = html.escape(payments.pack_label(settings, purchase.pack_id))
+    price = html.escape(format_money(purchase.amount, purchase.currency))
+    pack = html.escape(pack_label(settings, purchase.pack_id))
     base = html.escape(f"{settings.api_url}/checkout/simulated/{purchase.checkout_session_id}")
     if purchase.status in ("paid", "expired"):
         done = "paid" if purchase.status == "paid" else "cancelled"
@@ -184,7 +187,7 @@ async def simulated_checkout(request: Request) -> Response:
         return _to_sign_in(settings)
     try:
         purchase = await run_blocking(
-            payments.simulated_checkout,
+            simulated.simulated_checkout,
             get_database(),
             settings,
             user_id=user.id,
@@ -196,14 +199,14 @@ async def simulated_checkout(request: Request) -> Response:
 
 
 async def simulated_pay(request: Request) -> Response:
-    return await _simulated_action(request, payments.pay_simulated_checkout)
+    return await _simulated_action(request, simulated.pay_simulated_checkout)
 
 
 async def simulated_cancel(request: Request) -> Response:
-    return await _simulated_action(request, payments.cancel_simulated_checkout)
+    return await _simulated_action(request, simulated.cancel_simulated_checkout)
 
 
-async def _simulated_action(request: Request, action: payments.SimulatedAction) -> Response:
+async def _simulated_action(request: Request, action: simulated.SimulatedAction) -> Response:
     settings = get_settings()
     user = await signed_in_user(request, settings)
     if user is None:
@@ -222,7 +225,7 @@ async def _simulated_action(request: Request, action: payments.SimulatedAction) 
 
 
 routes = [
-    Route(payments.WEBHOOK_PATH, webhook, methods=["POST"]),
+    Route(WEBHOOK_PATH, webhook, methods=["POST"]),
     Route("/checkout/start", checkout_start, methods=["POST"]),
     Route("/checkout/simulated/{session_id}", simulated_checkout, methods=["GET"]),
     Route("/checkout/simulated/{session_id}/pay", simulated_pay, methods=["POST"]),

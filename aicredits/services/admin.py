@@ -57,10 +57,10 @@ from aicredits.domain.ledger import (
     require_positive,
     require_reason,
 )
-from aicredits.services import ledger, payments
+from aicredits.services import ledger
 from aicredits.services import users as users_service
 from aicredits.services.ledger import EntryResult
-from aicredits.services.payments import PurchaseView
+from aicredits.services.purchases import PurchaseView, list_purchases
 from aicredits.settings import Settings
 
 PER_PAGE = 25
@@ -1039,7 +1039,7 @@ def user_detail(db: Database, *, user_id: int, limit: int = 100) -> UserDetail:
         user=summary,
         ledger=entries,
         holds=hold_rows,
-        purchases=payments.list_purchases(db, user_id=user_id, limit=limit),
+        purchases=list_purchases(db, user_id=user_id, limit=limit),
         usage=usage,
         flags=flags,
         expiring=ledger.expiring_credits(db, user_id=user_id),

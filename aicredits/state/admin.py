@@ -18,6 +18,7 @@ from reflex_base.event import EventSpec
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
 from aicredits.domain.errors import AICreditsError
+from aicredits.domain.money import format_money
 from aicredits.services import admin
 from aicredits.services.admin import (
     AdminActor,
@@ -37,7 +38,7 @@ from aicredits.services.admin import (
     UserSummary,
 )
 from aicredits.services.auth import CurrentUser
-from aicredits.services.payments import PurchaseView, format_money
+from aicredits.services.purchases import PurchaseView
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState
 

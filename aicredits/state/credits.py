@@ -12,8 +12,12 @@ import reflex as rx
 from reflex_base.event import EventSpec
 
 from aicredits.adapters.db import get_database
-from aicredits.services import dashboard, payments
-from aicredits.services.payments import FulfilmentStatus, PackOffer, PaymentError, PurchaseView
+from aicredits.domain.money import format_money
+from aicredits.services import checkout, dashboard
+from aicredits.services.fulfilment import FulfilmentStatus
+from aicredits.services.packs import PackOffer, list_packs
+from aicredits.services.payment_errors import PaymentError
+from aicredits.services.purchases import PurchaseView, list_purchases
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState, login_path
 
@@ -33,7 +37,7 @@ def purchase_row(purchase: PurchaseView, labels: dict[str, str]) -> dict[str, st
         "id": str(purchase.id),
         "date": purchase.created_at.strftime("%Y-%m-%d %H:%M UTC"),
         "pack": labels.get(purchase.pack_id, purchase.pack_id),
-        "amount": payments.format_money(purchase.amount, purchase.currency),
+        "amount": format_money(purchase.amount, purchase.currency),
         "credits": f"{purchase.credits:,}",
         "status": purchase.status_label,
         "receipt_url": purchase.receipt_url or "",
@@ -154,10 +158,10 @@ class CreditsState(SessionState):
         if user is None:
             return self._to_login()
         settings = get_settings()
-        offers = payments.list_packs(settings)
+        offers = list_packs(settings)
         self.simulated = settings.simulated_checkout
         self.packs = [pack_row(p) for p in offers]
-        history = await asyncio.to_thread(payments.list_purchases, get_database(), user_id=user.id)
+        history = await asyncio.to_thread(list_purchases, get_database(), user_id=user.id)
         labels = {p.id: p.label for p in offers}
         self.purchases = [purchase_row(p, labels) for p in history]
         await self._refresh_balance(user)
@@ -175,7 +179,7 @@ class CreditsState(SessionState):
         self.outcome = ""
         try:
             result = await asyncio.to_thread(
-                payments.confirm_checkout,
+                checkout.confirm_checkout,
                 get_database(),
                 get_settings(),
                 user_id=user.id,

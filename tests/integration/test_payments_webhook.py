@@ -21,7 +21,7 @@ from aicredits.adapters.tables import (
     purchases,
     stripe_events,
 )
-from aicredits.services import ledger, payments
+from aicredits.services import fulfilment, ledger, refunds, stripe_webhook
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
 from tests.dbutil import truncate_postgres
@@ -489,7 +489,7 @@ def _deliver_all_at_once(shop: Shop, bodies: list[str]) -> list[Any]:
     """Each body straight to the webhook's service, from its own thread, all released at once."""
 
     def deliver(body: str) -> Callable[[], Any]:
-        return lambda: payments.handle_webhook(
+        return lambda: stripe_webhook.handle_webhook(
             shop.db, shop.settings, payload=body.encode(), signature=fs.sign(body, shop.secret)
         )
 
@@ -684,7 +684,12 @@ def _fail_once_after(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> 
 
 @pytest.mark.parametrize(
     "point",
-    ["after the ledger grant", "after recording the purchase", "just before the event is stored"],
+    [
+        "after the ledger grant",
+        "after settling any refund that came first",
+        "after recording the purchase",
+        "just before the event is stored",
+    ],
 )
 def test_a_database_failure_during_a_completion_returns_500_and_the_retry_applies_once(
     shop: Shop, monkeypatch: pytest.MonkeyPatch, point: str
@@ -692,11 +697,13 @@ def test_a_database_failure_during_a_completion_returns_500_and_the_retry_applie
     uid = make_user(shop.db)
     sid = shop.start(uid)
     if point == "after the ledger grant":
-        calls = _fail_once_after(monkeypatch, payments.ledger, "grant")
+        calls = _fail_once_after(monkeypatch, ledger, "grant")
+    elif point == "after settling any refund that came first":
+        calls = _fail_once_after(monkeypatch, refunds, "settle_refunds")
     elif point == "after recording the purchase":
-        calls = _fail_once_after(monkeypatch, payments, "_apply_parked")
+        calls = _fail_once_after(monkeypatch, stripe_webhook, "apply_parked")
     else:
-        calls = _fail_once_after(monkeypatch, payments, "_settle_refunds")
+        calls = _fail_once_after(monkeypatch, stripe_webhook, "_dispatch")
     body = completed(shop, sid, uid)
     assert shop.deliver(body).status_code == 500
     assert calls == [1]
@@ -724,7 +731,7 @@ def test_a_fulfilment_that_fails_after_the_ledger_write_leaves_neither_credit_no
     uid = make_user(shop.db)
     sid = shop.start(uid)
     owner, name = (
-        (ledger, "grant") if point == "after the ledger grant" else (payments, "_settle_refunds")
+        (ledger, "grant") if point == "after the ledger grant" else (refunds, "settle_refunds")
     )
     real = getattr(owner, name)
     calls: list[int] = []
@@ -737,7 +744,7 @@ def test_a_fulfilment_that_fails_after_the_ledger_write_leaves_neither_credit_no
     monkeypatch.setattr(owner, name, then_fail)
     session = stripe_api.parse_checkout_session(fs.checkout_session(sid, user_id=uid))
     with pytest.raises(_Abandoned):
-        payments.fulfil_checkout_session(shop.db, session)
+        fulfilment.fulfil_checkout_session(shop.db, session)
     assert calls == [1]
     assert shop.balance(uid) == 0
     assert count(shop.db, ledger_entries) == 0
@@ -745,8 +752,8 @@ def test_a_fulfilment_that_fails_after_the_ledger_write_leaves_neither_credit_no
     assert (purchase.status, purchase.credits_granted, purchase.fulfilled_at) == ("open", 0, None)
     assert purchase.payment_intent_id is None  # what the session said was not kept either
     monkeypatch.setattr(owner, name, real)
-    again = payments.fulfil_checkout_session(shop.db, session)
-    assert (again.status, again.newly_credited) == (payments.FulfilmentStatus.CREDITED, True)
+    again = fulfilment.fulfil_checkout_session(shop.db, session)
+    assert (again.status, again.newly_credited) == (fulfilment.FulfilmentStatus.CREDITED, True)
     assert shop.balance(uid) == STARTER
     assert shop.purchase(sid).credits_granted == STARTER
     clean(shop.db)
@@ -758,7 +765,7 @@ def test_a_database_failure_during_a_refund_returns_500_and_the_retry_takes_once
     uid = make_user(shop.db)
     sid = shop.start(uid)
     shop.deliver(completed(shop, sid, uid))
-    calls = _fail_once_after(monkeypatch, payments.ledger, "clawback")
+    calls = _fail_once_after(monkeypatch, ledger, "clawback")
     body = refunded(sid, 500)
     assert shop.deliver(body).status_code == 500
     assert calls == [1]
@@ -780,7 +787,7 @@ def test_a_database_failure_while_parking_a_refund_is_retried_cleanly(
 ) -> None:
     uid = make_user(shop.db)
     sid = shop.start(uid)
-    calls = _fail_once_after(monkeypatch, payments, "_dispatch")
+    calls = _fail_once_after(monkeypatch, stripe_webhook, "_dispatch")
     body = refunded(sid, 500)
     assert shop.deliver(body).status_code == 500
     assert calls == [1]

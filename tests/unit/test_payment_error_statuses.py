@@ -6,15 +6,14 @@ import pytest
 
 from aicredits.api.stripe_routes import error_status
 from aicredits.domain.errors import AICreditsError
-from aicredits.services.payments import (
+from aicredits.services.payment_errors import (
     CheckoutFailed,
-    InvalidSignature,
-    MalformedEvent,
     PaymentError,
     PaymentsUnavailable,
     UnknownCheckoutSession,
     UnknownPack,
 )
+from aicredits.services.stripe_webhook import InvalidSignature, MalformedEvent
 
 
 @pytest.mark.parametrize(
