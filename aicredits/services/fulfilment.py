@@ -58,8 +58,9 @@ def fulfil_checkout_session(
 ) -> Fulfilment:
     """Credit a Checkout Session's pack once it is paid, exactly once per session id.
 
-    Shared by the webhook and the success page. `paid` overrides the session's own
-    payment_status (async_payment_succeeded says so by its type)."""
+    Shared by the webhook and the success page, which then apply the events parked for its
+    payment (stripe_webhook.apply_parked). `paid` overrides the session's own payment_status
+    (async_payment_succeeded says so by its type)."""
     now = now or utcnow()
     is_paid = session.payment_status == "paid" if paid is None else paid
     found = _purchase_for_session(db, session, now)
