@@ -408,10 +408,6 @@ class Purchase(SQLModel, table=True):
     receipt_url: str | None = Field(default=None, max_length=2000)
     flagged: bool = Field(default=False)
     simulated: bool = Field(default=False)
-    # A short lease that serialises refund settlement across workers: the ledger's calls
-    # run in their own transactions, so a row lock cannot span them.
-    lease_token: str | None = Field(default=None, max_length=64)
-    lease_until: datetime | None = _ts(nullable=True)
     created_at: datetime = _ts()
     updated_at: datetime = _ts()
     fulfilled_at: datetime | None = _ts(nullable=True)

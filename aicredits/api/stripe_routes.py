@@ -26,14 +26,43 @@ from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
 from aicredits.adapters.db import get_database
 from aicredits.api.auth_routes import login_page_url
 from aicredits.api.session import signed_in_user
-from aicredits.services import payments
-from aicredits.services.payments import PaymentError, PurchaseView
+from aicredits.devtools import simulated_checkout as simulated
+from aicredits.domain.errors import AICreditsError
+from aicredits.domain.money import format_money
+from aicredits.services import checkout, stripe_webhook
+from aicredits.services.packs import pack_label
+from aicredits.services.payment_errors import (
+    CheckoutFailed,
+    PaymentError,
+    PaymentsUnavailable,
+    UnknownCheckoutSession,
+    UnknownPack,
+)
+from aicredits.services.purchases import PurchaseView
+from aicredits.services.stripe_config import WEBHOOK_PATH
+from aicredits.services.stripe_webhook import InvalidSignature, MalformedEvent
 from aicredits.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
 # Stripe's events are a few kilobytes; anything far larger is not one.
 MAX_WEBHOOK_BYTES = 1_000_000
+
+# The status each service error is answered with here; its message is the error's own. An
+# error not named takes the status of its nearest named base class.
+ERROR_STATUS: dict[type[AICreditsError], int] = {
+    InvalidSignature: 400,
+    MalformedEvent: 400,
+    PaymentError: 400,
+    UnknownPack: 400,
+    UnknownCheckoutSession: 404,
+    CheckoutFailed: 502,
+    PaymentsUnavailable: 503,
+}
+
+
+def error_status(exc: AICreditsError) -> int:
+    return next(ERROR_STATUS[kind] for kind in type(exc).__mro__ if kind in ERROR_STATUS)
 
 
 async def webhook(request: Request) -> Response:
@@ -50,19 +79,16 @@ async def webhook(request: Request) -> Response:
     try:
         # Money must be settled even if Stripe hangs up half-way.
         result = await run_blocking_to_completion(
-            payments.handle_webhook,
+            stripe_webhook.handle_webhook,
             get_database(),
             settings,
             payload=bytes(payload),
             signature=request.headers.get("stripe-signature"),
         )
-    except (payments.InvalidSignature, payments.MalformedEvent) as exc:
+    except (InvalidSignature, MalformedEvent) as exc:
         logger.warning("refused a webhook: %s", exc)
         metrics.webhook_event(event_type="unverified", outcome=exc.code)
-        return _json_error(400, exc.code, str(exc))
-    except payments.PurchaseBusy as exc:
-        metrics.webhook_event(event_type="unknown", outcome="busy")
-        return _json_error(503, exc.code, exc.message, headers={"Retry-After": "5"})
+        return _json_error(error_status(exc), exc.code, str(exc))
     except sa.exc.SQLAlchemyError:
         # Nothing was marked processed: Stripe retries, and the retry applies it once.
         logger.exception("a webhook failed on the database; Stripe will retry it")
@@ -74,12 +100,8 @@ async def webhook(request: Request) -> Response:
     return JSONResponse({"received": True, "event": result.event_id, "outcome": result.outcome})
 
 
-def _json_error(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
+def _json_error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
 def _to_sign_in(settings: Settings) -> Response:
@@ -108,7 +130,7 @@ def _error_page(settings: Settings, exc: PaymentError) -> HTMLResponse:
         f"<h1>{html.escape('Checkout unavailable')}</h1>"
         f'<p id="error-message" role="alert">{html.escape(exc.message)}</p>'
     )
-    return _page(settings, title="Checkout unavailable", body=body, status=exc.status)
+    return _page(settings, title="Checkout unavailable", body=body, status=error_status(exc))
 
 
 async def checkout_start(request: Request) -> Response:
@@ -120,7 +142,7 @@ async def checkout_start(request: Request) -> Response:
     pack = form.get("pack")
     try:
         url = await run_blocking(
-            payments.start_checkout,
+            checkout.start_checkout,
             get_database(),
             settings,
             user_id=user.id,
@@ -134,8 +156,8 @@ async def checkout_start(request: Request) -> Response:
 
 def _simulated_page(settings: Settings, purchase: PurchaseView) -> HTMLResponse:
     sid = html.escape(purchase.checkout_session_id)
-    price = html.escape(payments.format_money(purchase.amount, purchase.currency))
-    pack = html.escape(payments.pack_label(settings, purchase.pack_id))
+    price = html.escape(format_money(purchase.amount, purchase.currency))
+    pack = html.escape(pack_label(settings, purchase.pack_id))
     base = html.escape(f"{settings.api_url}/checkout/simulated/{purchase.checkout_session_id}")
     if purchase.status in ("paid", "expired"):
         done = "paid" if purchase.status == "paid" else "cancelled"
@@ -165,7 +187,7 @@ async def simulated_checkout(request: Request) -> Response:
         return _to_sign_in(settings)
     try:
         purchase = await run_blocking(
-            payments.simulated_checkout,
+            simulated.simulated_checkout,
             get_database(),
             settings,
             user_id=user.id,
@@ -177,14 +199,14 @@ async def simulated_checkout(request: Request) -> Response:
 
 
 async def simulated_pay(request: Request) -> Response:
-    return await _simulated_action(request, payments.pay_simulated_checkout)
+    return await _simulated_action(request, simulated.pay_simulated_checkout)
 
 
 async def simulated_cancel(request: Request) -> Response:
-    return await _simulated_action(request, payments.cancel_simulated_checkout)
+    return await _simulated_action(request, simulated.cancel_simulated_checkout)
 
 
-async def _simulated_action(request: Request, action: payments.SimulatedAction) -> Response:
+async def _simulated_action(request: Request, action: simulated.SimulatedAction) -> Response:
     settings = get_settings()
     user = await signed_in_user(request, settings)
     if user is None:
@@ -203,7 +225,7 @@ async def _simulated_action(request: Request, action: payments.SimulatedAction) 
 
 
 routes = [
-    Route(payments.WEBHOOK_PATH, webhook, methods=["POST"]),
+    Route(WEBHOOK_PATH, webhook, methods=["POST"]),
     Route("/checkout/start", checkout_start, methods=["POST"]),
     Route("/checkout/simulated/{session_id}", simulated_checkout, methods=["GET"]),
     Route("/checkout/simulated/{session_id}/pay", simulated_pay, methods=["POST"]),

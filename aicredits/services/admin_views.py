@@ -28,8 +28,8 @@ from aicredits.adapters.tables import (
 from aicredits.domain import spikes
 from aicredits.domain.errors import UnknownUser
 from aicredits.domain.ledger import EntryKind
-from aicredits.services import ledger, payments
-from aicredits.services.payments import PurchaseView
+from aicredits.services import ledger
+from aicredits.services.purchases import PurchaseView, list_purchases
 from aicredits.settings import Settings
 
 PER_PAGE = 25
@@ -342,7 +342,7 @@ def user_detail(db: Database, *, user_id: int, limit: int = 100) -> UserDetail:
         user=summary,
         ledger=entries,
         holds=hold_rows,
-        purchases=payments.list_purchases(db, user_id=user_id, limit=limit),
+        purchases=list_purchases(db, user_id=user_id, limit=limit),
         usage=usage,
         flags=flags,
         expiring=ledger.expiring_credits(db, user_id=user_id),

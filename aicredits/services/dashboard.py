@@ -20,8 +20,10 @@ from aicredits.adapters.db import Database, reading
 from aicredits.adapters.tables import ledger_entries, purchases, usage_events, utcnow
 from aicredits.domain.allowance import Allowance, share
 from aicredits.domain.ledger import EntryKind
-from aicredits.services import ledger, payments, thresholds, trials
-from aicredits.services.payments import format_money
+from aicredits.domain.money import credits_worth
+from aicredits.services import ledger, thresholds, trials
+from aicredits.services.packs import PackOffer, list_packs
+from aicredits.services.purchases import PurchaseView, list_purchases
 from aicredits.settings import Settings
 
 USAGE_DAYS = 30
@@ -70,14 +72,6 @@ class HistoryLine:
     receipt_url: str | None
 
 
-def money(settings: Settings, credits: int) -> str:
-    """What `credits` are worth at the first pack priced in money (5,000 for 5.00 USD)."""
-    pack = next((p for p in settings.packs if p.amount > 0), None)
-    if pack is None:
-        return ""
-    return format_money(credits * pack.amount // pack.credits, pack.currency)
-
-
 def summary(target: Database | Connection, settings: Settings, *, user_id: int) -> Summary:
     with reading(target, snapshot=True) as conn:
         balance = ledger.get_balance(conn, user_id=user_id)
@@ -94,8 +88,8 @@ def summary(target: Database | Connection, settings: Settings, *, user_id: int) 
         available=balance.available,
         held=balance.held,
         total=balance.balance,
-        available_money=money(settings, balance.available),
-        total_money=money(settings, balance.balance),
+        available_money=credits_worth(balance.available, settings.packs),
+        total_money=credits_worth(balance.balance, settings.packs),
         expiring=expiring,
         allowance=current,
         allowance_percent=share(size=current.size, used=current.used).percent,
@@ -219,8 +213,8 @@ class CreditsPage:
     available: int  # the header's credits
     banner: thresholds.Banner | None
     trial_notice: str  # "" when there is nothing to say
-    packs: list[payments.PackOffer]
-    purchases: list[payments.PurchaseView]
+    packs: list[PackOffer]
+    purchases: list[PurchaseView]
     summary: Summary
     daily_usage: list[DayUsage]
     usage_by_model: list[ModelUsage]
@@ -246,8 +240,8 @@ def credits_page(
             available=totals.available,
             banner=thresholds.banner(conn, settings, user_id=user_id),
             trial_notice=trials.trial_notice(conn, user_id=user_id, now=now) or "",
-            packs=payments.list_packs(settings),
-            purchases=payments.list_purchases(conn, user_id=user_id),
+            packs=list_packs(settings),
+            purchases=list_purchases(conn, user_id=user_id),
             summary=totals,
             daily_usage=daily_usage(conn, user_id=user_id, now=now),
             usage_by_model=usage_by_model(conn, user_id=user_id, now=now),

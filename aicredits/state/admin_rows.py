@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from aicredits.domain import spikes
+from aicredits.domain.money import format_money
 from aicredits.services.admin_views import (
     AuditRow,
     FlagRow,
@@ -19,8 +20,8 @@ from aicredits.services.admin_views import (
     UsageLine,
     UserSummary,
 )
-from aicredits.services.payments import PurchaseView, format_money
 from aicredits.services.pricing import ModelPrices, PriceVersionView
+from aicredits.services.purchases import PurchaseView
 
 
 def _when(moment: datetime | None, default: str = "") -> str:

@@ -12,8 +12,12 @@ from reflex_base.event import EventSpec
 
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
-from aicredits.services import dashboard, payments
-from aicredits.services.payments import FulfilmentStatus, PackOffer, PaymentError, PurchaseView
+from aicredits.domain.money import format_money
+from aicredits.services import checkout, dashboard
+from aicredits.services.fulfilment import FulfilmentStatus
+from aicredits.services.packs import PackOffer
+from aicredits.services.payment_errors import PaymentError
+from aicredits.services.purchases import PurchaseView
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState, login_path
 
@@ -33,7 +37,7 @@ def purchase_row(purchase: PurchaseView, labels: dict[str, str]) -> dict[str, st
         "id": str(purchase.id),
         "date": purchase.created_at.strftime("%Y-%m-%d %H:%M UTC"),
         "pack": labels.get(purchase.pack_id, purchase.pack_id),
-        "amount": payments.format_money(purchase.amount, purchase.currency),
+        "amount": format_money(purchase.amount, purchase.currency),
         "credits": f"{purchase.credits:,}",
         "status": purchase.status_label,
         "receipt_url": purchase.receipt_url or "",
@@ -183,7 +187,7 @@ class CreditsState(SessionState):
         self.outcome = ""
         try:
             result = await run_blocking(
-                payments.confirm_checkout,
+                checkout.confirm_checkout,
                 get_database(),
                 get_settings(),
                 user_id=user.id,

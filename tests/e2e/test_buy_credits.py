@@ -10,7 +10,8 @@ import uuid
 import httpx
 from playwright.sync_api import Page, expect
 
-from aicredits.services import auth, payments, users
+from aicredits.services import auth, users
+from aicredits.services.purchases import list_purchases
 from aicredits.services.verify import verify_ledger
 from aicredits.state.credits import CreditsState
 from tests.e2e.conftest import TRIAL_CREDITS, RunningApp, sign_in
@@ -68,7 +69,7 @@ def test_buying_a_pack_adds_exactly_its_credits_and_shows_it_in_the_history(
     db = app.db()
     try:
         uid = users.find_user_by_email(db, email=email).id
-        bought = payments.list_purchases(db, user_id=uid)
+        bought = list_purchases(db, user_id=uid)
         assert [(p.status, p.credits_granted, p.simulated) for p in bought] == [
             ("paid", STARTER_CREDITS, True)
         ]

@@ -31,7 +31,8 @@ from starlette.testclient import TestClient
 from aicredits.adapters.db import Database
 from aicredits.api import cookies
 from aicredits.api.routes import api_transformers
-from aicredits.services import auth, ledger, payments
+from aicredits.services import auth, checkout, ledger
+from aicredits.services.purchases import PurchaseView, get_purchase
 from aicredits.settings import Settings, get_settings
 
 
@@ -324,14 +325,14 @@ class Shop:
 
     def start(self, user_id: int, pack: str = "starter") -> str:
         """A purchase as "Buy" makes it; returns its Checkout Session id."""
-        url = payments.start_checkout(self.db, self.settings, user_id=user_id, pack_id=pack)
+        url = checkout.start_checkout(self.db, self.settings, user_id=user_id, pack_id=pack)
         return url.rsplit("/", 1)[-1]
 
     def balance(self, user_id: int) -> int:
         return ledger.get_balance(self.db, user_id=user_id).balance
 
-    def purchase(self, session_id: str) -> payments.PurchaseView:
-        found = payments.get_purchase(self.db, session_id=session_id)
+    def purchase(self, session_id: str) -> PurchaseView:
+        found = get_purchase(self.db, session_id=session_id)
         assert found is not None
         return found
 

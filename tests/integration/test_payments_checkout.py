@@ -19,8 +19,10 @@ import sqlalchemy as sa
 from aicredits.adapters import stripe_api
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import ledger_entries, purchases, stripe_customers, stripe_events
-from aicredits.services import payments
-from aicredits.services.payments import FulfilmentStatus
+from aicredits.services import checkout, packs, stripe_config, stripe_webhook
+from aicredits.services.fulfilment import FulfilmentStatus
+from aicredits.services.payment_errors import PaymentsUnavailable, UnknownCheckoutSession
+from aicredits.services.purchases import list_purchases
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import Settings, get_settings
 from tests.factories import make_user
@@ -196,7 +198,7 @@ def test_the_success_page_credits_a_paid_session_it_reads_back_from_stripe(
     uid = make_user(shop.db)
     sid = _bought(shop, uid)
     session = fake.pay(sid)
-    result = payments.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
+    result = checkout.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
     assert (result.status, result.credits, result.newly_credited) == (
         FulfilmentStatus.CREDITED,
         STARTER,
@@ -210,7 +212,7 @@ def test_the_success_page_credits_a_paid_session_it_reads_back_from_stripe(
     # The webhook arriving afterwards finds it done; so does a reload of the page.
     late = shop.deliver(fs.event("checkout.session.completed", session))
     assert late.json()["outcome"] == "already_credited"
-    again = payments.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
+    again = checkout.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
     assert (again.status, again.newly_credited) == (FulfilmentStatus.CREDITED, False)
     assert shop.balance(uid) == STARTER
     assert verify_ledger(shop.db) == []
@@ -222,7 +224,7 @@ def test_the_success_page_says_processing_while_the_payment_clears(
     uid = make_user(shop.db)
     sid = _bought(shop, uid)
     fake.pay(sid, paid=False)
-    result = payments.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
+    result = checkout.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
     assert result.status == FulfilmentStatus.PROCESSING
     assert shop.balance(uid) == 0
     assert shop.purchase(sid).status == "pending"
@@ -236,8 +238,8 @@ def test_the_success_page_refuses_a_session_that_is_not_the_users(
     sid = _bought(shop, owner)
     fake.pay(sid)
     wanted = {"someone else's": sid, "made up": "cs_test_nope", "not an id": "../../v1/x"}[whose]
-    with pytest.raises(payments.UnknownCheckoutSession):
-        payments.confirm_checkout(shop.db, shop.settings, user_id=other, session_id=wanted)
+    with pytest.raises(UnknownCheckoutSession):
+        checkout.confirm_checkout(shop.db, shop.settings, user_id=other, session_id=wanted)
     assert shop.balance(owner) == shop.balance(other) == 0
     assert count(shop.db, ledger_entries) == 0
 
@@ -255,14 +257,14 @@ def test_the_completion_and_the_success_page_racing_credit_once(
     def page() -> None:
         gate.wait()
         try:
-            payments.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
+            checkout.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
         except BaseException as exc:
             errors.append(exc)
 
     def hook() -> None:
         gate.wait()
         try:
-            payments.handle_webhook(
+            stripe_webhook.handle_webhook(
                 shop.db, shop.settings, payload=body.encode(), signature=fs.sign(body, shop.secret)
             )
         except BaseException as exc:
@@ -323,10 +325,10 @@ def test_paying_on_the_simulated_checkout_runs_the_real_webhook(
         event = conn.execute(sa.select(stripe_events)).one()
     assert (event.type, event.outcome) == ("checkout.session.completed", "credited")
     assert event.event_id.startswith("evt_sim_")
-    history = payments.list_purchases(shop.db, user_id=uid)
+    history = list_purchases(shop.db, user_id=uid)
     assert [(p.checkout_session_id, p.status_label) for p in history] == [(sid, "Paid")]
     # The success page reads the local purchase and finds it credited, once.
-    result = payments.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
+    result = checkout.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
     assert (result.status, result.credits) == (FulfilmentStatus.CREDITED, STARTER)
     assert client.post(location + "/pay").status_code == 303  # pressing Pay again
     assert shop.balance(uid) == 1_000 + STARTER
@@ -344,8 +346,8 @@ def test_cancelling_the_simulated_checkout_charges_nothing(simulated: tuple[Shop
     assert shop.purchase(sid).status == "expired"
     assert client.post(location + "/pay").status_code == 400  # a cancelled checkout is over
     assert shop.balance(uid) == 0
-    assert payments.list_purchases(shop.db, user_id=uid) == []
-    result = payments.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
+    assert list_purchases(shop.db, user_id=uid) == []
+    result = checkout.confirm_checkout(shop.db, shop.settings, user_id=uid, session_id=sid)
     assert result.status == FulfilmentStatus.CANCELLED
 
 
@@ -384,9 +386,9 @@ def _settings(**values: Any) -> Settings:
 def test_production_without_stripe_never_offers_the_simulated_checkout(db: Database) -> None:
     settings = _settings(AICREDITS_ENV="prod", database_url=db.url)
     uid = make_user(db)
-    with pytest.raises(payments.PaymentsUnavailable):
-        payments.start_checkout(db, settings, user_id=uid, pack_id="starter")
-    assert payments.webhook_secret(settings) is None
+    with pytest.raises(PaymentsUnavailable):
+        checkout.start_checkout(db, settings, user_id=uid, pack_id="starter")
+    assert stripe_config.webhook_secret(settings) is None
     assert count(db, purchases) == 0
 
 
@@ -399,24 +401,8 @@ def test_the_dev_webhook_secret_is_made_once_and_private(tmp_path: Path) -> None
     assert [p.name for p in path.parent.iterdir()] == ["dev_webhook_secret"]
 
 
-@pytest.mark.parametrize(
-    ("amount", "currency", "shown"),
-    [
-        (500, "usd", "5.00 USD"),
-        (123_456, "eur", "1,234.56 EUR"),
-        (5, "usd", "0.05 USD"),
-        (500, "jpy", "500 JPY"),  # no minor unit
-        (1_500, "kwd", "1.500 KWD"),  # three decimals
-    ],
-)
-def test_prices_are_shown_in_the_currencys_own_units(
-    amount: int, currency: str, shown: str
-) -> None:
-    assert payments.format_money(amount, currency) == shown
-
-
 def test_packs_are_offered_with_price_currency_and_credits() -> None:
-    offers = payments.list_packs(_settings())
+    offers = packs.list_packs(_settings())
     assert [(o.id, o.label, o.price, o.credits) for o in offers] == [
         ("starter", "Starter", "5.00 USD", 5_000),
         ("plus", "Plus", "20.00 USD", 22_000),

@@ -7,24 +7,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
+from aicredits.adapters import stripe_api
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import (
     account_flags,
     ledger_entries,
     purchases,
     stripe_events,
-    utcnow,
 )
-from aicredits.services import ledger, payments
+from aicredits.services import fulfilment, ledger, refunds, stripe_webhook
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
+from tests.dbutil import truncate_postgres
 from tests.factories import make_user, new_key
 from tests.integration import fake_stripe as fs
 from tests.integration.fake_stripe import Shop, make_shop
@@ -448,37 +448,125 @@ def test_ten_concurrent_deliveries_of_a_refund_claw_back_once(shop: Shop) -> Non
     clean(shop.db)
 
 
-def _lease_held_elsewhere(db: Database, sid: str, *, seconds: int) -> None:
-    """Another worker is settling this purchase (or died doing so `seconds` < 0 ago)."""
-    with db.transaction() as conn:
-        conn.execute(
-            sa.update(purchases)
-            .where(purchases.c.checkout_session_id == sid)
-            .values(lease_token="other-worker", lease_until=utcnow() + timedelta(seconds=seconds))
-        )
-
-
-def test_a_refund_meeting_another_workers_settlement_asks_stripe_to_retry(
-    shop: Shop, monkeypatch: pytest.MonkeyPatch
+def test_a_refund_meeting_another_settlement_of_its_purchase_waits_for_it_and_applies_once(
+    shop: Shop,
 ) -> None:
-    monkeypatch.setattr(payments, "LEASE_WAIT_SECONDS", 0.2)
     uid = make_user(shop.db)
     sid = shop.start(uid)
     shop.deliver(completed(shop, sid, uid))
-    _lease_held_elsewhere(shop.db, sid, seconds=60)
     body = refunded(sid, 500)
-    busy = shop.deliver(body)
-    assert busy.status_code == 503
-    assert busy.headers["retry-after"] == "5"
-    assert shop.balance(uid) == STARTER  # nothing taken while the other worker holds it
-    with shop.db.read() as conn:
-        refund = conn.execute(
-            sa.select(stripe_events.c.processed_at).where(stripe_events.c.type == "charge.refunded")
-        ).one()
-    assert refund.processed_at is None
-    _lease_held_elsewhere(shop.db, sid, seconds=-1)  # that worker died: its lease lapsed
-    assert shop.deliver(body).status_code == 200
+    answered: list[int] = []
+    worker = threading.Thread(target=lambda: answered.append(shop.deliver(body).status_code))
+    with shop.db.transaction() as conn:
+        # Another worker is settling this purchase: it holds the purchase's row (on SQLite,
+        # the database's one write lock).
+        conn.execute(
+            sa.select(purchases).where(purchases.c.checkout_session_id == sid).with_for_update()
+        )
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive()  # waiting its turn, not refused
+        assert shop.balance(uid) == STARTER  # and nothing taken meanwhile
+    worker.join(timeout=60)
+    assert answered == [200]
     assert shop.balance(uid) == 0
+    assert count(shop.db, ledger_entries, ledger_entries.c.kind == "clawback") == 1
+    clean(shop.db)
+
+
+@pytest.fixture
+def pg_shop(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shop]:
+    truncate_postgres(pg_url)
+    database = Database(pg_url)
+    try:
+        yield make_shop(database, monkeypatch)
+    finally:
+        database.dispose()
+        get_settings.cache_clear()
+
+
+def _deliver_all_at_once(shop: Shop, bodies: list[str]) -> list[Any]:
+    """Each body straight to the webhook's service, from its own thread, all released at once."""
+
+    def deliver(body: str) -> Callable[[], Any]:
+        return lambda: stripe_webhook.handle_webhook(
+            shop.db, shop.settings, payload=body.encode(), signature=fs.sign(body, shop.secret)
+        )
+
+    gate = threading.Barrier(len(bodies))
+    results: list[Any] = [None] * len(bodies)
+
+    def run(i: int, job: Callable[[], Any]) -> None:
+        gate.wait()
+        try:
+            results[i] = job()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, deliver(b))) for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+@pytest.mark.postgres
+def test_concurrent_refund_events_of_one_purchase_on_postgres_claw_back_exactly_once(
+    pg_shop: Shop,
+) -> None:
+    shop = pg_shop
+    uid = make_user(shop.db, credits=1_000)
+    sid = shop.start(uid)
+    shop.deliver(completed(shop, sid, uid))
+    # Eight events (eight event ids) about the same refund of 2.50, all at once...
+    results = _deliver_all_at_once(shop, [refunded(sid, 250) for _ in range(8)])
+    assert [getattr(r, "outcome", r) for r in results] == ["refund_recorded"] * 8
+    assert shop.balance(uid) == 1_000 + STARTER - 2_500
+    # ...then eight about a second refund that brings Stripe's total to 5.00.
+    results = _deliver_all_at_once(shop, [refunded(sid, 500) for _ in range(8)])
+    assert [getattr(r, "outcome", r) for r in results] == ["refund_recorded"] * 8
+    assert shop.balance(uid) == 1_000
+    with shop.db.read() as conn:
+        taken = conn.execute(
+            sa.select(ledger_entries.c.amount).where(ledger_entries.c.kind == "clawback")
+        ).all()
+    assert sorted(row.amount for row in taken) == [-2_500, -2_500]
+    purchase = shop.purchase(sid)
+    assert (purchase.amount_refunded, purchase.credits_clawed_back) == (500, STARTER)
+    assert purchase.credits_shortfall == 0 and not purchase.flagged
+    assert count(shop.db, account_flags) == 0
+    clean(shop.db)
+
+
+@pytest.mark.postgres
+def test_concurrent_refund_events_of_spent_credits_on_postgres_take_what_is_left_once(
+    pg_shop: Shop,
+) -> None:
+    shop = pg_shop
+    uid = make_user(shop.db)
+    sid = shop.start(uid)
+    shop.deliver(completed(shop, sid, uid))
+    spend(shop.db, uid, 3_000)
+    bodies = [refunded(sid, 250) for _ in range(4)] + [refunded(sid, 500) for _ in range(4)]
+    results = _deliver_all_at_once(shop, bodies)
+    assert [getattr(r, "outcome", r) for r in results] == ["refund_recorded"] * 8
+    assert shop.balance(uid) == 0  # the 2,000 left were taken back, and no more
+    purchase = shop.purchase(sid)
+    assert (purchase.credits_clawed_back, purchase.credits_shortfall) == (2_000, 3_000)
+    assert purchase.flagged
+    with shop.db.read() as conn:
+        taken = conn.execute(
+            sa.select(sa.func.sum(ledger_entries.c.amount)).where(
+                ledger_entries.c.kind == "clawback"
+            )
+        ).scalar_one()
+        flagged = conn.execute(
+            sa.select(sa.func.sum(account_flags.c.amount)).where(
+                account_flags.c.kind == "refund_shortfall"
+            )
+        ).scalar_one()
+    assert (taken, flagged) == (-2_000, 3_000)
     clean(shop.db)
 
 
@@ -596,7 +684,12 @@ def _fail_once_after(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> 
 
 @pytest.mark.parametrize(
     "point",
-    ["after the ledger grant", "after recording the purchase", "just before the event is stored"],
+    [
+        "after the ledger grant",
+        "after settling any refund that came first",
+        "after recording the purchase",
+        "just before the event is stored",
+    ],
 )
 def test_a_database_failure_during_a_completion_returns_500_and_the_retry_applies_once(
     shop: Shop, monkeypatch: pytest.MonkeyPatch, point: str
@@ -604,11 +697,13 @@ def test_a_database_failure_during_a_completion_returns_500_and_the_retry_applie
     uid = make_user(shop.db)
     sid = shop.start(uid)
     if point == "after the ledger grant":
-        calls = _fail_once_after(monkeypatch, payments.ledger, "grant")
+        calls = _fail_once_after(monkeypatch, ledger, "grant")
+    elif point == "after settling any refund that came first":
+        calls = _fail_once_after(monkeypatch, refunds, "settle_refunds")
     elif point == "after recording the purchase":
-        calls = _fail_once_after(monkeypatch, payments, "_apply_parked")
+        calls = _fail_once_after(monkeypatch, stripe_webhook, "apply_parked")
     else:
-        calls = _fail_once_after(monkeypatch, payments, "_settle_refunds")
+        calls = _fail_once_after(monkeypatch, stripe_webhook, "_dispatch")
     body = completed(shop, sid, uid)
     assert shop.deliver(body).status_code == 500
     assert calls == [1]
@@ -625,18 +720,60 @@ def test_a_database_failure_during_a_completion_returns_500_and_the_retry_applie
     clean(shop.db)
 
 
+class _Abandoned(Exception):
+    pass
+
+
+@pytest.mark.parametrize("point", ["after the ledger grant", "after recording the purchase"])
+def test_a_fulfilment_that_fails_after_the_ledger_write_leaves_neither_credit_nor_record(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    uid = make_user(shop.db)
+    sid = shop.start(uid)
+    owner, name = (
+        (ledger, "grant") if point == "after the ledger grant" else (refunds, "settle_refunds")
+    )
+    real = getattr(owner, name)
+    calls: list[int] = []
+
+    def then_fail(*args: Any, **kwargs: Any) -> Any:
+        real(*args, **kwargs)
+        calls.append(1)
+        raise _Abandoned
+
+    monkeypatch.setattr(owner, name, then_fail)
+    session = stripe_api.parse_checkout_session(fs.checkout_session(sid, user_id=uid))
+    with pytest.raises(_Abandoned):
+        fulfilment.fulfil_checkout_session(shop.db, session)
+    assert calls == [1]
+    assert shop.balance(uid) == 0
+    assert count(shop.db, ledger_entries) == 0
+    purchase = shop.purchase(sid)
+    assert (purchase.status, purchase.credits_granted, purchase.fulfilled_at) == ("open", 0, None)
+    assert purchase.payment_intent_id is None  # what the session said was not kept either
+    monkeypatch.setattr(owner, name, real)
+    again = fulfilment.fulfil_checkout_session(shop.db, session)
+    assert (again.status, again.newly_credited) == (fulfilment.FulfilmentStatus.CREDITED, True)
+    assert shop.balance(uid) == STARTER
+    assert shop.purchase(sid).credits_granted == STARTER
+    clean(shop.db)
+
+
 def test_a_database_failure_during_a_refund_returns_500_and_the_retry_takes_once(
     shop: Shop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     uid = make_user(shop.db)
     sid = shop.start(uid)
     shop.deliver(completed(shop, sid, uid))
-    calls = _fail_once_after(monkeypatch, payments.ledger, "clawback")
+    calls = _fail_once_after(monkeypatch, ledger, "clawback")
     body = refunded(sid, 500)
     assert shop.deliver(body).status_code == 500
     assert calls == [1]
-    assert shop.balance(uid) == 0  # the clawback happened; recording it did not
-    assert shop.purchase(sid).credits_clawed_back == 0
+    # One unit of work: the clawback rolled back with the refund it was for.
+    assert shop.balance(uid) == STARTER
+    purchase = shop.purchase(sid)
+    assert (purchase.amount_refunded, purchase.credits_clawed_back) == (0, 0)
+    assert count(shop.db, ledger_entries, ledger_entries.c.kind == "clawback") == 0
     assert shop.deliver(body).status_code == 200
     purchase = shop.purchase(sid)
     assert (purchase.credits_clawed_back, purchase.credits_shortfall) == (STARTER, 0)
@@ -650,7 +787,7 @@ def test_a_database_failure_while_parking_a_refund_is_retried_cleanly(
 ) -> None:
     uid = make_user(shop.db)
     sid = shop.start(uid)
-    calls = _fail_once_after(monkeypatch, payments, "_dispatch")
+    calls = _fail_once_after(monkeypatch, stripe_webhook, "_dispatch")
     body = refunded(sid, 500)
     assert shop.deliver(body).status_code == 500
     assert calls == [1]
