@@ -71,13 +71,14 @@ app.add_page(auth.login, route="/login", title="Sign in · aicredits", on_load=L
 app.add_page(
     auth.forbidden, route="/forbidden", title="aicredits", on_load=SessionState.load_visitor
 )
-# Signed-in pages: the on_load guard sends a signed-out visitor to sign-in and back.
+# Signed-in pages: each on_load signs the visitor in once, sending a signed-out one to
+# sign-in and back.
 app.add_page(chat.chat, route="/chat", title="Chat · aicredits", on_load=ChatState.load)
 app.add_page(
     credits.credits,
     route="/credits",
     title="Credits · aicredits",
-    on_load=[SessionState.require_login, CreditsState.load],
+    on_load=CreditsState.load,
 )
 # Where Stripe's checkout returns; the success page signs a visitor in and back itself, so
 # the session id in its query survives.
@@ -93,7 +94,8 @@ app.add_page(
     title="Checkout cancelled · aicredits",
     on_load=SessionState.require_login,
 )
-# The admin console. Each on_load and each handler checks the admin role on the server.
+# The admin console. Each on_load and each handler checks the admin role on the server
+# (state/guards.py); a page's on_load is its only check, so a load signs in once.
 for _route, _component, _title, _load in (
     ("/admin", admin.overview, "Admin", AdminOverviewState.load),
     ("/admin/users", admin.users, "Users · Admin", AdminUserSearchState.load_users),
@@ -105,11 +107,11 @@ for _route, _component, _title, _load in (
         _component,
         route=_route,
         title=f"{_title} · aicredits",
-        on_load=[SessionState.require_admin, _load],
+        on_load=_load,
     )
 app.add_page(
     keys.keys_page,
     route="/keys",
     title="API keys · aicredits",
-    on_load=[SessionState.require_login, KeysState.load],
+    on_load=KeysState.load,
 )

@@ -33,9 +33,10 @@ from aicredits.domain.errors import (
     UnknownUser,
 )
 from aicredits.domain.ledger import EntryKind, require_nonzero, require_positive, require_reason
-from aicredits.services import ledger
+from aicredits.services import ledger, thresholds
 from aicredits.services import users as users_service
 from aicredits.services.ledger import EntryResult
+from aicredits.settings import Settings
 
 # A form token is made by new_form_token(); anything else is refused before it keys money.
 _FORM_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,100}$")
@@ -294,10 +295,12 @@ def adjust_balance(
     credits: int,
     reason: str,
     form_token: str,
+    settings: Settings | None = None,
     now: datetime | None = None,
 ) -> ActionResult:
     """A signed correction of a balance, with a reason. It can never take the balance below
-    zero or below what is held: the ledger refuses, and nothing is written."""
+    zero or below what is held: the ledger refuses, and nothing is written. With `settings`,
+    the usage warnings a debit crosses are recorded (and emailed) at once."""
     now = now or utcnow()
     token = require_form_token(form_token)
     reason = require_reason(reason)
@@ -317,7 +320,7 @@ def adjust_balance(
             now=now,
         )
 
-    return _ledger_action(
+    result = _ledger_action(
         db,
         actor=actor,
         action=ActionKind.ADJUST_BALANCE,
@@ -330,6 +333,9 @@ def adjust_balance(
         apply=apply,
         describe=lambda amount, after: f"adjusted by {amount:+,} credits; balance {after:,}",
     )
+    if settings is not None and credits < 0:
+        thresholds.record_crossings(db, settings, user_id=user_id, now=now)
+    return result
 
 
 def grant_credits(

@@ -22,7 +22,7 @@ from aicredits.adapters import stripe_api
 from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import InvalidSignature, MalformedEvent, WebhookEvent
 from aicredits.adapters.tables import stripe_events, utcnow
-from aicredits.services import fulfilment, refunds
+from aicredits.services import fulfilment, refunds, thresholds
 from aicredits.services.fulfilment import Fulfilment, FulfilmentStatus
 from aicredits.services.payment_errors import UnknownCheckoutSession
 from aicredits.services.purchases import purchase_of_payment
@@ -54,6 +54,8 @@ class _Outcome:
     name: str
     # Set when the event must wait for a payment intent we do not know yet.
     parked_on: str | None = None
+    # Whose credits it took back (a refund): their usage warnings may now be due.
+    debited_user: int | None = None
 
 
 def handle_webhook(
@@ -102,6 +104,8 @@ def handle_webhook(
         # The completion may have been recorded while this event was being parked; one of
         # the two always sees the other's write, and applying twice changes nothing.
         apply_parked(db, outcome.parked_on, now)
+    if outcome.debited_user is not None:
+        thresholds.record_crossings(db, settings, user_id=outcome.debited_user, now=now)
     logger.info("stripe event %s %s: %s", event.id, event.type, outcome.name)
     return WebhookResult(event.id, event.type, outcome.name)
 
@@ -176,7 +180,7 @@ def _on_charge_refunded(db: Database, event: WebhookEvent, now: datetime) -> _Ou
             return _Outcome("parked", parked_on=charge.payment_intent_id)
         return _Outcome("unknown_payment")
     refunds.record_refund(db, purchase, charge, now)
-    return _Outcome("refund_recorded")
+    return _Outcome("refund_recorded", debited_user=purchase.user_id)
 
 
 def _on_dispute_created(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:

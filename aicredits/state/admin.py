@@ -52,7 +52,10 @@ class AdminPageState(SessionState):
     def _actor(user: CurrentUser) -> AdminActor:
         return AdminActor(user_id=user.id, email=user.email or f"user-{user.id}")
 
-    def _start_load(self) -> None:
+    async def _start_load(self, admin: CurrentUser) -> None:
+        """A page's on_load, once its guard has let the admin in: the header's balance (the
+        guard is the page's only sign-in check), fresh messages and a new form token."""
+        await self._refresh_balance(admin)
         if not self._keep_messages:
             self.error = ""
             self.notice = ""
@@ -88,7 +91,7 @@ class AdminOverviewState(AdminPageState):
     @rx.event
     @admin_only
     async def load(self, user: CurrentUser) -> EventSpec | None:
-        self._start_load()
+        await self._start_load(user)
         settings = get_settings()
         seen = await run_blocking(
             admin_views.overview,
@@ -132,7 +135,7 @@ class AdminUserSearchState(AdminPageState):
     @rx.event
     @admin_only
     async def load_users(self, user: CurrentUser) -> EventSpec | None:
-        self._start_load()
+        await self._start_load(user)
         await self._show_users(self.user_query, self.users_page)
         return None
 
@@ -187,7 +190,7 @@ class AdminUserAccountState(AdminPageState):
     @admin_only
     async def load_user(self, user: CurrentUser) -> EventSpec | None:
         """on_load of /admin/user?id=N, and the reload after each action on that page."""
-        self._start_load()
+        await self._start_load(user)
         try:
             wanted = admin_forms.parse_id(self.router.url.query_parameters.get("id"))
             detail = await run_blocking(admin_views.user_detail, get_database(), user_id=wanted)
@@ -228,7 +231,9 @@ class AdminUserAccountState(AdminPageState):
     @rx.event
     @admin_only
     async def adjust_balance(self, user: CurrentUser, form_data: dict[str, Any]) -> Any:
-        result = await self._credit_action(user, admin_actions.adjust_balance, form_data)
+        result = await self._credit_action(
+            user, admin_actions.adjust_balance, form_data, settings=get_settings()
+        )
         if result is None:
             return None
         return [
@@ -324,7 +329,7 @@ class AdminAuditLogState(AdminPageState):
     @rx.event
     @admin_only
     async def load_audit(self, user: CurrentUser) -> EventSpec | None:
-        self._start_load()
+        await self._start_load(user)
         await self._show_audit(1)
         return None
 
@@ -351,7 +356,7 @@ class AdminPricesState(AdminPageState):
     @rx.event
     @admin_only
     async def load_prices(self, user: CurrentUser) -> EventSpec | None:
-        self._start_load()
+        await self._start_load(user)
         configured = [m.id for m in get_settings().models]
         listed = await run_blocking(
             pricing.list_prices, get_database(), configured_models=configured

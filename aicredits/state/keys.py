@@ -44,6 +44,7 @@ class KeysState(SessionState):
         user = await self._authenticate()
         if user is None:
             return self._to_login()
+        await self._refresh_balance(user)
         self.new_key_secret = ""
         self.error = ""
         listed = await run_blocking(api_keys.list_api_keys, get_database(), user_id=user.id)

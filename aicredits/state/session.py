@@ -8,13 +8,13 @@ websocket message, whatever the UI shows or hides.
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import quote
 
 import reflex as rx
 from reflex_base.event import EventSpec
 
 from aicredits.adapters import logs
+from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import get_database
 from aicredits.api import cookies
 from aicredits.domain.identity import safe_next_path
@@ -77,7 +77,7 @@ class SessionState(rx.State):
         """Resolve a session cookie against the database, touching no state."""
         settings = get_settings()
         token = cookies.read_cookie(cookie_header, cookies.cookie_name(settings, cookies.SESSION))
-        user = await asyncio.to_thread(auth.resolve_session, get_database(), settings, token)
+        user = await run_blocking(auth.resolve_session, get_database(), settings, token)
         # A Reflex event has no HTTP request: its log lines get a fresh id, the page's route
         # (its pattern, e.g. /admin/user) as their route, this user, and the websocket's
         # client (the real one behind a trusted proxy).
@@ -114,12 +114,12 @@ class SessionState(rx.State):
         """Read what the header shows, touching no state: a background event calls this
         outside `async with self`, so the state's lock is never held across the database."""
         db = get_database()
-        balance = await asyncio.to_thread(ledger.get_balance, db, user_id=user_id)
-        banner = await asyncio.to_thread(thresholds.banner, db, get_settings(), user_id=user_id)
+        balance = await run_blocking(ledger.get_balance, db, user_id=user_id)
+        banner = await run_blocking(thresholds.banner, db, get_settings(), user_id=user_id)
         return balance.available, banner
 
     async def _refresh_trial_notice(self, user: CurrentUser) -> None:
-        notice = await asyncio.to_thread(trials.trial_notice, get_database(), user_id=user.id)
+        notice = await run_blocking(trials.trial_notice, get_database(), user_id=user.id)
         self.trial_notice = notice or ""
 
     def _show_balance(self, available: int, banner: thresholds.Banner | None) -> None:
@@ -131,7 +131,7 @@ class SessionState(rx.State):
         user = await self._authenticate()
         if user is None:
             return self._to_login()
-        await asyncio.to_thread(
+        await run_blocking(
             thresholds.dismiss,
             get_database(),
             get_settings(),
@@ -150,17 +150,6 @@ class SessionState(rx.State):
         user = await self._authenticate()
         if user is None:
             return self._to_login()
-        await self._refresh_balance(user)
-        return None
-
-    @rx.event
-    async def require_admin(self) -> EventSpec | None:
-        """on_load of admin pages."""
-        user = await self._authenticate()
-        if user is None:
-            return self._to_login()
-        if not user.is_admin:
-            return rx.redirect("/forbidden")
         await self._refresh_balance(user)
         return None
 

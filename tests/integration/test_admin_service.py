@@ -19,6 +19,7 @@ from aicredits.adapters.tables import (
     ledger_entries,
     model_prices,
     purchases,
+    threshold_crossings,
     trial_addresses,
     usage_events,
     utcnow,
@@ -810,3 +811,22 @@ def test_the_overview_lists_an_address_refused_through_sign_in(db: Database) -> 
     assert [(a.address, a.granted, a.refused) for a in seen.limited_addresses] == [
         ("203.0.113.5", 2, 1)
     ]
+
+
+def test_an_adjustment_down_records_the_usage_warnings_it_crosses_at_once(
+    db: Database, boss: AdminActor
+) -> None:
+    user = make_user(db, credits=100)
+    admin_actions.adjust_balance(
+        db, actor=boss, user_id=user, credits=-85, reason="clawed back by hand",
+        form_token=token(), settings=Settings(_env_file=None),
+    )  # fmt: skip
+    with db.read() as conn:
+        crossed = sorted(
+            conn.execute(
+                sa.select(threshold_crossings.c.threshold).where(
+                    threshold_crossings.c.user_id == user
+                )
+            ).scalars()
+        )
+    assert crossed == [50, 80]

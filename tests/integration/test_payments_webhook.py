@@ -20,6 +20,7 @@ from aicredits.adapters.tables import (
     ledger_entries,
     purchases,
     stripe_events,
+    threshold_crossings,
 )
 from aicredits.services import fulfilment, ledger, refunds, stripe_webhook
 from aicredits.services.verify import verify_ledger
@@ -274,6 +275,25 @@ def test_a_full_refund_claws_back_the_whole_pack(shop: Shop) -> None:
     assert purchase.credits_shortfall == 0 and not purchase.flagged
     assert purchase.status_label == "Refunded"
     assert count(shop.db, account_flags) == 0
+    clean(shop.db)
+
+
+def test_a_refund_that_takes_back_most_of_an_allowance_records_its_warnings_at_once(
+    shop: Shop,
+) -> None:
+    uid = make_user(shop.db)
+    sid = shop.start(uid)
+    shop.deliver(completed(shop, sid, uid))
+    shop.deliver(refunded(sid, 400))  # 4,000 of the 5,000 credits go back
+    with shop.db.read() as conn:
+        crossed = sorted(
+            conn.execute(
+                sa.select(threshold_crossings.c.threshold).where(
+                    threshold_crossings.c.user_id == uid
+                )
+            ).scalars()
+        )
+    assert crossed == [50, 80]
     clean(shop.db)
 
 
