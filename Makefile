@@ -21,7 +21,7 @@ help:
 	@echo "make bench   measure the ledger against plain psycopg (needs Postgres)"
 	@echo "make bench-scale  metered req/s and p99 of the prod app with 1, 2 and 4 workers"
 	@echo "make bench-chat   the chat in Chromium vs the /v1 API, then a 100-session soak"
-	@echo "make lint    ruff + mypy only;  make format  apply ruff's formatting"
+	@echo "make lint    ruff, mypy, the layer contract (import-linter), hadolint;  make format  apply ruff's formatting"
 	@echo "make image   build the container image with podman, base Debian from the Debian mirror"
 	@echo "make image-check  start that image and wait for /healthz (needs Redis on 127.0.0.1)"
 
@@ -54,6 +54,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint Dockerfile
 
 format: $(STAMP)

@@ -12,10 +12,9 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from aicredits.adapters.db import Database
-from aicredits.adapters.migrations import upgrade_to_head
 from aicredits.adapters.tables import utcnow
 from aicredits.domain.errors import AICreditsError
-from aicredits.services import jobs, ledger, pricing, users
+from aicredits.services import jobs, ledger, schema, users
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
 
@@ -143,14 +142,8 @@ def _check_config() -> int:
 
 
 def _migrate(db: Database) -> int:
-    upgrade_to_head(db.url)
-    seeded = pricing.seed_prices(db, get_settings().models)
-    print(f"database at head ({db.dialect})")
-    for price in seeded:
-        print(
-            f"priced {price.model}: {price.input_per_mtok} in / {price.output_per_mtok} out "
-            "credits per 1M tokens"
-        )
+    for line in schema.migrate(db, get_settings()):
+        print(line)
     return EXIT_OK
 
 

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from aicredits import cli
 from aicredits.adapters import metrics
+from aicredits.adapters.db import Database
+from aicredits.services import schema
 from aicredits.services.production import production_problems, refusal_message
 from aicredits.settings import Settings, get_settings
 
@@ -114,9 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         print(refusal_message(problems), file=sys.stderr)
         return EXIT_BAD_CONFIG
-    migrated = cli.main(["migrate"])
-    if migrated != 0:
-        return migrated
+    db = Database(settings.database_url)
+    try:
+        for line in schema.migrate(db, settings):
+            print(line, flush=True)
+    finally:
+        db.dispose()
     command = reflex_command(args)
     print(f"aicredits: starting {' '.join(command[1:])}", flush=True)
     os.execve(command[0], command, reflex_environment(settings, args.workers))  # noqa: S606

@@ -14,9 +14,6 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from aicredits.adapters import oauth
-from aicredits.adapters.oauth import Provider
-
 
 class ModelSpec(BaseModel):
     """A chat model the operator offers, with its default price (credits per 1M tokens).
@@ -284,31 +281,6 @@ class Settings(BaseSettings):
     def allowed_origins(self) -> list[str]:
         """Origins whose pages may open the websocket or post to our routes."""
         return sorted({_origin(self.public_url), _origin(self.api_url)})
-
-    def configured_providers(self) -> list[Provider]:
-        providers = []
-        if self.google_client_id and self.google_client_secret:
-            providers.append(oauth.google(self.google_client_id, self.google_client_secret))
-        if self.github_client_id and self.github_client_secret:
-            providers.append(oauth.github(self.github_client_id, self.github_client_secret))
-        if self.oidc_issuer and self.oidc_client_id and self.oidc_client_secret:
-            providers.append(
-                oauth.generic_oidc(
-                    "oidc",
-                    self.oidc_label,
-                    self.oidc_issuer,
-                    self.oidc_client_id,
-                    self.oidc_client_secret,
-                )
-            )
-        return providers
-
-    def sign_in_providers(self) -> list[Provider]:
-        """The configured providers; with none, the local dev issuer (development only)."""
-        providers = self.configured_providers()
-        if not providers and self.environment == "dev":
-            providers.append(oauth.dev_issuer(self.dev_oidc_issuer))
-        return providers
 
     @field_validator("database_url")
     @classmethod

@@ -47,8 +47,12 @@ sys.path.insert(0, str(ROOT))
 from chat_ui import REDIS_URL, bench_database, fake_upstream, running_app  # noqa: E402
 
 from aicredits.adapters.db import Database  # noqa: E402
-from aicredits.api import cookies  # noqa: E402
-from aicredits.services import auth, ledger, users  # noqa: E402
+from aicredits.services import (  # noqa: E402
+    auth,
+    cookies,
+    ledger,
+    users,
+)
 from aicredits.services.verify import verify_ledger  # noqa: E402
 from aicredits.settings import get_settings  # noqa: E402
 from aicredits.state.chat import ChatState  # noqa: E402

@@ -22,6 +22,8 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
+from aicredits.settings import Settings
+
 HTTP_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 METADATA_TTL_SECONDS = 3600
 ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
@@ -305,3 +307,31 @@ async def _github_identity(
         name=str(user.get("name") or user.get("login") or ""),
         picture=user.get("avatar_url"),
     )
+
+
+def configured_providers(settings: Settings) -> list[Provider]:
+    """The sign-in providers the operator configured (each needs its id and secret)."""
+    providers = []
+    if settings.google_client_id and settings.google_client_secret:
+        providers.append(google(settings.google_client_id, settings.google_client_secret))
+    if settings.github_client_id and settings.github_client_secret:
+        providers.append(github(settings.github_client_id, settings.github_client_secret))
+    if settings.oidc_issuer and settings.oidc_client_id and settings.oidc_client_secret:
+        providers.append(
+            generic_oidc(
+                "oidc",
+                settings.oidc_label,
+                settings.oidc_issuer,
+                settings.oidc_client_id,
+                settings.oidc_client_secret,
+            )
+        )
+    return providers
+
+
+def sign_in_providers(settings: Settings) -> list[Provider]:
+    """The configured providers; with none, the local dev issuer (development only)."""
+    providers = configured_providers(settings)
+    if not providers and settings.environment == "dev":
+        providers.append(dev_issuer(settings.dev_oidc_issuer))
+    return providers

@@ -16,10 +16,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from aicredits.adapters.db import get_database
-from aicredits.api import cookies
 from aicredits.domain.errors import answer_for
-from aicredits.services import auth
+from aicredits.services import auth, cookies
+from aicredits.services.runtime import get_database
 from aicredits.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)

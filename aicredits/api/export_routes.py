@@ -8,10 +8,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from aicredits.adapters.db import get_database
 from aicredits.api.auth_routes import login_page_url
 from aicredits.api.session import signed_in_user
 from aicredits.services import dashboard
+from aicredits.services.runtime import get_database
 from aicredits.settings import get_settings
 
 

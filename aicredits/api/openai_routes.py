@@ -21,8 +21,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from aicredits.adapters import logs
-from aicredits.adapters.blocking import run_blocking
-from aicredits.adapters.db import Database, database_for
 from aicredits.domain.chat import ChatRequest, parse_chat_request
 from aicredits.domain.errors import (
     AICreditsError,
@@ -47,6 +45,7 @@ from aicredits.services.gateway import (
     new_request_id,
     shared_gateway,
 )
+from aicredits.services.runtime import Database, database_for, run_blocking
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)

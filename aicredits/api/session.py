@@ -5,11 +5,9 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from aicredits.adapters import logs
-from aicredits.adapters.blocking import run_blocking
-from aicredits.adapters.db import get_database
-from aicredits.api import cookies
-from aicredits.services import auth
+from aicredits.services import auth, cookies
 from aicredits.services.auth import CurrentUser
+from aicredits.services.runtime import get_database, run_blocking
 from aicredits.settings import Settings
 
 

@@ -22,8 +22,6 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from aicredits.adapters import metrics
-from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
-from aicredits.adapters.db import get_database
 from aicredits.api.auth_routes import login_page_url
 from aicredits.api.session import signed_in_user
 from aicredits.devtools import simulated_checkout as simulated
@@ -39,6 +37,7 @@ from aicredits.services.payment_errors import (
     UnknownPack,
 )
 from aicredits.services.purchases import PurchaseView
+from aicredits.services.runtime import get_database, run_blocking, run_blocking_to_completion
 from aicredits.services.stripe_config import WEBHOOK_PATH
 from aicredits.services.stripe_webhook import InvalidSignature, MalformedEvent
 from aicredits.settings import Settings, get_settings

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from aicredits.devtools.dev_idp import DEV_USERS
+from aicredits.services import auth
 from aicredits.settings import Settings, get_settings
 
 DEV_ADMIN = "admin@example.test"
@@ -60,7 +61,7 @@ def start_stand_ins(settings: Settings) -> tuple[list[subprocess.Popen[bytes]], 
     """Start what the embedded defaults need. Returns the processes and env additions."""
     procs: list[subprocess.Popen[bytes]] = []
     env: dict[str, str] = {}
-    if any(p.name == "dev" for p in settings.sign_in_providers()):
+    if auth.dev_sign_in(settings):
         discovery = settings.dev_oidc_issuer.rstrip("/") + "/.well-known/openid-configuration"
         if not _answers(discovery):
             port = urlsplit(settings.dev_oidc_issuer).port or 9400
@@ -89,7 +90,7 @@ def start_stand_ins(settings: Settings) -> tuple[list[subprocess.Popen[bytes]], 
 
 def _banner(settings: Settings, env: dict[str, str]) -> str:
     lines = [f"aicredits: open {settings.public_url}"]
-    if any(p.name == "dev" for p in settings.sign_in_providers()):
+    if auth.dev_sign_in(settings):
         users = ", ".join(email for email, _ in DEV_USERS)
         lines.append(f"  Dev sign-in: pick a test user ({users}) or type any email.")
         if "ADMIN_EMAILS" in env:

@@ -7,9 +7,8 @@ from typing import Any
 import reflex as rx
 
 from aicredits.components.layout import page
-from aicredits.services.api_keys import MAX_ACTIVE_KEYS, MAX_NAME_LENGTH
 from aicredits.settings import get_settings
-from aicredits.state.keys import KeysState
+from aicredits.state.keys import MAX_ACTIVE_KEYS, MAX_NAME_LENGTH, KeysState
 
 _SNIPPET_STYLE = {
     "font_family": "var(--code-font-family)",

@@ -110,8 +110,18 @@ class SignedIn:
     created: bool
 
 
+def sign_in_providers(settings: Settings) -> list[Provider]:
+    """Who a visitor can sign in with here: the configured providers, or Dev sign-in."""
+    return oauth.sign_in_providers(settings)
+
+
+def dev_sign_in(settings: Settings) -> bool:
+    """Whether the local Dev sign-in is offered (development with no real provider)."""
+    return any(p.name == "dev" for p in oauth.sign_in_providers(settings))
+
+
 def find_provider(settings: Settings, name: str) -> Provider:
-    for provider in settings.sign_in_providers():
+    for provider in oauth.sign_in_providers(settings):
         if provider.name == name:
             return provider
     raise UnknownProvider(f"There is no sign-in provider called {name!r} here.")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pydantic import SecretStr
 
+from aicredits.adapters import oauth
 from aicredits.settings import Settings
 
 # HMAC keys shorter than this are guessable in practice; `openssl rand -hex 32` gives 64.
@@ -33,7 +34,7 @@ def production_problems(settings: Settings) -> list[str]:
             f"SESSION_SECRET is shorter than {MIN_SESSION_SECRET_LENGTH} characters: "
             "use a long random value (e.g. `openssl rand -hex 32`)."
         )
-    if not settings.configured_providers():
+    if not oauth.configured_providers(settings):
         problems.append(
             "No sign-in provider is configured, so only the local Dev sign-in exists: set "
             "GOOGLE_CLIENT_ID/GOOGLE_CLIENT_SECRET, GITHUB_CLIENT_ID/GITHUB_CLIENT_SECRET, "

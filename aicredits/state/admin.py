@@ -19,13 +19,12 @@ from typing import Any
 import reflex as rx
 from reflex_base.event import EventSpec
 
-from aicredits.adapters.blocking import run_blocking
-from aicredits.adapters.db import get_database
 from aicredits.domain.errors import AICreditsError
 from aicredits.services import admin_actions, admin_views, pricing
 from aicredits.services.admin_actions import ActionResult, AdminActor
 from aicredits.services.admin_views import UserDetail
 from aicredits.services.auth import CurrentUser
+from aicredits.services.runtime import get_database, run_blocking
 from aicredits.settings import get_settings
 from aicredits.state import admin_forms, admin_rows
 from aicredits.state.guards import Role, admin_only, unguarded_handlers

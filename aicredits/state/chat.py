@@ -12,8 +12,6 @@ from typing import Any
 import reflex as rx
 from reflex_base.event import EventSpec
 
-from aicredits.adapters.blocking import run_blocking
-from aicredits.adapters.db import get_database
 from aicredits.domain.errors import (
     AICreditsError,
     InsufficientCredits,
@@ -37,6 +35,7 @@ from aicredits.services.gateway import (
     UpstreamFailed,
     shared_gateway,
 )
+from aicredits.services.runtime import get_database, run_blocking
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState
 

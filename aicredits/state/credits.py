@@ -10,14 +10,13 @@ from typing import Any
 import reflex as rx
 from reflex_base.event import EventSpec
 
-from aicredits.adapters.blocking import run_blocking
-from aicredits.adapters.db import get_database
 from aicredits.domain.money import format_money
 from aicredits.services import checkout, dashboard
 from aicredits.services.fulfilment import FulfilmentStatus
 from aicredits.services.packs import PackOffer
 from aicredits.services.payment_errors import PaymentError
 from aicredits.services.purchases import PurchaseView
+from aicredits.services.runtime import get_database, run_blocking
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState, login_path
 

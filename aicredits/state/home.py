@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import reflex as rx
 
-from aicredits.adapters.blocking import run_blocking
-from aicredits.adapters.db import get_database
 from aicredits.services.catalog import describe_database, list_model_offers
+from aicredits.services.runtime import get_database, run_blocking
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState, provider_buttons
 

@@ -9,12 +9,15 @@ from typing import Any
 import reflex as rx
 from reflex_base.event import EventSpec
 
-from aicredits.adapters.blocking import run_blocking
-from aicredits.adapters.db import get_database
 from aicredits.domain.errors import AICreditsError
 from aicredits.services import api_keys
 from aicredits.services.api_keys import ApiKeyView
+from aicredits.services.runtime import get_database, run_blocking
 from aicredits.state.session import SessionState
+
+# The limits the page states; the service enforces them.
+MAX_ACTIVE_KEYS = api_keys.MAX_ACTIVE_KEYS
+MAX_NAME_LENGTH = api_keys.MAX_NAME_LENGTH
 
 
 def _when(moment: datetime | None, default: str = "") -> str:

@@ -6,6 +6,7 @@ import reflex as rx
 from reflex_base.event import EventSpec
 
 from aicredits.domain.identity import safe_next_path
+from aicredits.services import auth
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState, provider_buttons
 
@@ -20,7 +21,7 @@ class LoginState(SessionState):
         settings = get_settings()
         self.next_path = safe_next_path(self.router.url.query_parameters.get("next"))
         self.providers = provider_buttons()
-        self.dev_sign_in = any(p.name == "dev" for p in settings.sign_in_providers())
+        self.dev_sign_in = auth.dev_sign_in(settings)
         if await self._authenticate() is not None:
             return rx.redirect(self.next_path)  # already signed in
         return None

@@ -13,13 +13,10 @@ from urllib.parse import quote
 import reflex as rx
 from reflex_base.event import EventSpec
 
-from aicredits.adapters import logs
-from aicredits.adapters.blocking import run_blocking
-from aicredits.adapters.db import get_database
-from aicredits.api import cookies
 from aicredits.domain.identity import safe_next_path
-from aicredits.services import auth, ledger, thresholds, trials
+from aicredits.services import auth, cookies, ledger, thresholds, trials
 from aicredits.services.auth import CurrentUser
+from aicredits.services.runtime import get_database, run_blocking, start_event
 from aicredits.settings import get_settings
 
 
@@ -28,7 +25,7 @@ def provider_buttons() -> list[dict[str, str]]:
     settings = get_settings()
     return [
         {"name": p.name, "label": p.label, "action": f"{settings.api_url}/auth/login/{p.name}"}
-        for p in settings.sign_in_providers()
+        for p in auth.sign_in_providers(settings)
     ]
 
 
@@ -81,9 +78,7 @@ class SessionState(rx.State):
         # A Reflex event has no HTTP request: its log lines get a fresh id, the page's route
         # (its pattern, e.g. /admin/user) as their route, this user, and the websocket's
         # client (the real one behind a trusted proxy).
-        logs.start_event(
-            route=f"event:{page}", user_id=user.id if user else None, client_ip=client_ip
-        )
+        start_event(route=f"event:{page}", user_id=user.id if user else None, client_ip=client_ip)
         return user
 
     def _show(self, user: CurrentUser | None) -> None:

@@ -29,9 +29,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from aicredits.adapters.db import Database
-from aicredits.api import cookies
 from aicredits.api.routes import api_transformers
-from aicredits.services import auth, checkout, ledger
+from aicredits.services import auth, checkout, cookies, ledger
 from aicredits.services.purchases import PurchaseView, get_purchase
 from aicredits.settings import Settings, get_settings
 

@@ -139,7 +139,9 @@ def strict_site(db_url: str, idp: str, monkeypatch: pytest.MonkeyPatch) -> Itera
     # With a real provider configured, Dev sign-in would be off; keep it for linking tests.
     dev = auth.oauth.dev_issuer(idp)
     monkeypatch.setattr(
-        Settings, "sign_in_providers", lambda self: [*self.configured_providers(), dev]
+        auth.oauth,
+        "sign_in_providers",
+        lambda settings: [*auth.oauth.configured_providers(settings), dev],
     )
     yield s
     s.db.dispose()

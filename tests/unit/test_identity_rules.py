@@ -2,8 +2,8 @@
 
 import pytest
 
-from aicredits.api.cookies import read_cookie
 from aicredits.domain.identity import is_admin, safe_next_path, token_hash
+from aicredits.services.cookies import read_cookie
 
 
 @pytest.mark.parametrize(
