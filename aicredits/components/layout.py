@@ -38,59 +38,138 @@ def sign_in_button(provider: Any, next_path: Any = "/chat") -> rx.Component:
     )
 
 
-def sign_out_button() -> rx.Component:
+def sign_out_button(element_id: str = "sign-out") -> rx.Component:
     return PostForm.create(
-        rx.button("Sign out", type="submit", variant="soft", size="2", id="sign-out"),
+        rx.button(
+            "Sign out", type="submit", variant="soft", size="2", id=element_id, white_space="nowrap"
+        ),
         action=f"{get_settings().api_url}/auth/logout",
         method="post",
     )
 
 
-def _user_menu() -> rx.Component:
+# The header's balance follows the usage warnings: neutral, then information at the first
+# threshold (50%), a warning at 80%, danger when the credits are gone.
+BADGE_COLOR = rx.match(
+    SessionState.usage_level, ("info", "blue"), ("warning", "amber"), ("blocking", "red"), "gray"
+)
+NAV_LINKS = (("Chat", "/chat", "nav-chat"), ("Credits", "/credits", "nav-credits"))
+
+
+def _balance_badge() -> rx.Component:
+    return rx.badge(
+        rx.text(SessionState.balance_text, id="header-balance", white_space="nowrap"),
+        size="2",
+        color_scheme=BADGE_COLOR,
+        high_contrast=True,
+        class_name=rx.Var.create("balance-badge usage-") + SessionState.usage_level,
+    )
+
+
+def _theme_toggle() -> rx.Component:
+    return rx.color_mode.button(
+        size="2", variant="ghost", aria_label="Switch between light and dark", id="theme-toggle"
+    )
+
+
+def _desktop_nav() -> rx.Component:
     return rx.hstack(
-        rx.badge(
-            rx.text(SessionState.available_credits, " credits", id="header-balance"),
-            size="2",
-            color_scheme="green",
-        ),
+        *(rx.link(label, href=href, id=ident) for label, href, ident in NAV_LINKS),
+        rx.link("API keys", href="/keys", id="nav-keys"),
+        rx.cond(SessionState.is_admin, rx.link("Admin", href="/admin", id="nav-admin")),
+        spacing="4",
+        display=["none", "none", "flex"],
+    )
+
+
+def _desktop_user() -> rx.Component:
+    return rx.hstack(
         rx.avatar(
             src=SessionState.avatar_url,
             fallback=SessionState.user_initial,
             size="2",
             radius="full",
+            alt="",
         ),
-        rx.text(SessionState.user_name, id="header-user-name", size="2", weight="medium"),
+        rx.text(
+            SessionState.user_name,
+            id="header-user-name",
+            size="2",
+            weight="medium",
+            max_width="16em",
+            overflow="hidden",
+            text_overflow="ellipsis",
+            white_space="nowrap",
+        ),
         sign_out_button(),
         align="center",
         spacing="3",
+        display=["none", "none", "flex"],
+    )
+
+
+def _phone_menu() -> rx.Component:
+    """Below the desktop width the links and the account collapse into one menu."""
+    return rx.box(
+        rx.menu.root(
+            rx.menu.trigger(
+                rx.icon_button(
+                    rx.icon("menu"), variant="soft", size="2", aria_label="Menu", id="menu-button"
+                )
+            ),
+            rx.menu.content(
+                *(
+                    rx.menu.item(rx.link(label, href=href, width="100%"), id=f"menu-{ident}")
+                    for label, href, ident in (*NAV_LINKS, ("API keys", "/keys", "nav-keys"))
+                ),
+                rx.cond(
+                    SessionState.is_admin,
+                    rx.menu.item(rx.link("Admin", href="/admin", width="100%"), id="menu-admin"),
+                ),
+                rx.menu.separator(),
+                rx.text(
+                    SessionState.user_name,
+                    id="menu-user-name",
+                    size="2",
+                    color_scheme="gray",
+                    padding_x="0.5em",
+                ),
+                rx.box(sign_out_button("menu-sign-out"), padding_x="0.5em", padding_y="0.25em"),
+                align="end",
+            ),
+        ),
+        display=["block", "block", "none"],
     )
 
 
 def header() -> rx.Component:
     return rx.hstack(
-        rx.link(rx.heading("aicredits", size="5"), href="/", underline="none"),
-        rx.cond(
-            SessionState.signed_in,
-            rx.hstack(
-                rx.link("Chat", href="/chat"),
-                rx.link("Credits", href="/credits"),
-                rx.link("API keys", href="/keys", id="nav-keys"),
-                rx.cond(SessionState.is_admin, rx.link("Admin", href="/admin", id="nav-admin")),
-                spacing="4",
-            ),
-        ),
+        rx.link(rx.heading("aicredits", size="5"), href="/", underline="none", id="home-link"),
+        rx.cond(SessionState.signed_in, _desktop_nav()),
         rx.spacer(),
         rx.cond(
             SessionState.signed_in,
-            _user_menu(),
-            rx.link(rx.button("Sign in", variant="soft"), href="/login"),
+            rx.hstack(
+                _balance_badge(),
+                _desktop_user(),
+                _theme_toggle(),
+                _phone_menu(),
+                align="center",
+                spacing="3",
+            ),
+            rx.hstack(
+                _theme_toggle(),
+                rx.link(rx.button("Sign in", variant="soft"), href="/login", id="header-sign-in"),
+                align="center",
+                spacing="3",
+            ),
         ),
         align="center",
         width="100%",
         padding_y="0.75em",
         border_bottom="1px solid var(--gray-a5)",
-        wrap="wrap",
         spacing="4",
+        as_="header",
     )
 
 
@@ -150,4 +229,6 @@ def page(*children: rx.Component, signed_in_only: bool = False) -> rx.Component:
     body = rx.vstack(*children, spacing="4", width="100%", padding_y="1.5em")
     if signed_in_only:
         body = rx.cond(SessionState.signed_in, body, rx.center(rx.spinner(), padding="4em"))
-    return rx.container(rx.vstack(header(), usage_banner(), body, width="100%"), size="3")
+    # Present once the page's state has loaded (its on_load done): what a test waits for.
+    ready = rx.cond(rx.State.is_hydrated, rx.el.span(id="page-ready", hidden=True))
+    return rx.container(rx.vstack(header(), usage_banner(), body, ready, width="100%"), size="3")

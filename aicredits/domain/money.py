@@ -67,3 +67,13 @@ def credits_worth(credits: int, packs: Iterable[PricedPack]) -> str:
     if pack is None:
         return ""
     return format_money(credits * pack.amount // pack.credits, pack.currency)
+
+
+def grouped(number: int) -> str:
+    """Every count the app shows, one way: with thousands grouped ("1,234", "-5,000")."""
+    return f"{number:,}"
+
+
+def credits_text(credits: int) -> str:
+    """ "1 credit", "1,234 credits"."""
+    return f"{grouped(credits)} credit{'' if abs(credits) == 1 else 's'}"

@@ -104,7 +104,7 @@ def _balance() -> rx.Component:
         rx.flex(
             _stat(
                 "Available",
-                SessionState.available_credits,
+                SessionState.available_grouped,
                 "credits-available",
                 CreditsState.available_money,
             ),
@@ -119,7 +119,7 @@ def _balance() -> rx.Component:
                 rx.text("Expiring credits", size="2", weight="medium"),
                 rx.foreach(
                     CreditsState.expiring,
-                    lambda e: rx.text(e["credits"], " credits expire on ", e["date"], size="2"),
+                    lambda e: rx.text(e["credits"], " expire on ", e["date"], size="2"),
                 ),
                 id="expiring-credits",
                 spacing="1",
@@ -137,9 +137,9 @@ def _allowance() -> rx.Component:
             rx.hstack(
                 rx.text(
                     "Used ",
-                    CreditsState.allowance_used,
+                    CreditsState.allowance_used_text,
                     " of ",
-                    CreditsState.allowance_size,
+                    CreditsState.allowance_size_text,
                     " credits since ",
                     CreditsState.allowance_since,
                     size="2",

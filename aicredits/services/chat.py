@@ -139,7 +139,7 @@ class ChatPage:
     """Everything the chat page shows on load, as of one moment."""
 
     available: int  # the header's credits
-    banner: thresholds.Banner | None
+    usage: thresholds.UsageStatus
     trial_notice: str  # "" when there is nothing to say
     models: list[OfferedModel]  # the configured models that have a price
     model: str  # the one selected ("" when none is offered)
@@ -175,7 +175,7 @@ def chat_page(
                 model = opened.model
         return ChatPage(
             available=ledger.get_balance(conn, user_id=user_id).available,
-            banner=thresholds.banner(conn, settings, user_id=user_id),
+            usage=thresholds.status(conn, settings, user_id=user_id),
             trial_notice=trials.trial_notice(conn, user_id=user_id) or "",
             models=offered,
             model=model,

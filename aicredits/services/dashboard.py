@@ -211,7 +211,7 @@ class CreditsPage:
     """Everything the credits page shows, as of one moment."""
 
     available: int  # the header's credits
-    banner: thresholds.Banner | None
+    usage: thresholds.UsageStatus
     trial_notice: str  # "" when there is nothing to say
     packs: list[PackOffer]
     purchases: list[PurchaseView]
@@ -238,7 +238,7 @@ def credits_page(
         lines, pages = history(conn, user_id=user_id, kind=history_kind, page=history_page)
         return CreditsPage(
             available=totals.available,
-            banner=thresholds.banner(conn, settings, user_id=user_id),
+            usage=thresholds.status(conn, settings, user_id=user_id),
             trial_notice=trials.trial_notice(conn, user_id=user_id, now=now) or "",
             packs=list_packs(settings),
             purchases=list_purchases(conn, user_id=user_id),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -121,6 +121,16 @@ def _record(
     return new
 
 
+@dataclass(frozen=True, slots=True)
+class UsageStatus:
+    """Where the user stands in this allowance: the level of the highest threshold reached
+    ("" below the first; what the header's badge shows, dismissed or not) and the banner to
+    show (None when none is reached, or it was dismissed)."""
+
+    level: Level | Literal[""]
+    banner: Banner | None
+
+
 def banner(target: Database | Connection, settings: Settings, *, user_id: int) -> Banner | None:
     """The banner to show now: the highest threshold reached in this allowance and not
     dismissed. A user with no credits left sees the blocking one; one who never had any
@@ -129,13 +139,18 @@ def banner(target: Database | Connection, settings: Settings, *, user_id: int) -
     Read-only, and from the balance itself, so it is right at once after any change (a
     charge, an expiry, an admin's adjustment), whether or not its crossing is recorded yet;
     only dismissals are read from the recorded crossings."""
+    return status(target, settings, user_id=user_id).banner
+
+
+def status(target: Database | Connection, settings: Settings, *, user_id: int) -> UsageStatus:
+    """The usage level and the banner, in one read (see `banner`)."""
     with reading(target, snapshot=True) as conn:
         current = current_allowance(conn, user_id=user_id)
         if current.entry_id is None:
-            return None  # nothing was ever given: the chat's own error explains
+            return UsageStatus("", None)  # nothing was ever given: the chat's error explains
         reached = crossed(current, settings.threshold_percents)
         if not reached:
-            return None
+            return UsageStatus("", None)
         dismissed = conn.execute(
             sa.select(sa.func.max(threshold_crossings.c.threshold)).where(
                 threshold_crossings.c.user_id == user_id,
@@ -143,17 +158,21 @@ def banner(target: Database | Connection, settings: Settings, *, user_id: int) -
                 threshold_crossings.c.dismissed_at.is_not(None),
             )
         ).scalar()
+    reached_level = level(max(reached))
     # Dismissing a banner dismisses every threshold up to its own (see `dismiss`).
     open_thresholds = [t for t in reached if dismissed is None or t > dismissed]
     if not open_thresholds:
-        return None
+        return UsageStatus(reached_level, None)
     top = max(open_thresholds)
     kind = level(top)
-    return Banner(
-        threshold=top,
-        level=kind,
-        text=banner_text(top, current),
-        dismissible=kind != "blocking",
+    return UsageStatus(
+        reached_level,
+        Banner(
+            threshold=top,
+            level=kind,
+            text=banner_text(top, current),
+            dismissible=kind != "blocking",
+        ),
     )
 
 

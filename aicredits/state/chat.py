@@ -19,6 +19,7 @@ from aicredits.domain.errors import (
     RateLimited,
     answer_for,
 )
+from aicredits.domain.money import credits_text, grouped
 from aicredits.domain.pricing import credits_per_1k
 from aicredits.services import chat, conversations
 from aicredits.services.chat import ChatReply, Estimate
@@ -47,7 +48,10 @@ def cost_line(input_tokens: int, output_tokens: int, charged: int, estimated: bo
     """The line under a reply: what it used and what it cost."""
     counted = " (counted locally)" if estimated else ""
     noun = "credit" if charged == 1 else "credits"
-    return f"{input_tokens} tokens in · {output_tokens} out{counted} · {charged} {noun}"
+    return (
+        f"{grouped(input_tokens)} tokens in · {grouped(output_tokens)} out{counted} · "
+        f"{grouped(charged)} {noun}"
+    )
 
 
 def outcome_note(outcome: str) -> str:
@@ -66,8 +70,8 @@ def outcome_note(outcome: str) -> str:
 ERROR_MESSAGES: dict[type[AICreditsError], tuple[str, str]] = {
     InsufficientCredits: (
         "credits",
-        "Not enough credits: this message needs up to {exc.needed} and you have "
-        "{exc.available} available.",
+        "Not enough credits: this message needs up to {exc.needed:,} and you have "
+        "{exc.available:,} available.",
     ),
     RateLimited: ("rate", "You are sending too fast: try again in {exc.retry_after_header} s."),
     LimiterUnavailable: ("rate", "The service is busy: try again in a few seconds."),
@@ -131,7 +135,9 @@ def estimate_line(result: Estimate | None) -> str:
     ("" when no model is chosen)."""
     if result is None:
         return ""
-    return result.problem or f"≈ {result.approx_credits} credits, at most {result.max_credits}"
+    return result.problem or (
+        f"≈ {credits_text(result.approx_credits)}, at most {grouped(result.max_credits)}"
+    )
 
 
 def with_reply_text(rows: list[dict[str, Any]], reply_id: int, text: str) -> bool:
@@ -226,7 +232,7 @@ class ChatState(SessionState):
             model=self.model,
             wanted=str(self.router.url.query_parameters.get("c", "")),
         )
-        self._show_balance(page.available, page.banner)
+        self._show_balance(page.available, page.usage)
         self.trial_notice = page.trial_notice
         self.models = [
             model_row(m.id, m.label, m.price.input_per_mtok, m.price.output_per_mtok)

@@ -10,7 +10,7 @@ from typing import Any
 import reflex as rx
 from reflex_base.event import EventSpec
 
-from aicredits.domain.money import format_money
+from aicredits.domain.money import credits_text, format_money, grouped
 from aicredits.services import checkout, dashboard
 from aicredits.services.fulfilment import FulfilmentStatus
 from aicredits.services.packs import PackOffer
@@ -37,7 +37,7 @@ def purchase_row(purchase: PurchaseView, labels: dict[str, str]) -> dict[str, st
         "date": purchase.created_at.strftime("%Y-%m-%d %H:%M UTC"),
         "pack": labels.get(purchase.pack_id, purchase.pack_id),
         "amount": format_money(purchase.amount, purchase.currency),
-        "credits": f"{purchase.credits:,}",
+        "credits": grouped(purchase.credits),
         "status": purchase.status_label,
         "receipt_url": purchase.receipt_url or "",
     }
@@ -49,7 +49,7 @@ def history_row(line: dashboard.HistoryLine) -> dict[str, str]:
         "date": line.created_at.strftime("%Y-%m-%d %H:%M"),
         "kind": line.kind,
         "amount": f"{line.amount:+,}",
-        "balance_after": f"{line.balance_after:,}",
+        "balance_after": grouped(line.balance_after),
         "reason": line.reason,
         "receipt_url": line.receipt_url or "",
     }
@@ -66,14 +66,15 @@ class CreditsState(SessionState):
     simulated: bool = False
     packs: list[dict[str, str]] = []
     purchases: list[dict[str, str]] = []
-    # The dashboard
-    held_credits: int = 0
-    total_credits: int = 0
+    # The dashboard; counts as shown ("1,234")
+    held_credits: str = "0"
+    total_credits: str = "0"
     available_money: str = ""
     total_money: str = ""
     expiring: list[dict[str, str]] = []
     allowance_size: int = 0
-    allowance_used: int = 0
+    allowance_size_text: str = ""
+    allowance_used_text: str = ""
     allowance_percent: int = 0
     allowance_since: str = ""
     usage_chart: list[dict[str, Any]] = []
@@ -99,14 +100,15 @@ class CreditsState(SessionState):
 
     def _show_dashboard(self, page: dashboard.CreditsPage, models: list[str]) -> None:
         summary = page.summary
-        self.held_credits, self.total_credits = summary.held, summary.total
+        self.held_credits, self.total_credits = grouped(summary.held), grouped(summary.total)
         self.available_money, self.total_money = summary.available_money, summary.total_money
         self.expiring = [
-            {"date": when.strftime("%Y-%m-%d"), "credits": f"{amount:,}"}
+            {"date": when.strftime("%Y-%m-%d"), "credits": credits_text(amount)}
             for when, amount in summary.expiring
         ]
         self.allowance_size = summary.allowance.size
-        self.allowance_used = summary.allowance.used
+        self.allowance_size_text = grouped(summary.allowance.size)
+        self.allowance_used_text = grouped(summary.allowance.used)
         self.allowance_percent = summary.allowance_percent
         self.allowance_since = (
             summary.allowance_since.strftime("%Y-%m-%d") if summary.allowance_since else ""
@@ -116,10 +118,10 @@ class CreditsState(SessionState):
         self.model_rows = [
             {
                 "model": m.model,
-                "calls": f"{m.calls:,}",
-                "input": f"{m.input_tokens:,}",
-                "output": f"{m.output_tokens:,}",
-                "credits": f"{m.credits:,}",
+                "calls": grouped(m.calls),
+                "input": grouped(m.input_tokens),
+                "output": grouped(m.output_tokens),
+                "credits": grouped(m.credits),
             }
             for m in page.usage_by_model
         ]
@@ -171,7 +173,7 @@ class CreditsState(SessionState):
         self.packs = [pack_row(p) for p in page.packs]
         labels = {p.id: p.label for p in page.packs}
         self.purchases = [purchase_row(p, labels) for p in page.purchases]
-        self._show_balance(page.available, page.banner)
+        self._show_balance(page.available, page.usage)
         self.trial_notice = page.trial_notice
         self._show_dashboard(page, [m.id for m in settings.models])
         return None
@@ -198,8 +200,8 @@ class CreditsState(SessionState):
             self.outcome_message = exc.message
         else:
             self.outcome = str(result.status)
-            self.outcome_credits = f"{result.credits:,}"
-            self.outcome_message = _MESSAGES[result.status].format(credits=f"{result.credits:,}")
+            self.outcome_credits = grouped(result.credits)
+            self.outcome_message = _MESSAGES[result.status].format(credits=grouped(result.credits))
         await self._refresh_balance(user)
         return None
 

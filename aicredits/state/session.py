@@ -14,6 +14,7 @@ import reflex as rx
 from reflex_base.event import EventSpec
 
 from aicredits.domain.identity import safe_next_path
+from aicredits.domain.money import credits_text, grouped
 from aicredits.services import auth, cookies, ledger, thresholds, trials
 from aicredits.services.auth import CurrentUser
 from aicredits.services.runtime import get_database, run_blocking, start_event
@@ -44,6 +45,11 @@ class SessionState(rx.State):
     avatar_url: str = ""
     is_admin: bool = False
     available_credits: int = 0
+    # The header's balance: "1,234 credits", and how much of the allowance is used as a
+    # level: "" (below the first warning), info, warning or blocking.
+    balance_text: str = ""
+    available_grouped: str = "0"
+    usage_level: str = ""
     # The usage warning shown on every page: "" (none), info, warning or blocking.
     banner_level: str = ""
     banner_text: str = ""
@@ -90,8 +96,7 @@ class SessionState(rx.State):
         self.avatar_url = (user.avatar_url or "") if user else ""
         self.is_admin = user.is_admin if user else False
         if user is None:
-            self.available_credits = 0
-            self._show_banner(None)
+            self._show_balance(0, thresholds.UsageStatus("", None))
             self.trial_notice = ""
 
     def _show_banner(self, banner: thresholds.Banner | None) -> None:
@@ -105,21 +110,24 @@ class SessionState(rx.State):
         self._show_balance(*await self._fetch_balance(user.id))
 
     @staticmethod
-    async def _fetch_balance(user_id: int) -> tuple[int, thresholds.Banner | None]:
+    async def _fetch_balance(user_id: int) -> tuple[int, thresholds.UsageStatus]:
         """Read what the header shows, touching no state: a background event calls this
         outside `async with self`, so the state's lock is never held across the database."""
         db = get_database()
         balance = await run_blocking(ledger.get_balance, db, user_id=user_id)
-        banner = await run_blocking(thresholds.banner, db, get_settings(), user_id=user_id)
-        return balance.available, banner
+        usage = await run_blocking(thresholds.status, db, get_settings(), user_id=user_id)
+        return balance.available, usage
 
     async def _refresh_trial_notice(self, user: CurrentUser) -> None:
         notice = await run_blocking(trials.trial_notice, get_database(), user_id=user.id)
         self.trial_notice = notice or ""
 
-    def _show_balance(self, available: int, banner: thresholds.Banner | None) -> None:
+    def _show_balance(self, available: int, usage: thresholds.UsageStatus) -> None:
         self.available_credits = available
-        self._show_banner(banner)
+        self.balance_text = credits_text(available)
+        self.available_grouped = grouped(available)
+        self.usage_level = usage.level
+        self._show_banner(usage.banner)
 
     @rx.event
     async def dismiss_banner(self) -> EventSpec | None:
