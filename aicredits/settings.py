@@ -34,6 +34,13 @@ class ModelSpec(BaseModel):
     output_per_mtok: int = Field(ge=0)
     max_output_tokens: int = Field(default=1024, gt=0)
     context_tokens: int = Field(default=16_384, gt=0)
+    # Takes image_url parts. Each image is reserved at `max_image_tokens`, the most one image
+    # can cost on this model (the charge follows the provider's usage).
+    vision: bool = False
+    max_image_tokens: int = Field(default=1_445, gt=0)
+    # A reasoning model: sent `max_completion_tokens` (which bounds its reasoning tokens
+    # too) instead of `max_tokens`, and takes `reasoning_effort`.
+    reasoning: bool = False
 
     @property
     def upstream_model(self) -> str:
@@ -48,6 +55,8 @@ DEFAULT_MODELS: list[ModelSpec] = [
         output_per_mtok=8_000,
         max_output_tokens=1024,
         context_tokens=16_384,
+        vision=True,
+        max_image_tokens=765,
     )
 ]
 
@@ -61,6 +70,10 @@ DEFAULT_OPENAI_MODELS: list[ModelSpec] = [
         output_per_mtok=1_200,
         max_output_tokens=4_096,
         context_tokens=128_000,
+        vision=True,
+        # 2,833 + 5,667 per 512-px tile, at most 8 tiles: gpt-4o-mini counts an image in
+        # many cheap tokens.
+        max_image_tokens=48_169,
     )
 ]
 FAKE_UPSTREAM_URL = "http://127.0.0.1:9500/v1"

@@ -23,8 +23,15 @@ from aicredits.adapters import logs
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database, database_for
 from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
+from aicredits.adapters.upstream import Delta
 from aicredits.domain.chat import ChatRequest, parse_chat_request
-from aicredits.domain.errors import AICreditsError, InsufficientCredits, InvalidRequest
+from aicredits.domain.errors import (
+    AICreditsError,
+    IdempotencyConflict,
+    InsufficientCredits,
+    InvalidParameter,
+    InvalidRequest,
+)
 from aicredits.services import api_keys
 from aicredits.services.auth import CurrentUser
 from aicredits.services.catalog import list_model_offers
@@ -84,6 +91,11 @@ def error_body(
         headers["Retry-After"] = "5"
     elif isinstance(exc, UpstreamFailed | ReplyCut):
         status, kind, message = 502, "upstream_error", str(exc)
+    elif isinstance(exc, IdempotencyConflict):
+        status, kind, message = 409, "invalid_request_error", str(exc)
+    elif isinstance(exc, InvalidParameter):
+        status, kind, message = 400, "invalid_request_error", str(exc)
+        extra = {"param": exc.param}
     elif isinstance(exc, InvalidRequest):
         status, kind, message = 400, "invalid_request_error", str(exc)
     else:
@@ -155,21 +167,28 @@ class OpenAIRoutes:
         except AICreditsError as exc:
             return self._error(exc, request_id)
         offers = await run_blocking(list_model_offers, self.db, self.settings)
-        data = [
-            {
-                "id": offer.id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "aicredits",
-                "name": offer.label,
-                "pricing": {
-                    "unit": "credits per 1K tokens",
-                    "input": offer.input_per_1k,
-                    "output": offer.output_per_1k,
-                },
-            }
-            for offer in offers
-        ]
+        data = []
+        for offer in offers:
+            spec = self.settings.model_spec(offer.id)
+            data.append(
+                {
+                    "id": offer.id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "aicredits",
+                    "name": offer.label,
+                    "pricing": {
+                        "unit": "credits per 1K tokens",
+                        "input": offer.input_per_1k,
+                        "output": offer.output_per_1k,
+                    },
+                    "capabilities": {
+                        "chat": True,
+                        "vision": bool(spec and spec.vision),
+                        "reasoning": bool(spec and spec.reasoning),
+                    },
+                }
+            )
         return JSONResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
 
     async def chat_completions(self, request: Request) -> Response:
@@ -195,7 +214,7 @@ class OpenAIRoutes:
             except (UpstreamFailed, ServerRestarting) as exc:
                 return self._error(exc, request_id)
             return JSONResponse(_completion(chat, result), headers=_charge_headers(result, headers))
-        replies = turn.stream()
+        replies = turn.deltas()
         try:
             first = await anext(replies)
         except StopAsyncIteration:
@@ -235,30 +254,64 @@ def _extras(result: TurnResult) -> dict[str, Any]:
     }
 
 
+def _usage(result: TurnResult) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": result.input_tokens,
+        "completion_tokens": result.output_tokens,
+        "total_tokens": result.input_tokens + result.output_tokens,
+    }
+    if result.reasoning_tokens:
+        usage["completion_tokens_details"] = {"reasoning_tokens": result.reasoning_tokens}
+    return usage
+
+
 def _completion(chat: ChatRequest, result: TurnResult) -> dict[str, Any]:
+    choices = []
+    for choice in result.choices:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            # As OpenAI does: no content, rather than an empty one, beside tool calls.
+            "content": choice.content if choice.content or not choice.tool_calls else None,
+            "refusal": choice.refusal,
+        }
+        if choice.tool_calls:
+            message["tool_calls"] = list(choice.tool_calls)
+        choices.append(
+            {
+                "index": choice.index,
+                "message": message,
+                "logprobs": choice.logprobs,
+                "finish_reason": choice.finish_reason or "stop",
+            }
+        )
     return {
         "id": "chatcmpl-" + result.request_id.removeprefix("req_"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": chat.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason or "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": result.input_tokens,
-            "completion_tokens": result.output_tokens,
-            "total_tokens": result.input_tokens + result.output_tokens,
-        },
+        "choices": choices,
+        "usage": _usage(result),
         "aicredits": _extras(result),
     }
 
 
+def _chunk_choice(delta: Delta, first: bool) -> dict[str, Any]:
+    """One streamed piece of one choice, passed on as the upstream sent it."""
+    piece: dict[str, Any] = {"role": "assistant"} if first else {}
+    if delta.text or not (delta.tool_calls or delta.refusal):
+        piece["content"] = delta.text
+    if delta.tool_calls:
+        piece["tool_calls"] = list(delta.tool_calls)
+    if delta.refusal:
+        piece["refusal"] = delta.refusal
+    choice: dict[str, Any] = {"index": delta.index, "delta": piece, "finish_reason": None}
+    if delta.logprobs is not None:
+        choice["logprobs"] = delta.logprobs
+    return choice
+
+
 async def _sse(
-    chat: ChatRequest, turn: Turn, first: str | None, rest: AsyncGenerator[str, None]
+    chat: ChatRequest, turn: Turn, first: Delta | None, rest: AsyncGenerator[Delta, None]
 ) -> AsyncIterator[str]:
     base = {
         "id": "chatcmpl-" + turn.request_id.removeprefix("req_"),
@@ -270,18 +323,19 @@ async def _sse(
     def event(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps({**base, **payload}, separators=(',', ':'))}\n\n"
 
-    def delta(text: str, role: bool) -> str:
-        content: dict[str, Any] = (
-            {"role": "assistant", "content": text} if role else {"content": text}
-        )
-        return event({"choices": [{"index": 0, "delta": content, "finish_reason": None}]})
+    started: set[int] = set()
+
+    def delta(piece: Delta) -> str:
+        first_of_choice = piece.index not in started
+        started.add(piece.index)
+        return event({"choices": [_chunk_choice(piece, first_of_choice)]})
 
     try:
         if first is not None:
-            yield delta(first, role=True)
+            yield delta(first)
         async with contextlib.aclosing(rest):  # a client that leaves settles the turn now
-            async for text in rest:
-                yield delta(text, role=False)
+            async for piece in rest:
+                yield delta(piece)
     except ReplyCut as cut:
         # The stream ends with an OpenAI-shaped error event and no [DONE].
         logger.info("chat %s cut after %d tokens", turn.request_id, cut.result.output_tokens)
@@ -296,13 +350,13 @@ async def _sse(
         return
     result = turn.result
     assert result is not None
-    finish = {"index": 0, "delta": {}, "finish_reason": result.finish_reason or "stop"}
-    yield event({"choices": [finish]})
-    if chat.include_usage:
-        usage = {
-            "prompt_tokens": result.input_tokens,
-            "completion_tokens": result.output_tokens,
-            "total_tokens": result.input_tokens + result.output_tokens,
+    for choice in result.choices:
+        finish = {
+            "index": choice.index,
+            "delta": {},
+            "finish_reason": choice.finish_reason or "stop",
         }
-        yield event({"choices": [], "usage": usage, "aicredits": _extras(result)})
+        yield event({"choices": [finish]})
+    if chat.include_usage:
+        yield event({"choices": [], "usage": _usage(result), "aicredits": _extras(result)})
     yield "data: [DONE]\n\n"

@@ -48,3 +48,22 @@ class IdempotencyConflict(AICreditsError):
     """An idempotency key was replayed with different parameters from its first use."""
 
     code = "idempotency_conflict"
+
+
+class InvalidParameter(InvalidRequest):
+    """One field of a request has a wrong type or value; `param` names it, as OpenAI's
+    errors do."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedParameter(InvalidParameter):
+    """A field this service does not offer, so it is refused rather than silently dropped."""
+
+    code = "unsupported_parameter"
+
+
+class InvalidIdempotencyKey(InvalidRequest):
+    code = "invalid_idempotency_key"

@@ -71,6 +71,10 @@ class Rig:
                 )
             )
 
+    def usage_events_all(self) -> list[Any]:
+        with self.db.read() as conn:
+            return list(conn.execute(sa.select(usage_events).order_by(usage_events.c.id)))
+
     def pending_holds(self) -> int:
         with self.db.read() as conn:
             return int(
@@ -86,16 +90,33 @@ class Rig:
             time.sleep(0.05)
         assert self.pending_holds() == 0, "a hold was left pending"
 
-    def price(self) -> pricing.Price:
-        return pricing.current_price(self.db, model=MODEL.id)
+    def price(self, model: str = MODEL.id) -> pricing.Price:
+        return pricing.current_price(self.db, model=model)
+
+    def hold(self, request_id: str) -> Any:
+        with self.db.read() as conn:
+            return conn.execute(sa.select(holds).where(holds.c.request_id == request_id)).one()
+
+    def unbilled_calls(self) -> list[Any]:
+        """Calls whose usage went beyond what was reserved for them: none should."""
+        with self.db.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(usage_events.c.request_id, usage_events.c.unbilled).where(
+                        usage_events.c.unbilled > 0
+                    )
+                )
+            )
 
 
 @contextmanager
 def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
     with ExitStack() as stack:
+        models = overrides.get("models", [MODEL])
+        served = [m.upstream_model for m in models]
         upstream = stack.enter_context(
             serve_asgi(
-                build_fake_upstream(FakeUpstreamConfig(models=[MODEL.id], reply_tokens=20)),
+                build_fake_upstream(FakeUpstreamConfig(models=served, reply_tokens=20)),
                 ready_path="/_fake/stats",
             )
         )
@@ -119,4 +140,6 @@ def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
         yield rig
         rig.wait_settled()
         assert verify_ledger(db) == []
+        # A hold never ends below the usage: the worst case reserved bounded every call.
+        assert rig.unbilled_calls() == []
         db.dispose()
