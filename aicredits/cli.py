@@ -144,7 +144,7 @@ def _check_config() -> int:
 
 def _migrate(db: Database) -> int:
     upgrade_to_head(db.url)
-    seeded = pricing.seed_prices(db, get_settings().models)
+    seeded = pricing.seed_prices(db, get_settings().priced_models)
     print(f"database at head ({db.dialect})")
     for price in seeded:
         print(

@@ -47,6 +47,29 @@ class ModelSpec(BaseModel):
         return self.upstream_id or self.id
 
 
+class EmbeddingModelSpec(BaseModel):
+    """An embedding model the operator offers on /v1/embeddings, priced per 1M input tokens
+    (seeded into the same versioned price table, with no output price)."""
+
+    id: str = Field(min_length=1, max_length=100)
+    label: str = ""
+    upstream_id: str = ""
+    input_per_mtok: int = Field(ge=0)
+    # The most tokens one input may have, and how many inputs one request may carry.
+    max_input_tokens: int = Field(default=8_191, gt=0)
+    max_inputs: int = Field(default=2_048, gt=0)
+    # Whether the model takes `dimensions` (text-embedding-3 and later do).
+    dimensions: bool = True
+
+    @property
+    def upstream_model(self) -> str:
+        return self.upstream_id or self.id
+
+    @property
+    def output_per_mtok(self) -> int:
+        return 0
+
+
 DEFAULT_MODELS: list[ModelSpec] = [
     ModelSpec(
         id="demo-model",
@@ -57,6 +80,11 @@ DEFAULT_MODELS: list[ModelSpec] = [
         context_tokens=16_384,
         vision=True,
         max_image_tokens=765,
+    )
+]
+DEFAULT_EMBEDDING_MODELS: list[EmbeddingModelSpec] = [
+    EmbeddingModelSpec(
+        id="demo-embedding", label="Demo embeddings (local fake upstream)", input_per_mtok=50
     )
 ]
 
@@ -74,6 +102,11 @@ DEFAULT_OPENAI_MODELS: list[ModelSpec] = [
         # 2,833 + 5,667 per 512-px tile, at most 8 tiles: gpt-4o-mini counts an image in
         # many cheap tokens.
         max_image_tokens=48_169,
+    )
+]
+DEFAULT_OPENAI_EMBEDDING_MODELS: list[EmbeddingModelSpec] = [
+    EmbeddingModelSpec(
+        id="text-embedding-3-small", label="Text embedding 3 small", input_per_mtok=40
     )
 ]
 FAKE_UPSTREAM_URL = "http://127.0.0.1:9500/v1"
@@ -127,6 +160,9 @@ class Settings(BaseSettings):
     # Production refuses SQLite (one machine, one writer) unless this says it is meant.
     allow_sqlite_in_prod: bool = False
     models: list[ModelSpec] = Field(default_factory=lambda: list(DEFAULT_MODELS))
+    embedding_models: list[EmbeddingModelSpec] = Field(
+        default_factory=lambda: list(DEFAULT_EMBEDDING_MODELS)
+    )
 
     # Where users reach the app, and where the browser reaches the backend. In production
     # (single port) they are the same; `reflex run` in development serves them on two ports.
@@ -332,6 +368,19 @@ class Settings(BaseSettings):
     def _real_models_for_a_real_upstream(self) -> Settings:
         if self.openai_api_key and "models" not in self.model_fields_set:
             object.__setattr__(self, "models", list(DEFAULT_OPENAI_MODELS))
+        if self.openai_api_key and "embedding_models" not in self.model_fields_set:
+            object.__setattr__(self, "embedding_models", list(DEFAULT_OPENAI_EMBEDDING_MODELS))
+        return self
+
+    @model_validator(mode="after")
+    def _one_id_per_model(self) -> Settings:
+        # Chat and embedding models share the price table, which knows a model by its id.
+        ids = [m.id for m in self.models] + [m.id for m in self.embedding_models]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(
+                f"model ids must be unique across MODELS and EMBEDDING_MODELS: {repeated}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -378,6 +427,14 @@ class Settings(BaseSettings):
 
     def model_spec(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+    def embedding_model_spec(self, model_id: str) -> EmbeddingModelSpec | None:
+        return next((m for m in self.embedding_models if m.id == model_id), None)
+
+    @property
+    def priced_models(self) -> list[ModelSpec | EmbeddingModelSpec]:
+        """Every model with a row in the price table: chat and embedding models."""
+        return [*self.models, *self.embedding_models]
 
 
 @lru_cache(maxsize=1)

@@ -321,6 +321,43 @@ class Upstream:
             await opened[-1].__aexit__(None, None, None)
         yield Finished(usage=usage, finish_reason=reasons.get(0), finish_reasons=reasons)
 
+    async def embed(
+        self,
+        *,
+        model: str,
+        inputs: str | list[Any],
+        encoding_format: str,
+        request_id: str,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[list[dict[str, Any]], Usage | None]:
+        """Embeddings of `inputs`, as the provider sent them, and the usage."""
+        embeddings: Any = self._client.embeddings
+        raw = await self._call(
+            request_id,
+            lambda: embeddings.with_raw_response.create(
+                model=model,
+                input=inputs,
+                # Always given, so the SDK neither swaps in base64 nor decodes it.
+                encoding_format=encoding_format,
+                extra_headers={"X-Request-Id": request_id},
+                extra_body=dict(params or {}),
+            ),
+        )
+        try:
+            body = json.loads(raw.http_response.content)
+            data = body["data"]
+            if not isinstance(data, list) or not all(
+                isinstance(item, dict) and "embedding" in item for item in data
+            ):
+                raise ValueError("no embeddings")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UpstreamError(MALFORMED, kind="malformed") from error
+        usage = body.get("usage")
+        tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if not isinstance(tokens, int) or isinstance(tokens, bool):
+            return data, None
+        return data, Usage(input_tokens=max(tokens, 0), output_tokens=0)
+
     async def model_ids(self) -> list[str]:
         page = await self._client.models.list()
         return [m.id for m in page.data]

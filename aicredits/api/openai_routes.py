@@ -1,5 +1,6 @@
-"""The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`, authenticated
-by personal API keys and metered by the same gateway, ledger and limits as the chat UI.
+"""The OpenAI-compatible API: `POST /v1/chat/completions`, `POST /v1/embeddings` and
+`GET /v1/models`, authenticated by personal API keys and metered by the same gateway, ledger
+and limits as the chat UI.
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "code"}}`, with the status the
 issue asks for. A streamed reply is started only once its first token is in hand, so a
@@ -25,6 +26,7 @@ from aicredits.adapters.db import Database, database_for
 from aicredits.adapters.ratelimit import LimiterUnavailable, RateLimited
 from aicredits.adapters.upstream import Delta
 from aicredits.domain.chat import ChatRequest, parse_chat_request
+from aicredits.domain.embeddings import EmbeddingRequest, parse_embedding_request
 from aicredits.domain.errors import (
     AICreditsError,
     IdempotencyConflict,
@@ -34,7 +36,8 @@ from aicredits.domain.errors import (
 )
 from aicredits.services import api_keys
 from aicredits.services.auth import CurrentUser
-from aicredits.services.catalog import list_model_offers
+from aicredits.services.catalog import list_embedding_offers, list_model_offers
+from aicredits.services.embeddings import EmbeddingResult, start_embeddings
 from aicredits.services.gateway import (
     DuplicateRequest,
     Gateway,
@@ -122,6 +125,7 @@ class OpenAIRoutes:
     def routes(self) -> list[Route]:
         return [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
         ]
 
@@ -167,6 +171,7 @@ class OpenAIRoutes:
         except AICreditsError as exc:
             return self._error(exc, request_id)
         offers = await run_blocking(list_model_offers, self.db, self.settings)
+        embedding_offers = await run_blocking(list_embedding_offers, self.db, self.settings)
         data = []
         for offer in offers:
             spec = self.settings.model_spec(offer.id)
@@ -189,7 +194,47 @@ class OpenAIRoutes:
                     },
                 }
             )
+        for offer in embedding_offers:
+            data.append(
+                {
+                    "id": offer.id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "aicredits",
+                    "name": offer.label,
+                    "pricing": {"unit": "credits per 1K tokens", "input": offer.input_per_1k},
+                    "capabilities": {"embeddings": True},
+                }
+            )
         return JSONResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
+
+    async def embeddings(self, request: Request) -> Response:
+        request_id = _request_id()
+        try:
+            user = await self._user(request)
+            body = await self._body(request)
+            embedding = parse_embedding_request(
+                body, models=[m.id for m in self.settings.embedding_models]
+            )
+            call = await start_embeddings(
+                self.gateway(),
+                user_id=user.id,
+                request=embedding,
+                ip=request.client.host if request.client else None,
+                request_id=request_id,
+                idempotency_key=request.headers.get("idempotency-key"),
+            )
+        except AICreditsError as exc:
+            return self._error(exc, request_id)
+        logger.info("embeddings %s user %s model %s", request_id, user.id, embedding.model)
+        try:
+            result = await call.run()
+        except (UpstreamFailed, ServerRestarting) as exc:
+            return self._error(exc, request_id)
+        return JSONResponse(
+            _embeddings(embedding, result),
+            headers={"x-request-id": request_id, "x-aicredits-charged": str(result.charged)},
+        )
 
     async def chat_completions(self, request: Request) -> Response:
         request_id = _request_id()
@@ -246,7 +291,7 @@ def _charge_headers(result: TurnResult, headers: dict[str, str]) -> dict[str, st
     return {**headers, "x-aicredits-charged": str(result.charged)}
 
 
-def _extras(result: TurnResult) -> dict[str, Any]:
+def _extras(result: TurnResult | EmbeddingResult) -> dict[str, Any]:
     return {
         "credits_charged": result.charged,
         "balance_after": result.balance_after,
@@ -291,6 +336,16 @@ def _completion(chat: ChatRequest, result: TurnResult) -> dict[str, Any]:
         "model": chat.model,
         "choices": choices,
         "usage": _usage(result),
+        "aicredits": _extras(result),
+    }
+
+
+def _embeddings(request: EmbeddingRequest, result: EmbeddingResult) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": result.data,
+        "model": request.model,
+        "usage": {"prompt_tokens": result.input_tokens, "total_tokens": result.input_tokens},
         "aicredits": _extras(result),
     }
 

@@ -492,7 +492,7 @@ def _ignore_outcome(task: asyncio.Future[None]) -> None:
 
 
 class InFlightCall(Protocol):
-    """A metered call while it runs."""
+    """A metered call while it runs: a chat Turn, or an embedding call."""
 
     hold: HoldView
     on_progress: ProgressSink | None

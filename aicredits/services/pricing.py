@@ -17,7 +17,7 @@ from aicredits.domain.chat import ChatRequest
 from aicredits.domain.errors import InvalidRequest, UnknownModel
 from aicredits.domain.ledger import require_non_negative
 from aicredits.domain.pricing import Price, clamp_max_tokens, usage_cost, worst_case_cost
-from aicredits.settings import ModelSpec
+from aicredits.settings import EmbeddingModelSpec, ModelSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +134,7 @@ def add_price_version(
     return _price(row)
 
 
-def seed_prices(db: Database, models: Iterable[ModelSpec]) -> list[Price]:
+def seed_prices(db: Database, models: Iterable[ModelSpec | EmbeddingModelSpec]) -> list[Price]:
     """Give each configured model its configured price, unless the table already has one."""
     added = []
     with db.read() as conn:
@@ -204,6 +204,12 @@ def quote_request(price: Price, spec: ModelSpec, request: ChatRequest) -> Quote:
         images=request.images,
         choices=request.n,
     )
+
+
+def quote_embeddings(price: Price, *, input_tokens: int) -> Quote:
+    """An embedding call costs its input tokens, all known before the call."""
+    credits = usage_cost(price, input_tokens=input_tokens, output_tokens=0)
+    return Quote(price=price, prompt_tokens=input_tokens, max_output_tokens=0, credits=credits)
 
 
 def price_usage(price: Price, *, input_tokens: int, output_tokens: int) -> int:

@@ -113,7 +113,8 @@ class Rig:
 def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
     with ExitStack() as stack:
         models = overrides.get("models", [MODEL])
-        served = [m.upstream_model for m in models]
+        embedding_models = overrides.get("embedding_models", [])
+        served = [m.upstream_model for m in [*models, *embedding_models]]
         upstream = stack.enter_context(
             serve_asgi(
                 build_fake_upstream(FakeUpstreamConfig(models=served, reply_tokens=20)),
@@ -125,6 +126,7 @@ def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
             "openai_base_url": f"{upstream}/v1",
             "public_url": "http://localhost:3000",
             "models": [MODEL],
+            "embedding_models": [],
             "rate_limit_user_per_minute": 0,
             "rate_limit_ip_per_minute": 0,
             "rate_limit_concurrent": 0,
@@ -134,7 +136,7 @@ def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
         }
         settings = Settings(_env_file=None, **values)
         db = Database(db_url)
-        pricing.seed_prices(db, settings.models)
+        pricing.seed_prices(db, settings.priced_models)
         api = stack.enter_context(serve_asgi(build_api(settings), ready_path="/healthz"))
         rig = Rig(api=api, upstream=upstream, db=db, settings=settings)
         yield rig

@@ -1,6 +1,6 @@
 """The whole OpenAI chat surface through /v1, with the official `openai` client (sync and
 async) against the fake upstream: tools, structured output, logprobs, several choices,
-images, reasoning tokens. Each supported field reaches the upstream and its call
+images, reasoning tokens, embeddings. Each supported field reaches the upstream and its call
 is charged within its hold; each refused field is a 400 naming it; on SQLite and Postgres.
 The rig's teardown checks that no call recorded unbilled tokens."""
 
@@ -22,7 +22,7 @@ from aicredits.adapters.tokenizer import count_prompt_tokens, count_text_tokens
 from aicredits.devtools.fake_upstream import FAKE_IMAGE_TOKENS
 from aicredits.domain.chat import REFUSED
 from aicredits.domain.pricing import usage_cost
-from aicredits.settings import ModelSpec
+from aicredits.settings import EmbeddingModelSpec, ModelSpec
 from tests.integration.gateway_fixtures import MESSAGES, MODEL, Rig, running_rig
 
 VISION = ModelSpec(
@@ -42,6 +42,7 @@ REASONER = ModelSpec(
     context_tokens=4_096,
     reasoning=True,
 )
+EMBEDDER = EmbeddingModelSpec(id="demo-embedding", input_per_mtok=100, max_input_tokens=50)
 # Typed as Any: the SDK's TypedDicts take these as literals only.
 WEATHER: Any = {
     "type": "function",
@@ -69,7 +70,7 @@ IMAGE: Any = {"type": "image_url", "image_url": {"url": "data:image/png;base64,i
 
 @pytest.fixture
 def rig(db_url: str) -> Iterator[Rig]:
-    with running_rig(db_url, models=[MODEL, VISION, REASONER]) as r:
+    with running_rig(db_url, models=[MODEL, VISION, REASONER], embedding_models=[EMBEDDER]) as r:
         yield r
 
 
@@ -643,10 +644,99 @@ def test_a_reused_idempotency_key_with_another_body_is_a_409_without_internal_id
     assert rig.upstream_stats()["chat_requests"] == 1
 
 
-def test_models_lists_capabilities(rig: Rig) -> None:
+# --- embeddings ---------------------------------------------------------------------------------
+
+
+def test_embeddings_are_metered_by_their_input_tokens(rig: Rig) -> None:
+    user, key = rig.user(credits=1_000)
+    inputs = ["the first text", "and a second, somewhat longer, text"]
+    # The SDK asks for base64 by default and decodes it: the encoding passes through.
+    raw = rig.client(key).embeddings.with_raw_response.create(model=EMBEDDER.id, input=inputs)
+    reply = raw.parse()
+    assert [d.index for d in reply.data] == [0, 1]
+    assert all(len(d.embedding) == 64 for d in reply.data)
+    tokens = sum(count_text_tokens(text) for text in inputs)
+    assert (reply.usage.prompt_tokens, reply.usage.total_tokens) == (tokens, tokens)
+    assert sent_upstream(rig)["encoding_format"] == "base64"
+    request_id = raw.headers["x-request-id"]
+    cost = usage_cost(rig.price(EMBEDDER.id), input_tokens=tokens, output_tokens=0)
+    assert rig.hold(request_id).amount == cost
+    event = charged_within_hold(rig, request_id)
+    assert (event.model, event.input_tokens, event.output_tokens) == (EMBEDDER.id, tokens, 0)
+    assert rig.balance(user).balance == 1_000 - cost
+
+
+def test_embedding_fields_reach_the_upstream(rig: Rig) -> None:
+    _, key = rig.user(credits=1_000)
+    reply = rig.client(key).embeddings.create(
+        model=EMBEDDER.id, input=[[1, 2, 3], [4, 5]], dimensions=8, encoding_format="float",
+        user="end-user-1",
+    )  # fmt: skip
+    assert [len(d.embedding) for d in reply.data] == [8, 8]
+    assert reply.usage.prompt_tokens == 5
+    body = sent_upstream(rig)
+    assert (body["input"], body["dimensions"], body["encoding_format"], body["user"]) == (
+        [[1, 2, 3], [4, 5]],
+        8,
+        "float",
+        "end-user-1",
+    )
+
+
+def test_embeddings_with_the_async_client(rig: Rig) -> None:
+    _, key = rig.user(credits=1_000)
+
+    async def run() -> Any:
+        async with async_client(rig, key) as client:
+            return await client.embeddings.create(model=EMBEDDER.id, input="one text")
+
+    reply = asyncio.run(run())
+    assert len(reply.data) == 1 and len(reply.data[0].embedding) == 64
+    assert reply.usage.prompt_tokens == count_text_tokens("one text")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"input": "x", "format": "f"}, 400, "unsupported_parameter"),
+        ({"input": "word " * 60}, 400, "invalid_request"),
+        ({"input": ""}, 400, "invalid_request"),
+        ({"input": "x", "dimensions": "8"}, 400, "invalid_request"),
+        ({"input": "x", "model": "nope"}, 400, "unknown_model"),
+        ({"input": "x", "model": MODEL.id}, 400, "unknown_model"),
+    ],
+)
+def test_bad_embedding_requests_are_refused_before_the_upstream(
+    rig: Rig, body: dict[str, Any], status: int, code: str
+) -> None:
+    user, key = rig.user(credits=1_000)
+    response = httpx.post(
+        f"{rig.api}/v1/embeddings",
+        json={"model": EMBEDDER.id, **body},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert rig.balance(user).held == 0
+    assert not [r for r in rig.upstream_stats()["requests"] if r["endpoint"] == "embeddings"]
+
+
+def test_an_embedding_call_the_upstream_fails_costs_nothing(rig: Rig) -> None:
+    user, key = rig.user(credits=1_000)
+    rig.queue(fault="500", count=5)
+    with pytest.raises(openai.APIStatusError) as caught:
+        rig.client(key).embeddings.create(model=EMBEDDER.id, input="x")
+    assert caught.value.status_code == 502
+    assert rig.balance(user).balance == 1_000
+    assert rig.usage_events(user) == []
+
+
+def test_models_lists_capabilities_and_embedding_models(rig: Rig) -> None:
     _, key = rig.user(credits=1)
     data = httpx.get(f"{rig.api}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
     by_id = {m["id"]: m for m in data["data"]}
     assert by_id[VISION.id]["capabilities"]["vision"] is True
     assert by_id[MODEL.id]["capabilities"]["vision"] is False
     assert by_id[REASONER.id]["capabilities"]["reasoning"] is True
+    assert by_id[EMBEDDER.id]["capabilities"] == {"embeddings": True}
+    assert by_id[EMBEDDER.id]["pricing"] == {"unit": "credits per 1K tokens", "input": "0.1"}

@@ -10,7 +10,7 @@ from aicredits.adapters.db import Database
 from aicredits.adapters.tables import utcnow
 from aicredits.domain.errors import InvalidRequest, UnknownModel
 from aicredits.services import pricing
-from aicredits.settings import ModelSpec
+from aicredits.settings import EmbeddingModelSpec, ModelSpec
 
 SPEC = ModelSpec(
     id="m1", input_per_mtok=2_000, output_per_mtok=8_000, max_output_tokens=100, context_tokens=300
@@ -99,3 +99,11 @@ def test_a_quote_counts_tool_definitions_and_the_response_schema(db: Database) -
     )
     assert with_tools.prompt_tokens > bare.prompt_tokens
     assert with_schema.prompt_tokens > bare.prompt_tokens
+
+
+def test_embedding_models_are_seeded_with_no_output_price(db: Database) -> None:
+    spec = EmbeddingModelSpec(id="e1", input_per_mtok=100)
+    (price,) = pricing.seed_prices(db, [spec])
+    assert (price.model, price.input_per_mtok, price.output_per_mtok) == ("e1", 100, 0)
+    quote = pricing.quote_embeddings(price, input_tokens=20_001)
+    assert quote.credits == 3  # ceil(20_001 * 100 / 1M)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -22,9 +23,11 @@ from aicredits.adapters.upstream import Delta
 from aicredits.devtools.fake_upstream import FakeUpstreamConfig
 from aicredits.devtools.fake_upstream import build_app as build_fake_upstream
 from aicredits.domain.chat import ChatRequest, parse_chat_request
+from aicredits.domain.embeddings import parse_embedding_request
 from aicredits.domain.pricing import usage_cost
 from aicredits.domain.reply import ReplyBuilder
 from aicredits.services import chat, conversations, ledger, pricing, recovery
+from aicredits.services.embeddings import start_embeddings
 from aicredits.services.gateway import (
     Gateway,
     ReplyInterrupted,
@@ -33,17 +36,19 @@ from aicredits.services.gateway import (
     build_gateway,
 )
 from aicredits.services.verify import verify_ledger
-from aicredits.settings import Settings
+from aicredits.settings import DEFAULT_EMBEDDING_MODELS, Settings
 from tests.factories import make_user
 from tests.integration.gateway_fixtures import MODEL
 from tests.servers import serve_asgi
 
 REPLY_TOKENS = 40
+EMBEDDER = DEFAULT_EMBEDDING_MODELS[0].id
 
 
 @pytest.fixture
 def settings(db: Database) -> Iterator[Settings]:
-    app = build_fake_upstream(FakeUpstreamConfig(models=[MODEL.id], reply_tokens=REPLY_TOKENS))
+    models = [MODEL.id, EMBEDDER]
+    app = build_fake_upstream(FakeUpstreamConfig(models=models, reply_tokens=REPLY_TOKENS))
     with serve_asgi(app, ready_path="/_fake/stats") as upstream:
         s = Settings(
             _env_file=None,
@@ -56,7 +61,7 @@ def settings(db: Database) -> Iterator[Settings]:
             hold_lease_seconds=2.0,
             stream_checkpoint_seconds=0.2,
         )
-        pricing.seed_prices(db, s.models)
+        pricing.seed_prices(db, s.priced_models)
         yield s
     with db.read() as conn:
         unbilled = conn.execute(sa.select(usage_events).where(usage_events.c.unbilled > 0)).all()
@@ -206,6 +211,32 @@ def test_a_drain_charges_every_choice_for_what_it_delivered(
     hold = hold_row(db, result.request_id)
     assert hold.charged == result.charged == cost_of(db, hold, delivered)
     assert verify_ledger(db) == []
+
+
+def test_an_embeddings_call_has_its_lease_renewed_and_a_drain_cut_costs_nothing(
+    db: Database, settings: Settings
+) -> None:
+    user = make_user(db, credits=10_000)
+    fake = settings.upstream_base_url.removesuffix("/v1")
+    httpx.post(f"{fake}/_fake/next", json={"latency_ms": 5_000}).raise_for_status()
+    request = parse_embedding_request({"model": EMBEDDER, "input": "x"}, models=[EMBEDDER])
+
+    async def run() -> str:
+        async with gateway_for(settings, db) as gateway:
+            call = await start_embeddings(gateway, user_id=user, request=request, ip=None)
+            running = asyncio.ensure_future(call.run())
+            await asyncio.sleep(0.6)  # checkpoints pass while the upstream is silent
+            assert hold_row(db, call.request_id).expires_at > call.hold.expires_at
+            drain = gateway.inflight.drain(grace=0.2)
+            with pytest.raises(ServerRestarting):
+                await running
+            assert await drain == 1
+            return call.request_id
+
+    request_id = asyncio.run(run())
+    hold = hold_row(db, request_id)
+    assert (hold.status, hold.charged) == ("released", None)
+    assert ledger.get_balance(db, user_id=user) == ledger.Balance(user, 10_000, 0)
 
 
 async def consume(turn: Turn, pieces: list[str], *, then: float = 0.0) -> None:
