@@ -31,10 +31,40 @@ class ModelSpec(BaseModel):
     output_per_mtok: int = Field(ge=0)
     max_output_tokens: int = Field(default=1024, gt=0)
     context_tokens: int = Field(default=16_384, gt=0)
+    # Takes image_url parts. Each image is reserved at `max_image_tokens`, the most one image
+    # can cost on this model (the charge follows the provider's usage).
+    vision: bool = False
+    max_image_tokens: int = Field(default=1_445, gt=0)
+    # A reasoning model: sent `max_completion_tokens` (which bounds its reasoning tokens
+    # too) instead of `max_tokens`, and takes `reasoning_effort`.
+    reasoning: bool = False
 
     @property
     def upstream_model(self) -> str:
         return self.upstream_id or self.id
+
+
+class EmbeddingModelSpec(BaseModel):
+    """An embedding model the operator offers on /v1/embeddings, priced per 1M input tokens
+    (seeded into the same versioned price table, with no output price)."""
+
+    id: str = Field(min_length=1, max_length=100)
+    label: str = ""
+    upstream_id: str = ""
+    input_per_mtok: int = Field(ge=0)
+    # The most tokens one input may have, and how many inputs one request may carry.
+    max_input_tokens: int = Field(default=8_191, gt=0)
+    max_inputs: int = Field(default=2_048, gt=0)
+    # Whether the model takes `dimensions` (text-embedding-3 and later do).
+    dimensions: bool = True
+
+    @property
+    def upstream_model(self) -> str:
+        return self.upstream_id or self.id
+
+    @property
+    def output_per_mtok(self) -> int:
+        return 0
 
 
 DEFAULT_MODELS: list[ModelSpec] = [
@@ -45,6 +75,13 @@ DEFAULT_MODELS: list[ModelSpec] = [
         output_per_mtok=8_000,
         max_output_tokens=1024,
         context_tokens=16_384,
+        vision=True,
+        max_image_tokens=765,
+    )
+]
+DEFAULT_EMBEDDING_MODELS: list[EmbeddingModelSpec] = [
+    EmbeddingModelSpec(
+        id="demo-embedding", label="Demo embeddings (local fake upstream)", input_per_mtok=50
     )
 ]
 
@@ -58,6 +95,15 @@ DEFAULT_OPENAI_MODELS: list[ModelSpec] = [
         output_per_mtok=1_200,
         max_output_tokens=4_096,
         context_tokens=128_000,
+        vision=True,
+        # 2,833 + 5,667 per 512-px tile, at most 8 tiles: gpt-4o-mini counts an image in
+        # many cheap tokens.
+        max_image_tokens=48_169,
+    )
+]
+DEFAULT_OPENAI_EMBEDDING_MODELS: list[EmbeddingModelSpec] = [
+    EmbeddingModelSpec(
+        id="text-embedding-3-small", label="Text embedding 3 small", input_per_mtok=40
     )
 ]
 FAKE_UPSTREAM_URL = "http://127.0.0.1:9500/v1"
@@ -111,6 +157,9 @@ class Settings(BaseSettings):
     # Production refuses SQLite (one machine, one writer) unless this says it is meant.
     allow_sqlite_in_prod: bool = False
     models: list[ModelSpec] = Field(default_factory=lambda: list(DEFAULT_MODELS))
+    embedding_models: list[EmbeddingModelSpec] = Field(
+        default_factory=lambda: list(DEFAULT_EMBEDDING_MODELS)
+    )
 
     # Where users reach the app, and where the browser reaches the backend. In production
     # (single port) they are the same; `reflex run` in development serves them on two ports.
@@ -291,6 +340,19 @@ class Settings(BaseSettings):
     def _real_models_for_a_real_upstream(self) -> Settings:
         if self.openai_api_key and "models" not in self.model_fields_set:
             object.__setattr__(self, "models", list(DEFAULT_OPENAI_MODELS))
+        if self.openai_api_key and "embedding_models" not in self.model_fields_set:
+            object.__setattr__(self, "embedding_models", list(DEFAULT_OPENAI_EMBEDDING_MODELS))
+        return self
+
+    @model_validator(mode="after")
+    def _one_id_per_model(self) -> Settings:
+        # Chat and embedding models share the price table, which knows a model by its id.
+        ids = [m.id for m in self.models] + [m.id for m in self.embedding_models]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(
+                f"model ids must be unique across MODELS and EMBEDDING_MODELS: {repeated}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -337,6 +399,14 @@ class Settings(BaseSettings):
 
     def model_spec(self, model_id: str) -> ModelSpec | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+    def embedding_model_spec(self, model_id: str) -> EmbeddingModelSpec | None:
+        return next((m for m in self.embedding_models if m.id == model_id), None)
+
+    @property
+    def priced_models(self) -> list[ModelSpec | EmbeddingModelSpec]:
+        """Every model with a row in the price table: chat and embedding models."""
+        return [*self.models, *self.embedding_models]
 
 
 @lru_cache(maxsize=1)

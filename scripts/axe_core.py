@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from js_runtime import TOOLS, fetch_package  # noqa: E402
+from js_runtime import TOOLS, fetch_package
 
 VERSION = "4.14.1"
 DEST = TOOLS / "axe-core"

@@ -13,8 +13,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import httpx2
@@ -41,22 +41,36 @@ class UpstreamError(Exception):
 @dataclass(frozen=True, slots=True)
 class Usage:
     input_tokens: int
+    # Every generated token, reasoning tokens included.
     output_tokens: int
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Delta:
+    """A piece of one choice of the reply: its text, and whatever else the provider sent
+    with it (tool-call pieces, a refusal, log probabilities), as the provider sent it."""
+
     text: str
+    index: int = 0
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    refusal: str = ""
+    logprobs: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
     usage: Usage | None
+    # Choice 0's, and every choice's by index.
     finish_reason: str | None
+    finish_reasons: Mapping[int, str] = field(default_factory=dict)
 
 
 def normalise_usage(raw: Any) -> Usage | None:
-    """Token counts from a usage object, whichever field names the provider uses."""
+    """Token counts from a usage object, whichever field names the provider uses.
+
+    Reasoning tokens are output: OpenAI counts them in completion_tokens; a provider that
+    leaves them out of it still counts them in total_tokens, so the larger figure is used."""
     if raw is None:
         return None
     data = raw if isinstance(raw, dict) else getattr(raw, "model_dump", lambda: {})()
@@ -66,7 +80,61 @@ def normalise_usage(raw: Any) -> Usage | None:
     completion = data.get("completion_tokens", data.get("output_tokens"))
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
-    return Usage(input_tokens=max(prompt, 0), output_tokens=max(completion, 0))
+    prompt, completion = max(prompt, 0), max(completion, 0)
+    total = data.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool):
+        completion = max(completion, total - prompt)
+    details = data.get("completion_tokens_details", data.get("output_tokens_details"))
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return Usage(
+        input_tokens=prompt,
+        output_tokens=completion,
+        reasoning_tokens=reasoning if isinstance(reasoning, int) and reasoning > 0 else 0,
+    )
+
+
+def _choice_delta(choice: Any) -> tuple[int, str | None, Delta | None]:
+    """One choice of a streamed event: its index, its finish reason, and its piece of the
+    reply (None when it carries nothing but a role). Raises ValueError when malformed."""
+    if not isinstance(choice, dict):
+        raise ValueError("a choice that is not an object")
+    index = choice.get("index") or 0
+    delta = choice.get("delta") or {}
+    if not isinstance(index, int) or not isinstance(delta, dict):
+        raise ValueError("a choice without an index or a delta")
+    reason = choice.get("finish_reason") or None
+    text = delta.get("content") or ""
+    calls = delta.get("tool_calls") or []
+    refusal = delta.get("refusal") or ""
+    logprobs = choice.get("logprobs") or None
+    if not isinstance(text, str) or not isinstance(refusal, str):
+        raise ValueError("content that is not text")
+    if calls or refusal or logprobs:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise ValueError("tool calls that are not a list of objects")
+        if logprobs is not None and not isinstance(logprobs, dict):
+            raise ValueError("logprobs that are not an object")
+        return index, reason, Delta(text, index, tuple(calls), refusal, logprobs)
+    if text:
+        return index, reason, Delta(text, index)
+    return index, reason, None
+
+
+def _message_delta(choice: Any) -> tuple[int, str | None, Delta]:
+    """A whole (not streamed) choice as one piece, its tool calls numbered as in a stream."""
+    index = choice.get("index") or 0
+    message = choice["message"]
+    calls = [{**call, "index": k} for k, call in enumerate(message.get("tool_calls") or ())]
+    delta = Delta(
+        message.get("content") or "",
+        index,
+        tuple(calls),
+        message.get("refusal") or "",
+        choice.get("logprobs") or None,
+    )
+    if not isinstance(index, int) or not isinstance(delta.text, str):
+        raise ValueError("a malformed choice")
+    return index, choice.get("finish_reason") or None, delta
 
 
 def _retry_after(error: openai.APIStatusError, attempt: int) -> float:
@@ -142,13 +210,15 @@ class Upstream:
         request_id: str,
         params: dict[str, Any] | None,
         headers: dict[str, str] | None,
+        cap_field: str,
     ) -> dict[str, Any]:
         return {
             "model": model,
             "messages": list(messages),
-            "max_tokens": max_tokens,
+            cap_field: max_tokens,
             "extra_headers": {"X-Request-Id": request_id, **(headers or {})},
-            **(params or {}),
+            # As checked by the gateway, untouched by the SDK's own typing.
+            "extra_body": dict(params or {}),
         }
 
     async def complete(
@@ -160,21 +230,29 @@ class Upstream:
         request_id: str,
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
-    ) -> tuple[str, Finished]:
-        """One whole reply, not streamed: for callers that deliver nothing until the end."""
-        arguments = self._arguments(model, messages, max_tokens, request_id, params, headers)
+        cap_field: str = "max_tokens",
+    ) -> tuple[list[Delta], Finished]:
+        """The whole reply, not streamed: for callers that deliver nothing until the end.
+        Each choice comes as one Delta."""
+        arguments = self._arguments(
+            model, messages, max_tokens, request_id, params, headers, cap_field
+        )
         completions: Any = self._client.chat.completions
         raw = await self._call(
             request_id, lambda: completions.with_raw_response.create(stream=False, **arguments)
         )
         try:
             body = json.loads(raw.http_response.content)
-            choice = body["choices"][0]
-            text = choice["message"].get("content") or ""
+            choices = [_message_delta(choice) for choice in body["choices"]]
+            if not choices:
+                raise ValueError("no choices")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
             raise UpstreamError(MALFORMED, kind="malformed") from error
-        return text, Finished(
-            usage=normalise_usage(body.get("usage")), finish_reason=choice.get("finish_reason")
+        reasons = {index: reason for index, reason, _ in choices if reason}
+        return [delta for _, _, delta in choices], Finished(
+            usage=normalise_usage(body.get("usage")),
+            finish_reason=reasons.get(0),
+            finish_reasons=reasons,
         )
 
     async def stream(
@@ -186,14 +264,17 @@ class Upstream:
         request_id: str,
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        cap_field: str = "max_tokens",
     ) -> AsyncIterator[Delta | Finished]:
-        """Text deltas as they arrive, then one Finished. Raises UpstreamError.
+        """Deltas as they arrive, then one Finished. Raises UpstreamError.
 
         The server-sent events are read and decoded here rather than as SDK objects: one
         model object per token costs more than the rest of the gateway put together.
         """
         started = time.monotonic()
-        arguments = self._arguments(model, messages, max_tokens, request_id, params, headers)
+        arguments = self._arguments(
+            model, messages, max_tokens, request_id, params, headers, cap_field
+        )
         completions: Any = self._client.chat.completions
         opened: list[Any] = []
 
@@ -208,7 +289,7 @@ class Upstream:
 
         response = await self._call(request_id, open_stream)
         usage: Usage | None = None
-        finish_reason: str | None = None
+        reasons: dict[int, str] = {}
         try:
             async for line in response.iter_lines():
                 if not line.startswith("data:"):
@@ -225,11 +306,11 @@ class Upstream:
                     raise UpstreamError(BROKE_OFF, kind="connection")
                 usage = normalise_usage(event.get("usage")) or usage
                 for choice in event.get("choices") or ():
-                    if choice.get("finish_reason"):
-                        finish_reason = choice["finish_reason"]
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        yield Delta(text)
+                    index, reason, delta = _choice_delta(choice)
+                    if reason:
+                        reasons[index] = reason
+                    if delta is not None:
+                        yield delta
         except UpstreamError:
             raise
         except (openai.APIError, httpx2.HTTPError) as error:
@@ -238,7 +319,44 @@ class Upstream:
             raise UpstreamError(MALFORMED, kind="malformed") from error
         finally:
             await opened[-1].__aexit__(None, None, None)
-        yield Finished(usage=usage, finish_reason=finish_reason)
+        yield Finished(usage=usage, finish_reason=reasons.get(0), finish_reasons=reasons)
+
+    async def embed(
+        self,
+        *,
+        model: str,
+        inputs: str | list[Any],
+        encoding_format: str,
+        request_id: str,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[list[dict[str, Any]], Usage | None]:
+        """Embeddings of `inputs`, as the provider sent them, and the usage."""
+        embeddings: Any = self._client.embeddings
+        raw = await self._call(
+            request_id,
+            lambda: embeddings.with_raw_response.create(
+                model=model,
+                input=inputs,
+                # Always given, so the SDK neither swaps in base64 nor decodes it.
+                encoding_format=encoding_format,
+                extra_headers={"X-Request-Id": request_id},
+                extra_body=dict(params or {}),
+            ),
+        )
+        try:
+            body = json.loads(raw.http_response.content)
+            data = body["data"]
+            if not isinstance(data, list) or not all(
+                isinstance(item, dict) and "embedding" in item for item in data
+            ):
+                raise ValueError("no embeddings")
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UpstreamError(MALFORMED, kind="malformed") from error
+        usage = body.get("usage")
+        tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        if not isinstance(tokens, int) or isinstance(tokens, bool):
+            return data, None
+        return data, Usage(input_tokens=max(tokens, 0), output_tokens=0)
 
     async def model_ids(self) -> list[str]:
         page = await self._client.models.list()

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`, authenticated
-by personal API keys and metered by the same gateway, ledger and limits as the chat UI.
+"""The OpenAI-compatible API: `POST /v1/chat/completions`, `POST /v1/embeddings` and
+`GET /v1/models`, authenticated by personal API keys and metered by the same gateway, ledger
+and limits as the chat UI.
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "code"}}`, with the status the
 issue asks for. A streamed reply is started only once its first token is in hand, so a
@@ -22,9 +23,12 @@ from starlette.routing import Route
 
 from aicredits.adapters import logs
 from aicredits.domain.chat import ChatRequest, parse_chat_request
+from aicredits.domain.embeddings import EmbeddingRequest, parse_embedding_request
 from aicredits.domain.errors import (
     AICreditsError,
+    IdempotencyConflict,
     InsufficientCredits,
+    InvalidParameter,
     InvalidRequest,
     LimiterUnavailable,
     RateLimited,
@@ -32,8 +36,10 @@ from aicredits.domain.errors import (
 )
 from aicredits.services import api_keys
 from aicredits.services.auth import CurrentUser
-from aicredits.services.catalog import list_model_offers
+from aicredits.services.catalog import list_embedding_offers, list_model_offers
+from aicredits.services.embeddings import EmbeddingResult, start_embeddings
 from aicredits.services.gateway import (
+    Delta,
     Gateway,
     IdempotencyKeyReused,
     ReplyCut,
@@ -75,6 +81,7 @@ ERROR_ANSWERS: dict[type[AICreditsError], ErrorAnswer] = {
     AuthenticationFailed: ErrorAnswer(401, "authentication_error"),
     RequestTooLarge: ErrorAnswer(413, "invalid_request_error"),
     IdempotencyKeyReused: ErrorAnswer(409, "invalid_request_error"),
+    IdempotencyConflict: ErrorAnswer(409, "invalid_request_error"),
     ServerRestarting: ErrorAnswer(503, "service_unavailable", retry_after="5"),
     UpstreamFailed: ErrorAnswer(502, "upstream_error"),
     ReplyCut: ErrorAnswer(502, "upstream_error"),
@@ -98,6 +105,8 @@ def error_body(
             f"{exc.available} are available. Buy more at {buy}"
         )
         body.update(needed=exc.needed, available=exc.available, buy_url=buy)
+    if isinstance(exc, InvalidParameter):
+        body["param"] = exc.param
     headers = {"Retry-After": retry_after} if retry_after else {}
     return answer.status, {"error": body}, headers
 
@@ -120,6 +129,7 @@ class OpenAIRoutes:
     def routes(self) -> list[Route]:
         return [
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
         ]
 
@@ -165,22 +175,70 @@ class OpenAIRoutes:
         except AICreditsError as exc:
             return self._error(exc, request_id)
         offers = await run_blocking(list_model_offers, self.db, self.settings)
-        data = [
-            {
-                "id": offer.id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "aicredits",
-                "name": offer.label,
-                "pricing": {
-                    "unit": "credits per 1K tokens",
-                    "input": offer.input_per_1k,
-                    "output": offer.output_per_1k,
-                },
-            }
-            for offer in offers
-        ]
+        embedding_offers = await run_blocking(list_embedding_offers, self.db, self.settings)
+        data = []
+        for offer in offers:
+            spec = self.settings.model_spec(offer.id)
+            data.append(
+                {
+                    "id": offer.id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "aicredits",
+                    "name": offer.label,
+                    "pricing": {
+                        "unit": "credits per 1K tokens",
+                        "input": offer.input_per_1k,
+                        "output": offer.output_per_1k,
+                    },
+                    "capabilities": {
+                        "chat": True,
+                        "vision": bool(spec and spec.vision),
+                        "reasoning": bool(spec and spec.reasoning),
+                    },
+                }
+            )
+        for offer in embedding_offers:
+            data.append(
+                {
+                    "id": offer.id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "aicredits",
+                    "name": offer.label,
+                    "pricing": {"unit": "credits per 1K tokens", "input": offer.input_per_1k},
+                    "capabilities": {"embeddings": True},
+                }
+            )
         return JSONResponse({"object": "list", "data": data}, headers={"x-request-id": request_id})
+
+    async def embeddings(self, request: Request) -> Response:
+        request_id = _request_id()
+        try:
+            user = await self._user(request)
+            body = await self._body(request)
+            embedding = parse_embedding_request(
+                body, models=[m.id for m in self.settings.embedding_models]
+            )
+            call = await start_embeddings(
+                self.gateway(),
+                user_id=user.id,
+                request=embedding,
+                ip=request.client.host if request.client else None,
+                request_id=request_id,
+                idempotency_key=request.headers.get("idempotency-key"),
+            )
+        except AICreditsError as exc:
+            return self._error(exc, request_id)
+        logger.info("embeddings %s user %s model %s", request_id, user.id, embedding.model)
+        try:
+            result = await call.run()
+        except (UpstreamFailed, ServerRestarting) as exc:
+            return self._error(exc, request_id)
+        return JSONResponse(
+            _embeddings(embedding, result),
+            headers={"x-request-id": request_id, "x-aicredits-charged": str(result.charged)},
+        )
 
     async def chat_completions(self, request: Request) -> Response:
         request_id = _request_id()
@@ -205,7 +263,7 @@ class OpenAIRoutes:
             except (UpstreamFailed, ServerRestarting) as exc:
                 return self._error(exc, request_id)
             return JSONResponse(_completion(chat, result), headers=_charge_headers(result, headers))
-        replies = turn.stream()
+        replies = turn.deltas()
         try:
             first = await anext(replies)
         except StopAsyncIteration:
@@ -237,7 +295,7 @@ def _charge_headers(result: TurnResult, headers: dict[str, str]) -> dict[str, st
     return {**headers, "x-aicredits-charged": str(result.charged)}
 
 
-def _extras(result: TurnResult) -> dict[str, Any]:
+def _extras(result: TurnResult | EmbeddingResult) -> dict[str, Any]:
     return {
         "credits_charged": result.charged,
         "balance_after": result.balance_after,
@@ -245,30 +303,74 @@ def _extras(result: TurnResult) -> dict[str, Any]:
     }
 
 
+def _usage(result: TurnResult) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": result.input_tokens,
+        "completion_tokens": result.output_tokens,
+        "total_tokens": result.input_tokens + result.output_tokens,
+    }
+    if result.reasoning_tokens:
+        usage["completion_tokens_details"] = {"reasoning_tokens": result.reasoning_tokens}
+    return usage
+
+
 def _completion(chat: ChatRequest, result: TurnResult) -> dict[str, Any]:
+    choices = []
+    for choice in result.choices:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            # As OpenAI does: no content, rather than an empty one, beside tool calls.
+            "content": choice.content if choice.content or not choice.tool_calls else None,
+            "refusal": choice.refusal,
+        }
+        if choice.tool_calls:
+            message["tool_calls"] = list(choice.tool_calls)
+        choices.append(
+            {
+                "index": choice.index,
+                "message": message,
+                "logprobs": choice.logprobs,
+                "finish_reason": choice.finish_reason or "stop",
+            }
+        )
     return {
         "id": "chatcmpl-" + result.request_id.removeprefix("req_"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": chat.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": result.finish_reason or "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": result.input_tokens,
-            "completion_tokens": result.output_tokens,
-            "total_tokens": result.input_tokens + result.output_tokens,
-        },
+        "choices": choices,
+        "usage": _usage(result),
         "aicredits": _extras(result),
     }
 
 
+def _embeddings(request: EmbeddingRequest, result: EmbeddingResult) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": result.data,
+        "model": request.model,
+        "usage": {"prompt_tokens": result.input_tokens, "total_tokens": result.input_tokens},
+        "aicredits": _extras(result),
+    }
+
+
+def _chunk_choice(delta: Delta, first: bool) -> dict[str, Any]:
+    """One streamed piece of one choice, passed on as the upstream sent it."""
+    piece: dict[str, Any] = {"role": "assistant"} if first else {}
+    if delta.text or not (delta.tool_calls or delta.refusal):
+        piece["content"] = delta.text
+    if delta.tool_calls:
+        piece["tool_calls"] = list(delta.tool_calls)
+    if delta.refusal:
+        piece["refusal"] = delta.refusal
+    choice: dict[str, Any] = {"index": delta.index, "delta": piece, "finish_reason": None}
+    if delta.logprobs is not None:
+        choice["logprobs"] = delta.logprobs
+    return choice
+
+
 async def _sse(
-    chat: ChatRequest, turn: Turn, first: str | None, rest: AsyncGenerator[str, None]
+    chat: ChatRequest, turn: Turn, first: Delta | None, rest: AsyncGenerator[Delta, None]
 ) -> AsyncIterator[str]:
     base = {
         "id": "chatcmpl-" + turn.request_id.removeprefix("req_"),
@@ -280,18 +382,19 @@ async def _sse(
     def event(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps({**base, **payload}, separators=(',', ':'))}\n\n"
 
-    def delta(text: str, role: bool) -> str:
-        content: dict[str, Any] = (
-            {"role": "assistant", "content": text} if role else {"content": text}
-        )
-        return event({"choices": [{"index": 0, "delta": content, "finish_reason": None}]})
+    started: set[int] = set()
+
+    def delta(piece: Delta) -> str:
+        first_of_choice = piece.index not in started
+        started.add(piece.index)
+        return event({"choices": [_chunk_choice(piece, first_of_choice)]})
 
     try:
         if first is not None:
-            yield delta(first, role=True)
+            yield delta(first)
         async with contextlib.aclosing(rest):  # a client that leaves settles the turn now
-            async for text in rest:
-                yield delta(text, role=False)
+            async for piece in rest:
+                yield delta(piece)
     except ReplyCut as cut:
         # The stream ends with an OpenAI-shaped error event and no [DONE].
         logger.info("chat %s cut after %d tokens", turn.request_id, cut.result.output_tokens)
@@ -306,13 +409,13 @@ async def _sse(
         return
     result = turn.result
     assert result is not None
-    finish = {"index": 0, "delta": {}, "finish_reason": result.finish_reason or "stop"}
-    yield event({"choices": [finish]})
-    if chat.include_usage:
-        usage = {
-            "prompt_tokens": result.input_tokens,
-            "completion_tokens": result.output_tokens,
-            "total_tokens": result.input_tokens + result.output_tokens,
+    for choice in result.choices:
+        finish = {
+            "index": choice.index,
+            "delta": {},
+            "finish_reason": choice.finish_reason or "stop",
         }
-        yield event({"choices": [], "usage": usage, "aicredits": _extras(result)})
+        yield event({"choices": [finish]})
+    if chat.include_usage:
+        yield event({"choices": [], "usage": _usage(result), "aicredits": _extras(result)})
     yield "data: [DONE]\n\n"

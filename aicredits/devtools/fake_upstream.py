@@ -1,27 +1,39 @@
 """A fake OpenAI-compatible chat upstream, for development, tests and benchmarks.
 
-It answers `GET /v1/models` and `POST /v1/chat/completions` (streaming or not) with a
-deterministic reply whose token count is known exactly under the project's tokenizer, so
-tests can check metering to the token without a real model or network. It can be slowed
-down (latency before the first byte, a tokens-per-second pace) and told to fail the way
-real upstreams do (500, 429, hanging, a stream cut mid-way, a malformed event).
+It answers `GET /v1/models`, `POST /v1/chat/completions` (streaming or not) and `POST
+/v1/embeddings` with deterministic replies whose token counts are known exactly under the
+project's tokenizer, so tests can check metering to the token without a real model or
+network. It can be slowed down (latency before the first byte, a tokens-per-second pace) and
+told to fail the way real upstreams do (500, 429, hanging, a stream cut mid-way, a malformed
+event).
+
+It speaks the chat surface the gateway forwards: `n` choices (each its own reply), tool
+calls (with `tools` and a tool_choice other than none it calls the functions, with
+arguments made from their parameter schemas, unless the last message is a tool result),
+JSON output (`response_format` json_object, or json_schema: a value of the schema),
+`logprobs` with `top_logprobs`, image parts (each counted as FAKE_IMAGE_TOKENS in the usage),
+and reasoning tokens (the `reasoning-tokens` knob: billed in completion_tokens, inside the
+output cap, never streamed).
 
 Run it with `python -m aicredits.devtools.fake_upstream --port 9500` and point the app at
 `http://127.0.0.1:9500/v1`. Per-request behaviour comes from `X-Fake-*` request headers, from
 markers in the prompt such as `[fake fault=cut:3]` or `[fake tokens-per-second=5]` (for
 callers that cannot set headers: the chat page, or the app's own /v1 API in front of this),
 or from a queue filled with `POST /_fake/next`, in that order of precedence; `GET
-/_fake/stats` reports what each chat request was sent, and `POST /_fake/reset` clears the
-queue and the stats.
+/_fake/stats` reports what each request was sent (its body, long strings abbreviated) and
+what it was answered, and `POST /_fake/reset` clears the queue and the stats.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import hmac
 import json
 import math
 import re
+import struct
 import time
 import uuid
 from collections import deque
@@ -41,7 +53,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aicredits.adapters.tokenizer import count_message_tokens, count_text_tokens
+from aicredits.adapters.tokenizer import (
+    count_image_parts,
+    count_prompt_tokens,
+    count_text_tokens,
+    split_tokens,
+)
 
 # Space-prefixed lowercase words that cl100k encodes as one token each. The tokenizer splits
 # text before every such word, so a reply of N of them is exactly N tokens: the client's
@@ -61,11 +78,18 @@ MAX_RECORDED_REQUESTS = 10_000
 DEFAULT_CUT_TOKENS = 3
 DEFAULT_MALFORMED_TOKENS = 2
 NO_FAULT = "none"
+# What one image part costs in the fake's usage: OpenAI's figure for a low-detail image.
+FAKE_IMAGE_TOKENS = 85
+MAX_PARALLEL_TOOL_CALLS = 3
+EMBEDDING_DIMENSIONS = 64
+# A recorded body's strings longer than this are abbreviated (images as data URLs).
+MAX_RECORDED_STRING = 1_000
 
 HEADER_FAULT = "x-fake-fault"
 HEADER_REPLY_TOKENS = "x-fake-reply-tokens"
 HEADER_LATENCY_MS = "x-fake-latency-ms"
 HEADER_TOKENS_PER_SECOND = "x-fake-tokens-per-second"
+HEADER_REASONING_TOKENS = "x-fake-reasoning-tokens"
 HEADER_REQUEST_ID = "x-request-id"
 
 
@@ -86,9 +110,10 @@ def _check_reply_words() -> None:
 _check_reply_words()
 
 
-def reply_tokens(n: int) -> list[str]:
-    """The first `n` tokens of the fake reply; the reply text is their concatenation."""
-    return [REPLY_WORDS[i % len(REPLY_WORDS)] for i in range(n)]
+def reply_tokens(n: int, *, start: int = 0) -> list[str]:
+    """The first `n` tokens of the fake reply (from word `start`: each choice of several
+    starts further on); the reply text is their concatenation."""
+    return [REPLY_WORDS[(start + i) % len(REPLY_WORDS)] for i in range(n)]
 
 
 @dataclass
@@ -110,6 +135,7 @@ class _Knobs:
     reply_tokens: int | None = None
     latency_ms: int | None = None
     tokens_per_second: float | None = None
+    reasoning_tokens: int | None = None
 
 
 @dataclass
@@ -127,6 +153,13 @@ class _RequestRecord:
     prompt_tokens: int
     tokens_sent: int = 0
     completed: bool = False
+    endpoint: str = "chat"
+    # What the usage says was generated, over every choice, reasoning included.
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    images: int = 0
+    # The request body as received (long strings abbreviated).
+    body: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,12 +212,15 @@ def _sse(payload: Mapping[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
+def _usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if reasoning_tokens:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 class _RequestIdMiddleware:
@@ -318,6 +354,7 @@ def _header_knobs(request: Request) -> _Knobs:
         reply_tokens=number(HEADER_REPLY_TOKENS, int),
         latency_ms=number(HEADER_LATENCY_MS, int),
         tokens_per_second=number(HEADER_TOKENS_PER_SECOND, float),
+        reasoning_tokens=number(HEADER_REASONING_TOKENS, int),
     )
 
 
@@ -330,6 +367,12 @@ def _prompt_knobs(messages: Sequence[Mapping[str, Any]]) -> _Knobs:
     knobs = _Knobs()
     for message in messages[-1:]:
         content = message.get("content")
+        if isinstance(content, list):
+            content = " ".join(
+                part["text"]
+                for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
         if not isinstance(content, str):
             continue
         for name, raw in _PROMPT_MARKER.findall(content):
@@ -342,6 +385,8 @@ def _prompt_knobs(messages: Sequence[Mapping[str, Any]]) -> _Knobs:
                     knobs.latency_ms = _non_negative_int(int(raw), name)
                 elif name == "tokens-per-second":
                     knobs.tokens_per_second = _non_negative_number(float(raw), name)
+                elif name == "reasoning-tokens":
+                    knobs.reasoning_tokens = _non_negative_int(int(raw), name)
                 else:
                     raise _BadRequest(f"unknown prompt marker [fake {name}=...]")
             except ValueError:
@@ -362,6 +407,7 @@ def _merge(*sources: _Knobs, config: FakeUpstreamConfig) -> _Knobs:
         reply_tokens=pick("reply_tokens", config.reply_tokens),
         latency_ms=pick("latency_ms", config.latency_ms),
         tokens_per_second=pick("tokens_per_second", config.tokens_per_second),
+        reasoning_tokens=pick("reasoning_tokens", 0),
     )
 
 
@@ -412,6 +458,193 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
+# ---- replies -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Frame:
+    """One streamed piece of one choice: its delta, the tokens it carries, and its log
+    probability entry (content pieces only)."""
+
+    delta: dict[str, Any]
+    tokens: int
+    logprob: dict[str, Any] | None = None
+
+
+@dataclass
+class _Choice:
+    index: int
+    frames: list[_Frame]
+    finish_reason: str
+    reasoning_tokens: int
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.reasoning_tokens + sum(frame.tokens for frame in self.frames)
+
+    @property
+    def content(self) -> str:
+        return "".join(frame.delta.get("content") or "" for frame in self.frames)
+
+
+def _sample(schema: Any, defs: Mapping[str, Any], depth: int = 0) -> Any:
+    """A value of a JSON schema: what a model in structured-output mode would write."""
+    if depth > 10 or not isinstance(schema, Mapping):
+        return "lorem"
+    if isinstance(schema.get("$ref"), str):
+        return _sample(defs.get(schema["$ref"].rsplit("/", 1)[-1]), defs, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return _sample(schema[key][0], defs, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties")
+        if not isinstance(properties, Mapping):
+            return {}
+        return {name: _sample(sub, defs, depth + 1) for name, sub in properties.items()}
+    samples = {"array": None, "integer": 1, "number": 1.5, "boolean": True, "null": None}
+    if kind == "array":
+        return [_sample(schema.get("items"), defs, depth + 1)]
+    return samples.get(kind, "lorem") if isinstance(kind, str) else "lorem"
+
+
+def _schema_value(schema: Any) -> Any:
+    defs: Mapping[str, Any] = {}
+    if isinstance(schema, Mapping):
+        found = schema.get("$defs", schema.get("definitions"))
+        defs = found if isinstance(found, Mapping) else {}
+    return _sample(schema, defs)
+
+
+def _functions_to_call(body: Mapping[str, Any], messages: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """The functions the fake model calls: none without tools, with tool_choice none, or
+    when answering a tool's result (tool_choice auto); the named one; else up to three (one
+    without parallel tool calls)."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice", "auto")
+    if not isinstance(tools, list) or not tools or choice == "none":
+        return []
+    functions = [
+        tool["function"]
+        for tool in tools
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
+    ]
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        return [f for f in functions if f.get("name") == name][:1]
+    if choice == "auto" and messages and messages[-1].get("role") == "tool":
+        return []
+    limit = 1 if body.get("parallel_tool_calls") is False else MAX_PARALLEL_TOOL_CALLS
+    return functions[:limit]
+
+
+def _logprob(piece: str, position: int, top: int) -> dict[str, Any]:
+    logprob = -round(0.05 * (position % 7), 4)
+    alternatives = [piece, *[w for w in REPLY_WORDS if w != piece][: max(top - 1, 0)]]
+    return {
+        "token": piece,
+        "logprob": logprob,
+        "bytes": list(piece.encode()),
+        "top_logprobs": [
+            {"token": alt, "logprob": logprob - rank, "bytes": list(alt.encode())}
+            for rank, alt in enumerate(alternatives[:top])
+        ],
+    }
+
+
+def _plan_choice(
+    index: int,
+    *,
+    body: Mapping[str, Any],
+    messages: Sequence[Mapping[str, Any]],
+    wanted: int,
+    cap: int | None,
+    reasoning: int,
+) -> _Choice:
+    """One choice of the reply, within the output cap (reasoning tokens first)."""
+    reasoning = min(reasoning, cap) if cap is not None else reasoning
+    budget = None if cap is None else cap - reasoning
+    logprobs = body.get("logprobs") is True
+    top_logprobs = body.get("top_logprobs")
+    top = top_logprobs if isinstance(top_logprobs, int) else 0
+    frames: list[_Frame] = []
+    calls: list[dict[str, Any]] = []
+    functions = _functions_to_call(body, messages)
+    if functions:
+        pieces: list[tuple[dict[str, Any], int]] = []
+        for k, function in enumerate(functions):
+            name = str(function.get("name", ""))
+            arguments = json.dumps(_schema_value(function.get("parameters") or {}))
+            call_id = f"call_{uuid.uuid4().hex[:24]}"
+            calls.append(
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+            )
+            head = {"index": k, "id": call_id, "type": "function"}
+            pieces.append(
+                ({"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]},
+                 count_text_tokens(name))
+            )  # fmt: skip
+            pieces += [
+                ({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}, 1)
+                for piece in split_tokens(arguments)
+            ]
+        finish = "tool_calls"
+        for delta, tokens in pieces:
+            if budget is not None and sum(f.tokens for f in frames) + tokens > budget:
+                finish = "length"
+                break
+            frames.append(_Frame(delta, tokens))
+            call = delta["tool_calls"][0]
+            calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+        calls = calls[: len({f.delta["tool_calls"][0]["index"] for f in frames})]
+        if frames:
+            frames[0].delta = {"role": "assistant", "content": None, **frames[0].delta}
+        return _Choice(index, frames, finish, reasoning, calls)
+
+    response_format = body.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_schema":
+        schema = (response_format or {}).get("json_schema", {}).get("schema")
+        texts = split_tokens(json.dumps(_schema_value(schema or {"type": "object"})))
+    elif kind == "json_object":
+        texts = split_tokens(json.dumps({"reply": "".join(reply_tokens(wanted)).strip()}))
+    else:
+        texts = reply_tokens(wanted, start=3 * index)
+    kept = texts if budget is None else texts[:budget]
+    for position, text in enumerate(kept):
+        entry = _logprob(text, position, top) if logprobs else None
+        frames.append(_Frame({"content": text}, 1, entry))
+    if frames:
+        frames[0].delta = {"role": "assistant", **frames[0].delta}
+    return _Choice(index, frames, "length" if len(kept) < len(texts) else "stop", reasoning)
+
+
+def _abbreviated(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_RECORDED_STRING:
+        return f"<{len(value)} characters>"
+    if isinstance(value, list):
+        return [_abbreviated(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _abbreviated(item) for key, item in value.items()}
+    return value
+
+
+def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _BadRequest(f"{name} must be a positive integer")
+    return value
+
+
 async def chat_completions(request: Request) -> Response:
     request_id = _new_request_id()
     id_header = {HEADER_REQUEST_ID: request_id}
@@ -442,6 +675,7 @@ async def chat_completions(request: Request) -> Response:
         if not isinstance(stream, bool):
             raise _BadRequest("stream must be a boolean")
         cap = _output_cap(body)
+        n = _positive_int(body, "n", 1)
         header_knobs = _header_knobs(request)
         prompt_knobs = _prompt_knobs(messages)
     except _BadRequest as exc:
@@ -450,20 +684,86 @@ async def chat_completions(request: Request) -> Response:
     # Only a valid request takes its turn in the queue, so a typo in a test does not
     # silently use up a fault meant for the next call.
     knobs = _merge(header_knobs, prompt_knobs, state.next_queued(), config=state.config)
-    wanted = knobs.reply_tokens or 0
-    tokens = reply_tokens(wanted if cap is None else min(wanted, cap))
-    finish_reason = "length" if cap is not None and cap < wanted else "stop"
+    choices = [
+        _plan_choice(
+            index,
+            body=body,
+            messages=messages,
+            wanted=knobs.reply_tokens or 0,
+            cap=cap,
+            reasoning=knobs.reasoning_tokens or 0,
+        )
+        for index in range(n)
+    ]
+    images = count_image_parts(messages)
     record = _RequestRecord(
         request_id=request_id,
         model=model,
         stream=stream,
         fault=knobs.fault,
-        prompt_tokens=count_message_tokens(messages),
+        prompt_tokens=count_prompt_tokens(
+            messages, tools=body.get("tools"), response_format=body.get("response_format")
+        )
+        + images * FAKE_IMAGE_TOKENS,
+        completion_tokens=sum(c.completion_tokens for c in choices),
+        reasoning_tokens=sum(c.reasoning_tokens for c in choices),
+        images=images,
+        body=_abbreviated(body),
     )
     state.chat_requests += 1
     state.records.append(record)
 
     fault = knobs.fault or ""
+    if (failed := await _fault_response(request, fault, id_header)) is not None:
+        return failed
+
+    if await _wait_unless_disconnected(request, (knobs.latency_ms or 0) / 1000):
+        return Response(status_code=499, headers=id_header)  # nobody is listening any more
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    tps = knobs.tokens_per_second or 0.0
+
+    if stream:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        frames = _stream_frames(
+            record=record,
+            completion_id=completion_id,
+            created=created,
+            choices=choices,
+            include_usage=include_usage,
+            tokens_per_second=tps,
+            fault=fault,
+        )
+        return _EventStream(frames, headers=id_header)
+
+    # A real upstream takes as long to answer in one piece as it would to stream.
+    longest = max(len(c.frames) for c in choices)
+    pace = (longest - 1) / tps if tps > 0 and longest else 0.0
+    if await _wait_unless_disconnected(request, pace):
+        return Response(status_code=499, headers=id_header)
+    completion = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [_whole_choice(choice, body) for choice in choices],
+        "usage": _usage(record.prompt_tokens, record.completion_tokens, record.reasoning_tokens),
+    }
+    if fault.startswith(("cut", "malformed")):
+        # The client gets no usable reply, so none of its tokens count as sent.
+        encoded = json.dumps(completion).encode()
+        broken = encoded[: len(encoded) // 2] if fault.startswith("cut") else b"{not json"
+        return Response(broken, media_type="application/json", headers=id_header)
+    record.tokens_sent = sum(frame.tokens for c in choices for frame in c.frames)
+    record.completed = True
+    return JSONResponse(completion, headers=id_header)
+
+
+async def _fault_response(
+    request: Request, fault: str, id_header: Mapping[str, str]
+) -> Response | None:
+    """The answer to a 500, 429 or timeout fault; None for any other."""
     if fault == "500":
         return _error(
             500,
@@ -485,56 +785,29 @@ async def chat_completions(request: Request) -> Response:
         return _error(
             504, "The fake upstream hung (timeout fault).", type_="timeout", headers=id_header
         )
+    return None
 
-    if await _wait_unless_disconnected(request, (knobs.latency_ms or 0) / 1000):
-        return Response(status_code=499, headers=id_header)  # nobody is listening any more
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    tps = knobs.tokens_per_second or 0.0
 
-    if stream:
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        frames = _stream_frames(
-            record=record,
-            completion_id=completion_id,
-            created=created,
-            tokens=tokens,
-            finish_reason=finish_reason,
-            include_usage=include_usage,
-            tokens_per_second=tps,
-            fault=fault,
-        )
-        return _EventStream(frames, headers=id_header)
-
-    # A real upstream takes as long to answer in one piece as it would to stream.
-    pace = (len(tokens) - 1) / tps if tps > 0 and tokens else 0.0
-    if await _wait_unless_disconnected(request, pace):
-        return Response(status_code=499, headers=id_header)
-    text = "".join(tokens)
-    completion = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": _usage(record.prompt_tokens, len(tokens)),
+def _whole_choice(choice: _Choice, body: Mapping[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": None if choice.tool_calls else choice.content,
+        "refusal": None,
     }
-    if fault.startswith(("cut", "malformed")):
-        # The client gets no usable reply, so none of its tokens count as sent.
-        encoded = json.dumps(completion).encode()
-        broken = encoded[: len(encoded) // 2] if fault.startswith("cut") else b"{not json"
-        return Response(broken, media_type="application/json", headers=id_header)
-    record.tokens_sent = len(tokens)
-    record.completed = True
-    return JSONResponse(completion, headers=id_header)
+    if choice.tool_calls:
+        message["tool_calls"] = choice.tool_calls
+    logprobs = None
+    if body.get("logprobs") is True:
+        logprobs = {
+            "content": [f.logprob for f in choice.frames if f.logprob is not None],
+            "refusal": None,
+        }
+    return {
+        "index": choice.index,
+        "message": message,
+        "logprobs": logprobs,
+        "finish_reason": choice.finish_reason,
+    }
 
 
 async def _stream_frames(
@@ -542,15 +815,16 @@ async def _stream_frames(
     record: _RequestRecord,
     completion_id: str,
     created: int,
-    tokens: Sequence[str],
-    finish_reason: str,
+    choices: Sequence[_Choice],
     include_usage: bool,
     tokens_per_second: float,
     fault: str,
 ) -> AsyncGenerator[bytes, None]:
-    """The SSE events of one streamed reply; updates `record` as the client is served."""
+    """The SSE events of one streamed reply; updates `record` as the client is served. The
+    choices advance together, one piece each per step, as a batched model's would."""
 
-    def chunk(delta: Mapping[str, Any], finish: str | None) -> bytes:
+    def chunk(index: int, delta: Mapping[str, Any], finish: str | None, logprob: Any) -> bytes:
+        logprobs = {"content": [logprob], "refusal": None} if logprob is not None else None
         return _sse(
             {
                 "id": completion_id,
@@ -558,31 +832,42 @@ async def _stream_frames(
                 "created": created,
                 "model": record.model,
                 "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
                 ],
             }
         )
 
-    stop_after = len(tokens)
+    stop_after: int | None = None
     if fault.startswith("cut"):
         stop_after = _fault_count(fault, DEFAULT_CUT_TOKENS)
     elif fault.startswith("malformed"):
         stop_after = _fault_count(fault, DEFAULT_MALFORMED_TOKENS)
 
-    for i, token in enumerate(tokens[:stop_after]):
-        if i and tokens_per_second > 0:
+    sent = 0
+    steps = max((len(c.frames) for c in choices), default=0)
+    for step in range(steps):
+        if step and tokens_per_second > 0:
             await anyio.sleep(1 / tokens_per_second)
-        yield chunk({"role": "assistant", "content": token} if i == 0 else {"content": token}, None)
-        # Counted once the frame has been handed to the server, so a client that leaves
-        # mid-stream leaves the true count behind.
-        record.tokens_sent += 1
+        for choice in choices:
+            if step >= len(choice.frames) or (stop_after is not None and sent >= stop_after):
+                continue
+            frame = choice.frames[step]
+            yield chunk(choice.index, frame.delta, None, frame.logprob)
+            # Counted once the frame has been handed to the server, so a client that leaves
+            # mid-stream leaves the true count behind.
+            record.tokens_sent += frame.tokens
+            sent += 1
 
     if fault.startswith("cut"):
         raise _DropConnection
     if fault.startswith("malformed"):
         yield b"data: {not json\n\n"
         return
-    yield chunk({"role": "assistant"} if not tokens else {}, finish_reason)
+    for choice in choices:
+        yield chunk(
+            choice.index, {"role": "assistant"} if not choice.frames else {},
+            choice.finish_reason, None,
+        )  # fmt: skip
     if include_usage:
         yield _sse(
             {
@@ -591,11 +876,116 @@ async def _stream_frames(
                 "created": created,
                 "model": record.model,
                 "choices": [],
-                "usage": _usage(record.prompt_tokens, len(tokens)),
+                "usage": _usage(
+                    record.prompt_tokens, record.completion_tokens, record.reasoning_tokens
+                ),
             }
         )
     yield b"data: [DONE]\n\n"
     record.completed = True
+
+
+# ---- embeddings ----------------------------------------------------------------------------
+
+
+def _embedding_inputs(raw: Any) -> list[str | list[int]]:
+    def token_ids(value: Any) -> bool:
+        return (
+            isinstance(value, list)
+            and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+        )
+
+    if isinstance(raw, str) and raw:
+        return [raw]
+    if token_ids(raw):
+        return [raw]
+    if (
+        isinstance(raw, list)
+        and raw
+        and all((isinstance(item, str) and item) or token_ids(item) for item in raw)
+    ):
+        return list(raw)
+    raise _BadRequest("input must be a non-empty string, list of strings or token ids")
+
+
+def _vector(item: str | list[int], dimensions: int) -> list[float]:
+    """A unit vector that depends only on the input."""
+    seed = item if isinstance(item, str) else ",".join(map(str, item))
+    values: list[float] = []
+    counter = 0
+    while len(values) < dimensions:
+        digest = hashlib.sha256(f"{counter}:{seed}".encode()).digest()
+        values += [(byte - 127.5) / 127.5 for byte in digest]
+        counter += 1
+    values = values[:dimensions]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [round(v / norm, 6) for v in values]
+
+
+async def embeddings(request: Request) -> Response:
+    request_id = _new_request_id()
+    id_header = {HEADER_REQUEST_ID: request_id}
+    if (refusal := _unauthorized(request)) is not None:
+        refusal.headers.update(id_header)
+        return refusal
+    state = _state(request)
+    try:
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise _BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or model not in state.config.models:
+            return _error(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+                headers=id_header,
+            )
+        inputs = _embedding_inputs(body.get("input"))
+        dimensions = _positive_int(body, "dimensions", EMBEDDING_DIMENSIONS)
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise _BadRequest("encoding_format must be float or base64")
+        header_knobs = _header_knobs(request)
+    except _BadRequest as exc:
+        return _error(400, str(exc), headers=id_header)
+    knobs = _merge(header_knobs, state.next_queued(), config=state.config)
+    tokens = sum(count_text_tokens(i) if isinstance(i, str) else len(i) for i in inputs)
+    record = _RequestRecord(
+        request_id=request_id,
+        model=model,
+        stream=False,
+        fault=knobs.fault,
+        prompt_tokens=tokens,
+        endpoint="embeddings",
+        body=_abbreviated(body),
+    )
+    state.records.append(record)
+    fault = knobs.fault or ""
+    if (failed := await _fault_response(request, fault, id_header)) is not None:
+        return failed
+    if await _wait_unless_disconnected(request, (knobs.latency_ms or 0) / 1000):
+        return Response(status_code=499, headers=id_header)
+    if fault.startswith(("cut", "malformed")):
+        return Response(b'{"object": "list", "da', media_type="application/json", headers=id_header)
+    data = []
+    for index, item in enumerate(inputs):
+        vector = _vector(item, dimensions)
+        embedding: Any = vector
+        if encoding == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    record.completed = True
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+        headers=id_header,
+    )
 
 
 async def queue_next(request: Request) -> Response:
@@ -604,7 +994,10 @@ async def queue_next(request: Request) -> Response:
         body = await _json_body(request)
         if not isinstance(body, dict):
             raise _BadRequest("the request body must be a JSON object")
-        unknown = set(body) - {"fault", "reply_tokens", "latency_ms", "tokens_per_second", "count"}
+        unknown = set(body) - {
+            "fault", "reply_tokens", "latency_ms", "tokens_per_second", "reasoning_tokens",
+            "count",
+        }  # fmt: skip
         if unknown:
             raise _BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
         fault = body.get("fault")
@@ -620,6 +1013,7 @@ async def queue_next(request: Request) -> Response:
             tokens_per_second=_non_negative_number(
                 body.get("tokens_per_second"), "tokens_per_second"
             ),
+            reasoning_tokens=_non_negative_int(body.get("reasoning_tokens"), "reasoning_tokens"),
         )
     except _BadRequest as exc:
         return _error(400, str(exc))
@@ -659,6 +1053,7 @@ def build_app(config: FakeUpstreamConfig) -> Starlette:
         routes=[
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/_fake/next", queue_next, methods=["POST"]),
             Route("/_fake/reset", reset, methods=["POST"]),
             Route("/_fake/stats", stats, methods=["GET"]),

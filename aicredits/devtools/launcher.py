@@ -76,7 +76,7 @@ def start_stand_ins(settings: Settings) -> tuple[list[subprocess.Popen[bytes]], 
         models_url = settings.upstream_base_url + "/models"
         if not _answers(models_url):
             port = urlsplit(settings.upstream_base_url).port or 9500
-            models = ",".join(m.upstream_model for m in settings.models)
+            models = ",".join(m.upstream_model for m in settings.priced_models)
             proc = subprocess.Popen(
                 [
                     sys.executable, "-m", "aicredits", "fake-upstream",

@@ -99,3 +99,22 @@ class LimiterUnavailable(AICreditsError):
     """The shared rate limiter (Redis) could not be reached and it is set to fail closed."""
 
     code = "rate_limiter_unavailable"
+
+
+class InvalidParameter(InvalidRequest):
+    """One field of a request has a wrong type or value; `param` names it, as OpenAI's
+    errors do."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedParameter(InvalidParameter):
+    """A field this service does not offer, so it is refused rather than silently dropped."""
+
+    code = "unsupported_parameter"
+
+
+class InvalidIdempotencyKey(InvalidRequest):
+    code = "invalid_idempotency_key"

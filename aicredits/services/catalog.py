@@ -38,6 +38,25 @@ def list_model_offers(db: Database, settings: Settings) -> list[ModelOffer]:
     return offers
 
 
+def list_embedding_offers(db: Database, settings: Settings) -> list[ModelOffer]:
+    """The embedding models, priced per input token (they have no output)."""
+    offers = []
+    for spec in settings.embedding_models:
+        try:
+            price = current_price(db, model=spec.id)
+        except UnknownModel:
+            continue
+        offers.append(
+            ModelOffer(
+                id=spec.id,
+                label=spec.label or spec.id,
+                input_per_1k=credits_per_1k(price.input_per_mtok),
+                output_per_1k=credits_per_1k(0),
+            )
+        )
+    return offers
+
+
 def describe_database(settings: Settings) -> str:
     if settings.database_url.startswith("sqlite"):
         return "SQLite (local file, development default)"

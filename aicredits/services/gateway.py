@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import weakref
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy.engine import Connection
 
@@ -39,11 +40,18 @@ from aicredits.adapters.tables import utcnow
 from aicredits.adapters.tokenizer import count_text_tokens
 from aicredits.adapters.upstream import Delta, Finished, Upstream, UpstreamError, Usage
 from aicredits.domain.chat import ChatRequest
-from aicredits.domain.errors import AICreditsError, UnknownModel
+from aicredits.domain.errors import (
+    AICreditsError,
+    IdempotencyConflict,
+    InvalidIdempotencyKey,
+    UnknownModel,
+    UnsupportedParameter,
+)
+from aicredits.domain.reply import ReplyBuilder, ReplyChoice
 from aicredits.services import ledger, pricing, thresholds
 from aicredits.services.ledger import HoldView, UsageRecord
 from aicredits.services.pricing import Quote
-from aicredits.settings import Settings
+from aicredits.settings import ModelSpec, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +99,30 @@ class IdempotencyKeyReused(AICreditsError):
     code = "duplicate_request"
 
 
+# A client's Idempotency-Key: printable, and short enough to read in a log.
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+KEY_REUSED = (
+    "This Idempotency-Key was already used for a different request; this one was not run. "
+    "Use a new key for a new request."
+)
+
 _END = object()  # the upstream finished
 _INTERRUPT = object()  # drain: stop now
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a call has delivered, for a checkpoint."""
+
+    # The first choice's text: the reply so far, for the caller's own record of it.
+    text: str
+    # Every generated text of every choice (content, refusals, tool calls): what is charged.
+    billable: list[str]
+    chars: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(count_text_tokens(text) for text in self.billable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +140,10 @@ class TurnResult:
     balance_after: int | None
     outcome: Outcome
     finish_reason: str | None
+    # Every choice as delivered (the first one's text is `text`).
+    choices: tuple[ReplyChoice, ...] = ()
+    # Of output_tokens, how many the model spent reasoning (from the provider's usage).
+    reasoning_tokens: int = 0
 
 
 def new_request_id() -> str:
@@ -141,8 +175,7 @@ class Turn:
         self.max_tokens = max_tokens
         self.result: TurnResult | None = None
         self._started = False
-        self._delivered: list[str] = []
-        self._delivered_chars = 0
+        self._reply = ReplyBuilder(request.n)
         self._checkpointed_chars = 0
         self._queue: asyncio.Queue[object] | None = None
         self._interrupted = False
@@ -152,15 +185,28 @@ class Turn:
     async def stream(
         self, *, upstream_headers: dict[str, str] | None = None
     ) -> AsyncGenerator[str, None]:
-        """Yield the reply as it arrives. Text handed out counts as delivered: if the caller
-        stops (closes this generator, or is cancelled), it pays for exactly that much."""
+        """Yield the reply's text as it arrives (of its first choice: a caller that asks for
+        plain text asks for one). Text handed out counts as delivered: if the caller stops
+        (closes this generator, or is cancelled), it pays for exactly that much."""
         # aclosing: closing this generator must close (and so settle) the inner one now,
         # not whenever the garbage collector gets to it.
         async with contextlib.aclosing(
             self._run(incremental=True, headers=upstream_headers)
         ) as run:
-            async for text in run:
-                yield text
+            async for delta in run:
+                if delta.index == 0 and delta.text:
+                    yield delta.text
+
+    async def deltas(
+        self, *, upstream_headers: dict[str, str] | None = None
+    ) -> AsyncGenerator[Delta, None]:
+        """Yield every piece of the reply as it arrives: text, tool-call pieces, refusals and
+        log probabilities, of every choice. Each counts as delivered once handed out."""
+        async with contextlib.aclosing(
+            self._run(incremental=True, headers=upstream_headers)
+        ) as run:
+            async for delta in run:
+                yield delta
 
     async def run(self, *, upstream_headers: dict[str, str] | None = None) -> TurnResult:
         """The whole reply at once. Nothing is delivered until it is complete, so a failure
@@ -191,14 +237,18 @@ class Turn:
             if self._queue is not None:
                 self._queue.put_nowait(_INTERRUPT)
 
-    def undelivered_progress(self) -> str | None:
-        """The text delivered so far if more was delivered since the last checkpoint."""
-        if self._delivered_chars == self._checkpointed_chars:
+    def undelivered_progress(self) -> Progress | None:
+        """What was delivered so far, if more was delivered since the last checkpoint."""
+        reply = self._reply
+        if reply.chars == self._checkpointed_chars:
             return None
-        return "".join(self._delivered)
+        return Progress(text=reply.text, billable=reply.billable_texts(), chars=reply.chars)
 
-    def checkpointed(self, text: str) -> None:
-        self._checkpointed_chars = max(self._checkpointed_chars, len(text))
+    def checkpointed(self, progress: Progress) -> None:
+        self._checkpointed_chars = max(self._checkpointed_chars, progress.chars)
+
+    async def renew_slot(self) -> None:
+        await self._slot.renew()
 
     async def _read_upstream(
         self, call: dict[str, Any], incremental: bool, queue: asyncio.Queue[object]
@@ -211,8 +261,9 @@ class Turn:
                     queue.put_nowait(event)
             else:
                 # Nothing is delivered before the end, so the upstream need not stream.
-                text, finished = await upstream.complete(**call)
-                queue.put_nowait(Delta(text))
+                choices, finished = await upstream.complete(**call)
+                for delta in choices:
+                    queue.put_nowait(delta)
                 queue.put_nowait(finished)
             queue.put_nowait(_END)
         except Exception as error:  # noqa: BLE001 - handed to the turn, which raises it
@@ -220,12 +271,12 @@ class Turn:
 
     async def _run(
         self, *, incremental: bool, headers: dict[str, str] | None
-    ) -> AsyncGenerator[str, None]:
+    ) -> AsyncGenerator[Delta, None]:
         if self._started:
             raise RuntimeError("a turn runs once")
         self._started = True
         usage: Usage | None = None
-        finish_reason: str | None = None
+        finish_reasons: Mapping[int, str] = {}
         outcome: Outcome = "failed"
         failure: UpstreamError | None = None
         spec = self._gateway.settings.model_spec(self.request.model)
@@ -237,6 +288,8 @@ class Turn:
             "request_id": self.request_id,
             "params": self.request.params,
             "headers": headers,
+            # A reasoning model's cap bounds its reasoning too; max_tokens is refused there.
+            "cap_field": "max_completion_tokens" if spec.reasoning else "max_tokens",
         }
         queue: asyncio.Queue[object] = asyncio.Queue()
         self._queue = queue
@@ -255,26 +308,36 @@ class Turn:
                     outcome = "completed"
                     break
                 if isinstance(item, Delta):
-                    self._delivered.append(item.text)
-                    self._delivered_chars += len(item.text)
+                    self._reply.add(
+                        index=item.index,
+                        text=item.text,
+                        tool_calls=item.tool_calls,
+                        refusal=item.refusal,
+                        logprobs=item.logprobs,
+                    )
                     if incremental:
-                        yield item.text
+                        yield item
                 elif isinstance(item, Finished):
-                    usage, finish_reason = item.usage, item.finish_reason
+                    usage, finish_reasons = item.usage, item.finish_reasons
                 elif isinstance(item, BaseException):
                     raise item
         except UpstreamError as error:
             failure = error
-            outcome = "cut" if incremental and self._delivered else "failed"
+            outcome = "cut" if incremental and self._reply.delivered else "failed"
         except BaseException:
             outcome = "stopped"  # the caller went away (closed the stream, or was cancelled)
             raise
         finally:
             reader.cancel()
             reader.add_done_callback(_ignore_outcome)
-            delivered = self._delivered if (incremental or outcome == "completed") else []
+            # A whole reply not streamed is delivered only if it completed.
+            delivered = (
+                self._reply
+                if (incremental or outcome == "completed")
+                else ReplyBuilder(self.request.n)
+            )
             try:
-                self.result = await self._settle(outcome, delivered, usage, finish_reason)
+                self.result = await self._settle(outcome, delivered, usage, finish_reasons)
                 await self._finished(self.result)
             finally:
                 inflight.discard(self)
@@ -325,26 +388,28 @@ class Turn:
     async def _settle(
         self,
         outcome: Outcome,
-        delivered: list[str],
+        delivered: ReplyBuilder,
         usage: Usage | None,
-        finish_reason: str | None,
+        finish_reasons: Mapping[int, str],
     ) -> TurnResult:
-        text = "".join(delivered)
         gateway = self._gateway
-        if outcome != "completed" and not delivered:
+        reply = _Reply(delivered.text, delivered.choices(finish_reasons), finish_reasons.get(0))
+        if outcome != "completed" and not delivered.delivered:
             hold = await run_blocking_to_completion(
                 ledger.release, gateway.db, hold_id=self.hold.id
             )
             if hold.status == "released":  # not swept as expired meanwhile
                 metrics.credits_released(model=self.request.model, credits=hold.amount)
-            return self._result(text, 0, 0, False, 0, 0, 0, None, outcome, finish_reason)
+            return self._result(reply, 0, 0, False, 0, 0, 0, None, outcome)
+        reasoning_tokens = 0
         if outcome == "completed" and usage is not None:
             input_tokens, output_tokens, estimated = usage.input_tokens, usage.output_tokens, False
+            reasoning_tokens = usage.reasoning_tokens
         else:
             # No usage from the upstream (cut, stopped, or not supported): count what was
-            # actually delivered, and say so on the usage event.
+            # actually delivered, of every choice, and say so on the usage event.
             input_tokens = self.quote.prompt_tokens
-            output_tokens = count_text_tokens(text)
+            output_tokens = sum(count_text_tokens(text) for text in delivered.billable_texts())
             estimated = True
         cost = pricing.price_usage(
             self.quote.price, input_tokens=input_tokens, output_tokens=output_tokens
@@ -373,7 +438,7 @@ class Turn:
         if settled.charged:
             gateway.note_spend(self.hold.user_id)
         return self._result(
-            text,
+            reply,
             input_tokens,
             output_tokens,
             estimated,
@@ -382,12 +447,12 @@ class Turn:
             settled.unbilled,
             settled.balance_after,
             outcome,
-            finish_reason,
+            reasoning_tokens,
         )
 
     def _result(
         self,
-        text: str,
+        reply: _Reply,
         input_tokens: int,
         output_tokens: int,
         estimated: bool,
@@ -396,12 +461,12 @@ class Turn:
         unbilled: int,
         balance_after: int | None,
         outcome: Outcome,
-        finish_reason: str | None,
+        reasoning_tokens: int = 0,
     ) -> TurnResult:
         return TurnResult(
             request_id=self.request_id,
             model=self.request.model,
-            text=text,
+            text=reply.text,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             estimated=estimated,
@@ -410,8 +475,17 @@ class Turn:
             unbilled=unbilled,
             balance_after=balance_after,
             outcome=outcome,
-            finish_reason=finish_reason,
+            finish_reason=reply.finish_reason,
+            choices=reply.choices,
+            reasoning_tokens=reasoning_tokens,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    text: str
+    choices: tuple[ReplyChoice, ...]
+    finish_reason: str | None
 
 
 def _ignore_outcome(task: asyncio.Future[None]) -> None:
@@ -419,8 +493,23 @@ def _ignore_outcome(task: asyncio.Future[None]) -> None:
         task.exception()  # retrieved: the turn already handled what the reader reported
 
 
+class InFlightCall(Protocol):
+    """A metered call while it runs: a chat Turn, or an embedding call."""
+
+    hold: HoldView
+    on_progress: ProgressSink | None
+
+    def undelivered_progress(self) -> Progress | None: ...
+
+    def checkpointed(self, progress: Progress) -> None: ...
+
+    def interrupt(self) -> None: ...
+
+    async def renew_slot(self) -> None: ...
+
+
 class InFlight:
-    """The turns running in this process through one gateway. Every `checkpoint_seconds` it
+    """The calls running in this process through one gateway. Every `checkpoint_seconds` it
     renews their holds' leases and their rate-limit slots, and records what each has
     delivered (with the caller's own record of it, `Turn.on_progress`), in one transaction.
     On shutdown it drains them."""
@@ -430,7 +519,7 @@ class InFlight:
         self.lease = timedelta(seconds=lease_seconds)
         self.interval = checkpoint_seconds
         self.draining = False
-        self._turns: set[Turn] = set()
+        self._turns: set[InFlightCall] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -440,7 +529,7 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._turns)
 
-    def add(self, turn: Turn) -> None:
+    def add(self, turn: InFlightCall) -> None:
         self._turns.add(turn)
         self._idle.clear()
         # The task showing this turn to its caller (a chat tab's event, an API response):
@@ -452,7 +541,7 @@ class InFlight:
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
-    def discard(self, turn: Turn) -> None:
+    def discard(self, turn: InFlightCall) -> None:
         self._turns.discard(turn)
         if not self._turns:
             self._idle.set()
@@ -476,32 +565,32 @@ class InFlight:
         if not turns:
             return
         progress = [(turn, turn.undelivered_progress()) for turn in turns]
-        await asyncio.gather(*(turn._slot.renew() for turn in turns))
+        await asyncio.gather(*(turn.renew_slot() for turn in turns))
         await run_blocking(self._write, progress)
 
-    def _write(self, progress: list[tuple[Turn, str | None]]) -> None:
+    def _write(self, progress: list[tuple[InFlightCall, Progress | None]]) -> None:
         now = utcnow()
         until = now + self.lease
-        done: list[tuple[Turn, str]] = []
+        done: list[tuple[InFlightCall, Progress]] = []
         with self.db.transaction() as conn:
             ledger.renew_leases(
-                conn, hold_ids=[t.hold.id for t, text in progress if text is None], until=until
+                conn, hold_ids=[t.hold.id for t, p in progress if p is None], until=until
             )
-            for turn, text in progress:
-                if text is None:
+            for turn, delivered in progress:
+                if delivered is None:
                     continue
                 recorded = ledger.record_progress(
                     conn,
                     hold_id=turn.hold.id,
-                    delivered_tokens=count_text_tokens(text),
+                    delivered_tokens=delivered.tokens,
                     until=until,
                     now=now,
                 )
                 if recorded and turn.on_progress is not None:
-                    turn.on_progress(conn, text)
-                done.append((turn, text))
-        for turn, text in done:
-            turn.checkpointed(text)
+                    turn.on_progress(conn, delivered.text)
+                done.append((turn, delivered))
+        for turn, delivered in done:
+            turn.checkpointed(delivered)
 
     def drain(self, grace: float, *, settle_wait: float = 5.0) -> asyncio.Future[int]:
         """Take no new turns; let the running ones finish for up to `grace` seconds, then cut
@@ -583,18 +672,46 @@ class Gateway:
                 "The server is restarting and takes no new calls; try again in a few seconds."
             )
         request_id = request_id or new_request_id()
+        hold_key = idempotent_hold_key(user_id, idempotency_key) or request_id
         spec = self.settings.model_spec(request.model)
         if spec is None:
             raise UnknownModel(f"model {request.model!r} is not offered here")
-        price = pricing.cached_price(self.db, model=request.model)
-        if price is None:
-            price = await run_blocking(pricing.recent_price, self.db, model=request.model)
-        quote = pricing.quote_worst_case(
-            price, spec, messages=request.messages, max_tokens=request.max_tokens
+        check_model_takes(spec, request)
+        price = await self.price(request.model)
+        quote = pricing.quote_request(price, spec, request)
+        hold, slot = await self.reserve(
+            user_id=user_id, ip=ip, request_id=request_id, hold_key=hold_key, quote=quote,
+            model=request.model,
+        )  # fmt: skip
+        return Turn(
+            self,
+            request=request,
+            request_id=request_id,
+            quote=quote,
+            hold=hold,
+            slot=slot,
+            max_tokens=quote.max_output_tokens,
         )
+
+    async def price(self, model: str) -> pricing.Price:
+        price = pricing.cached_price(self.db, model=model)
+        if price is None:
+            price = await run_blocking(pricing.recent_price, self.db, model=model)
+        return price
+
+    async def reserve(
+        self,
+        *,
+        user_id: int,
+        ip: str | None,
+        request_id: str,
+        hold_key: str,
+        quote: Quote,
+        model: str,
+    ) -> tuple[HoldView, Slot]:
+        """Take a rate-limit slot and reserve the quote: what every metered call does before
+        it may reach the upstream."""
         slot = await self.limiter.acquire(user_id=user_id, ip=ip, request_id=request_id)
-        # A client's idempotency key makes a retried request find the first one's hold.
-        hold_key = f"idem:{user_id}:{idempotency_key}" if idempotency_key else request_id
         try:
             hold = await run_blocking(
                 ledger.reserve,
@@ -604,28 +721,61 @@ class Gateway:
                 request_id=hold_key,
                 lease=timedelta(seconds=self.settings.hold_lease_seconds),
                 pricing=HoldPricing(
-                    model=request.model,
+                    model=model,
                     price_version_id=quote.price.version_id,
                     input_tokens=quote.prompt_tokens,
                 ),
             )
+        except IdempotencyConflict:
+            # Another worst case: another request. (The ledger's message names the hold's
+            # key, which the client never sees.)
+            await slot.release()
+            raise IdempotencyConflict(KEY_REUSED) from None
         except BaseException:
             await slot.release()
             raise
         if hold.replayed:
             await slot.release()
+            # Another model or prompt size is another request, even at the same worst case.
+            if (hold.model, hold.input_tokens) != (model, quote.prompt_tokens):
+                raise IdempotencyConflict(KEY_REUSED)
             raise IdempotencyKeyReused(
                 "A request with this idempotency key was already made; it was not run again."
             )
-        metrics.credits_reserved(model=request.model, credits=hold.amount)
-        return Turn(
-            self,
-            request=request,
-            request_id=request_id,
-            quote=quote,
-            hold=hold,
-            slot=slot,
-            max_tokens=quote.max_output_tokens,
+        metrics.credits_reserved(model=model, credits=hold.amount)
+        return hold, slot
+
+
+def idempotent_hold_key(user_id: int, idempotency_key: str | None) -> str | None:
+    """The hold key of a request with a client's Idempotency-Key (None without one), so a
+    retry finds the first request's hold. The key is hashed: any allowed key fits the
+    column, and it is not stored as the client wrote it."""
+    if idempotency_key is None:
+        return None
+    if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS or not (
+        idempotency_key.isascii() and idempotency_key.isprintable()
+    ):
+        raise InvalidIdempotencyKey(
+            f"The Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII "
+            "characters."
+        )
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()[:40]
+    return f"idem:{user_id}:{digest}"
+
+
+def check_model_takes(spec: ModelSpec, request: ChatRequest) -> None:
+    """Refuse what this model cannot do: images on a model not marked for vision, reasoning
+    effort on a model that does not reason."""
+    if request.images and not spec.vision:
+        raise UnsupportedParameter(
+            f"model {spec.id!r} does not take images (image_url parts); send text only, or "
+            "use a model that takes images (see /v1/models)",
+            param="messages",
+        )
+    if request.reasoning_effort is not None and not spec.reasoning:
+        raise UnsupportedParameter(
+            f"reasoning_effort: model {spec.id!r} is not a reasoning model",
+            param="reasoning_effort",
         )
 
 

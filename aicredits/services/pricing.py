@@ -14,7 +14,8 @@ from sqlalchemy.engine import Connection
 
 from aicredits.adapters.db import Database, reading, unit_of_work
 from aicredits.adapters.tables import model_prices, utcnow
-from aicredits.adapters.tokenizer import count_message_tokens
+from aicredits.adapters.tokenizer import count_prompt_tokens
+from aicredits.domain.chat import ChatRequest
 from aicredits.domain.errors import InvalidRequest, UnknownModel
 from aicredits.domain.ledger import require_non_negative, require_reason
 from aicredits.domain.pricing import Price, clamp_max_tokens, usage_cost, worst_case_cost
@@ -30,7 +31,7 @@ from aicredits.services.admin_actions import (
     require_form_token,
     utc_minute,
 )
-from aicredits.settings import ModelSpec
+from aicredits.settings import EmbeddingModelSpec, ModelSpec
 
 # Far beyond any real price, and well inside BIGINT: a typo of extra digits is refused.
 MAX_PRICE_PER_MTOK = 10**12
@@ -41,9 +42,14 @@ class Quote:
     """The most a call can cost, reserved before it starts."""
 
     price: Price
+    # The prompt as counted here (images at the model's bound): what the call is charged
+    # for its input when the provider's usage never comes (a cut or crashed stream).
     prompt_tokens: int
+    # The output cap of one choice: what the upstream is told.
     max_output_tokens: int
     credits: int
+    # How many choices share the call: the output cap is reserved for each.
+    choices: int = 1
 
 
 def _price(row: Any) -> Price:
@@ -149,7 +155,7 @@ def add_price_version(
     return _price(row)
 
 
-def seed_prices(db: Database, models: Iterable[ModelSpec]) -> list[Price]:
+def seed_prices(db: Database, models: Iterable[ModelSpec | EmbeddingModelSpec]) -> list[Price]:
     """Give each configured model its configured price, unless the table already has one."""
     added = []
     with db.read() as conn:
@@ -175,22 +181,56 @@ def quote_worst_case(
     *,
     messages: Sequence[Mapping[str, Any]],
     max_tokens: int | None,
+    tools: Any = None,
+    response_format: Any = None,
+    images: int = 0,
+    choices: int = 1,
 ) -> Quote:
-    """Price the worst case: every prompt token (counted with tiktoken) plus the output cap."""
+    """Price the worst case: every prompt token (counted with tiktoken: messages, tool
+    definitions, the response format's schema), each image at the model's bound, plus the
+    output cap for each choice. Reasoning tokens are output, bounded by the same cap."""
     if not messages:
         raise InvalidRequest("messages must not be empty")
-    prompt_tokens = count_message_tokens(messages)
+    text_tokens = count_prompt_tokens(messages, tools=tools, response_format=response_format)
     max_output = clamp_max_tokens(max_tokens, model_limit=spec.max_output_tokens)
-    if prompt_tokens + max_output > spec.context_tokens:
+    # Images are left out of the context check: their bound is far above a typical image.
+    if text_tokens + max_output > spec.context_tokens:
         allowed = spec.context_tokens - max_output
         raise InvalidRequest(
-            f"the prompt is {prompt_tokens} tokens; {spec.id} allows at most {allowed} "
+            f"the prompt is {text_tokens} tokens; {spec.id} allows at most {allowed} "
             f"with {max_output} output tokens"
         )
-    credits = worst_case_cost(price, prompt_tokens=prompt_tokens, max_output_tokens=max_output)
-    return Quote(
-        price=price, prompt_tokens=prompt_tokens, max_output_tokens=max_output, credits=credits
+    prompt_tokens = text_tokens + images * spec.max_image_tokens
+    credits = worst_case_cost(
+        price, prompt_tokens=prompt_tokens, max_output_tokens=choices * max_output
     )
+    return Quote(
+        price=price,
+        prompt_tokens=prompt_tokens,
+        max_output_tokens=max_output,
+        credits=credits,
+        choices=choices,
+    )
+
+
+def quote_request(price: Price, spec: ModelSpec, request: ChatRequest) -> Quote:
+    """quote_worst_case for everything a chat request asks for."""
+    return quote_worst_case(
+        price,
+        spec,
+        messages=request.messages,
+        max_tokens=request.max_tokens,
+        tools=request.tools,
+        response_format=request.response_format,
+        images=request.images,
+        choices=request.n,
+    )
+
+
+def quote_embeddings(price: Price, *, input_tokens: int) -> Quote:
+    """An embedding call costs its input tokens, all known before the call."""
+    credits = usage_cost(price, input_tokens=input_tokens, output_tokens=0)
+    return Quote(price=price, prompt_tokens=input_tokens, max_output_tokens=0, credits=credits)
 
 
 def price_usage(price: Price, *, input_tokens: int, output_tokens: int) -> int:

@@ -13,7 +13,7 @@ def migrate(db: Database, settings: Settings) -> list[str]:
     """Apply the migrations, then price the configured models that have no price yet.
     Returns what was done, a line each, for the operator."""
     upgrade_to_head(db.url)
-    seeded = pricing.seed_prices(db, settings.models)
+    seeded = pricing.seed_prices(db, settings.priced_models)
     return [f"database at head ({db.dialect})"] + [
         f"priced {price.model}: {price.input_per_mtok} in / {price.output_per_mtok} out "
         "credits per 1M tokens"

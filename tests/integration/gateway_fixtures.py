@@ -71,6 +71,10 @@ class Rig:
                 )
             )
 
+    def usage_events_all(self) -> list[Any]:
+        with self.db.read() as conn:
+            return list(conn.execute(sa.select(usage_events).order_by(usage_events.c.id)))
+
     def pending_holds(self) -> int:
         with self.db.read() as conn:
             return int(
@@ -86,16 +90,34 @@ class Rig:
             time.sleep(0.05)
         assert self.pending_holds() == 0, "a hold was left pending"
 
-    def price(self) -> pricing.Price:
-        return pricing.current_price(self.db, model=MODEL.id)
+    def price(self, model: str = MODEL.id) -> pricing.Price:
+        return pricing.current_price(self.db, model=model)
+
+    def hold(self, request_id: str) -> Any:
+        with self.db.read() as conn:
+            return conn.execute(sa.select(holds).where(holds.c.request_id == request_id)).one()
+
+    def unbilled_calls(self) -> list[Any]:
+        """Calls whose usage went beyond what was reserved for them: none should."""
+        with self.db.read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(usage_events.c.request_id, usage_events.c.unbilled).where(
+                        usage_events.c.unbilled > 0
+                    )
+                )
+            )
 
 
 @contextmanager
 def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
     with ExitStack() as stack:
+        models = overrides.get("models", [MODEL])
+        embedding_models = overrides.get("embedding_models", [])
+        served = [m.upstream_model for m in [*models, *embedding_models]]
         upstream = stack.enter_context(
             serve_asgi(
-                build_fake_upstream(FakeUpstreamConfig(models=[MODEL.id], reply_tokens=20)),
+                build_fake_upstream(FakeUpstreamConfig(models=served, reply_tokens=20)),
                 ready_path="/_fake/stats",
             )
         )
@@ -104,6 +126,7 @@ def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
             "openai_base_url": f"{upstream}/v1",
             "public_url": "http://localhost:3000",
             "models": [MODEL],
+            "embedding_models": [],
             "rate_limit_user_per_minute": 0,
             "rate_limit_ip_per_minute": 0,
             "rate_limit_concurrent": 0,
@@ -113,10 +136,12 @@ def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
         }
         settings = Settings(_env_file=None, **values)
         db = Database(db_url)
-        pricing.seed_prices(db, settings.models)
+        pricing.seed_prices(db, settings.priced_models)
         api = stack.enter_context(serve_asgi(build_api(settings), ready_path="/healthz"))
         rig = Rig(api=api, upstream=upstream, db=db, settings=settings)
         yield rig
         rig.wait_settled()
         assert verify_ledger(db) == []
+        # A hold never ends below the usage: the worst case reserved bounded every call.
+        assert rig.unbilled_calls() == []
         db.dispose()

@@ -156,7 +156,7 @@ def test_the_chat_page_is_read_in_one_snapshot(db: Database, settings: Settings)
     assert [m.role for m in page.messages] == ["user", "assistant"]
     assert page.messages[0].content == "First chat"
     assert page.available == ledger.get_balance(db, user_id=user).available
-    assert page.banner is None and page.trial_notice == ""
+    assert page.usage.banner is None and page.trial_notice == ""
     expected = chat.estimate(
         db, settings, user_id=user, conversation_id=older, model=MODEL.id, draft=""
     )

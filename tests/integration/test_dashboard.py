@@ -163,7 +163,8 @@ def test_the_credits_page_is_read_in_one_snapshot(priced: Database) -> None:
     assert page.available == page.summary.available == 350
     assert (page.summary.held, page.summary.total) == (50, 400)
     assert (page.summary.allowance.used, page.summary.allowance_percent) == (600, 60)
-    assert page.banner is not None and page.banner.threshold == 50
+    assert page.usage.banner is not None and page.usage.banner.threshold == 50
+    assert page.usage.level == "info"
     assert [line.amount for line in page.history] == [-200, -200, -200]
     assert page.history_pages == 1
     assert sum(m.credits for m in page.usage_by_model) == 600

@@ -55,7 +55,8 @@ def test_the_launcher_starts_dev_sign_in_and_the_fake_upstream(
     assert discovery["issuer"] == issuer
     models = wait_for_json(f"{upstream}/models")
     data = models["data"]
-    assert isinstance(data, list) and [m["id"] for m in data] == ["demo-model"]
+    # The chat model and the embedding model, so `make run` serves /v1/embeddings too.
+    assert isinstance(data, list) and [m["id"] for m in data] == ["demo-model", "demo-embedding"]
     assert env == {"ADMIN_EMAILS": launcher.DEV_ADMIN}
 
 

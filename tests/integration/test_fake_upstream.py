@@ -14,7 +14,11 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from aicredits.adapters.tokenizer import count_message_tokens, count_text_tokens
+from aicredits.adapters.tokenizer import (
+    count_message_tokens,
+    count_prompt_tokens,
+    count_text_tokens,
+)
 from aicredits.devtools import fake_upstream
 from aicredits.devtools.fake_upstream import FakeUpstreamConfig, build_app
 from tests.servers import serve_asgi
@@ -531,3 +535,183 @@ def test_main_turns_arguments_into_a_served_config(monkeypatch: pytest.MonkeyPat
     assert served["state"].config == FakeUpstreamConfig()
     assert FakeUpstreamConfig().models == ["demo-model"]
     assert FakeUpstreamConfig().reply_tokens == 40
+
+
+# ---- the rest of the chat surface, and embeddings -----------------------------------------
+
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        },
+    },
+}
+NOON: Any = {"type": "function", "function": {"name": "noon", "parameters": {}}}
+
+
+def test_tools_get_called_with_arguments_from_their_schema(upstream: Upstream) -> None:
+    client = upstream.client()
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER, NOON])
+    calls: list[Any] = list(reply.choices[0].message.tool_calls or [])
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for c in calls] == ["get_weather", "noon"]
+    assert json.loads(calls[0].function.arguments) == {"city": "lorem", "days": 1}
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == sum(
+        count_text_tokens(c.function.name) + count_text_tokens(c.function.arguments) for c in calls
+    )
+    one = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=[WEATHER, NOON], parallel_tool_calls=False
+    )
+    assert len(one.choices[0].message.tool_calls or []) == 1
+    named = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        tools=[WEATHER, NOON],
+        tool_choice={"type": "function", "function": {"name": "noon"}},
+    )
+    named_calls: list[Any] = list(named.choices[0].message.tool_calls or [])
+    assert [c.function.name for c in named_calls] == ["noon"]
+    assert (
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, tools=[WEATHER], tool_choice="none"
+        )
+        .choices[0]
+        .message.content
+    )
+
+
+def test_a_tool_result_gets_a_text_reply_and_counts_in_the_prompt(upstream: Upstream) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "noon", "arguments": "{}"}}
+    messages: Any = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    reply = upstream.client().chat.completions.create(model=MODEL, messages=messages, tools=[NOON])
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == count_prompt_tokens(messages, tools=[NOON])
+
+
+def test_streamed_tool_calls_come_in_pieces(upstream: Upstream) -> None:
+    chunks = stream_chunks(upstream.client(), tools=[WEATHER])
+    pieces = [
+        call
+        for chunk in chunks
+        for choice in chunk.choices
+        for call in choice.delta.tool_calls or []
+    ]
+    assert pieces[0].id and pieces[0].function and pieces[0].function.name == "get_weather"
+    arguments = "".join((p.function and p.function.arguments) or "" for p in pieces)
+    assert json.loads(arguments) == {"city": "lorem", "days": 1}
+    assert len(pieces) == 1 + count_text_tokens(arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert the_request(upstream)["tokens_sent"] == count_text_tokens("get_weather") + len(
+        pieces[1:]
+    )
+
+
+def test_json_output_follows_the_response_format(upstream: Upstream) -> None:
+    client = upstream.client()
+    schema: Any = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "tags": {"type": "array", "items": {"$ref": "#/$defs/Tag"}},
+            "kind": {"enum": ["a", "b"]},
+            "score": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        },
+        "$defs": {"Tag": {"type": "object", "properties": {"ok": {"type": "boolean"}}}},
+    }
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    )
+    content = reply.choices[0].message.content or ""
+    assert json.loads(content) == {
+        "name": "lorem",
+        "tags": [{"ok": True}],
+        "kind": "a",
+        "score": 1.5,
+    }
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == count_text_tokens(content)
+    json_mode = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, response_format={"type": "json_object"}
+    )
+    assert set(json.loads(json_mode.choices[0].message.content or "")) == {"reply"}
+
+
+def test_n_choices_are_different_replies_counted_together(upstream: Upstream) -> None:
+    client = upstream.client()
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=3)
+    texts = [c.message.content or "" for c in reply.choices]
+    assert len(set(texts)) == 3 and all(count_text_tokens(t) == 12 for t in texts)
+    assert reply.usage is not None and reply.usage.completion_tokens == 36
+    chunks = stream_chunks(client, n=2, stream_options={"include_usage": True})
+    by_choice: dict[int, int] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                by_choice[choice.index] = by_choice.get(choice.index, 0) + 1
+    assert by_choice == {0: 12, 1: 12}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
+
+
+def test_logprobs_come_with_each_token(upstream: Upstream) -> None:
+    reply = upstream.client().chat.completions.create(
+        model=MODEL, messages=MESSAGES, logprobs=True, top_logprobs=3
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert "".join(e.token for e in logprobs.content) == reply.choices[0].message.content
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in logprobs.content)
+
+
+def test_image_parts_count_a_fixed_figure_each(upstream: Upstream) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 2000}}
+    messages: Any = [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}]
+    reply = upstream.client().chat.completions.create(model=MODEL, messages=messages)
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == (
+        count_prompt_tokens(messages) + fake_upstream.FAKE_IMAGE_TOKENS
+    )
+    record = the_request(upstream)
+    assert record["images"] == 1
+    # Long strings are abbreviated in the stats, so images do not fill its memory.
+    assert record["body"]["messages"][0]["content"][1]["image_url"]["url"] == "<2022 characters>"
+
+
+def test_reasoning_tokens_are_billed_within_the_cap_and_never_streamed(upstream: Upstream) -> None:
+    client = upstream.client()
+    upstream.queue(reasoning_tokens=5, count=2)
+    reply = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=10)
+    assert reply.usage is not None and reply.usage.completion_tokens == 10
+    assert reply.usage.completion_tokens_details is not None
+    assert reply.usage.completion_tokens_details.reasoning_tokens == 5
+    assert count_text_tokens(reply.choices[0].message.content or "") == 5
+    assert reply.choices[0].finish_reason == "length"
+    chunks = stream_chunks(client, stream_options={"include_usage": True})
+    assert len(content_of(chunks)) == 12
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 17
+
+
+def test_embeddings_are_deterministic_vectors_with_usage(upstream: Upstream) -> None:
+    client = upstream.client()
+    first = client.embeddings.create(model=MODEL, input=["a text", "another"])
+    again = client.embeddings.create(model=MODEL, input="a text", encoding_format="float")
+    assert [len(d.embedding) for d in first.data] == [64, 64]
+    assert first.data[0].embedding == pytest.approx(again.data[0].embedding, abs=1e-6)
+    assert first.data[0].embedding != first.data[1].embedding
+    assert first.usage.prompt_tokens == count_text_tokens("a text") + count_text_tokens("another")
+    small = client.embeddings.create(model=MODEL, input=[[1, 2, 3]], dimensions=4)
+    assert len(small.data[0].embedding) == 4 and small.usage.prompt_tokens == 3
+    records = upstream.stats()["requests"]
+    assert [r["endpoint"] for r in records] == ["embeddings"] * 3
+    assert records[0]["body"]["encoding_format"] == "base64"  # the SDK's default
+    assert upstream.stats()["chat_requests"] == 0

@@ -12,16 +12,22 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import chat_messages, holds, usage_events, utcnow
+from aicredits.adapters.tokenizer import count_text_tokens
+from aicredits.adapters.upstream import Delta
 from aicredits.devtools.fake_upstream import FakeUpstreamConfig
 from aicredits.devtools.fake_upstream import build_app as build_fake_upstream
-from aicredits.domain.chat import ChatRequest
+from aicredits.domain.chat import ChatRequest, parse_chat_request
+from aicredits.domain.embeddings import parse_embedding_request
 from aicredits.domain.pricing import usage_cost
+from aicredits.domain.reply import ReplyBuilder
 from aicredits.services import chat, conversations, ledger, pricing, recovery
+from aicredits.services.embeddings import start_embeddings
 from aicredits.services.gateway import (
     Gateway,
     ReplyInterrupted,
@@ -30,17 +36,19 @@ from aicredits.services.gateway import (
     build_gateway,
 )
 from aicredits.services.verify import verify_ledger
-from aicredits.settings import Settings
+from aicredits.settings import DEFAULT_EMBEDDING_MODELS, Settings
 from tests.factories import make_user
 from tests.integration.gateway_fixtures import MODEL
 from tests.servers import serve_asgi
 
 REPLY_TOKENS = 40
+EMBEDDER = DEFAULT_EMBEDDING_MODELS[0].id
 
 
 @pytest.fixture
 def settings(db: Database) -> Iterator[Settings]:
-    app = build_fake_upstream(FakeUpstreamConfig(models=[MODEL.id], reply_tokens=REPLY_TOKENS))
+    models = [MODEL.id, EMBEDDER]
+    app = build_fake_upstream(FakeUpstreamConfig(models=models, reply_tokens=REPLY_TOKENS))
     with serve_asgi(app, ready_path="/_fake/stats") as upstream:
         s = Settings(
             _env_file=None,
@@ -53,8 +61,11 @@ def settings(db: Database) -> Iterator[Settings]:
             hold_lease_seconds=2.0,
             stream_checkpoint_seconds=0.2,
         )
-        pricing.seed_prices(db, s.models)
+        pricing.seed_prices(db, s.priced_models)
         yield s
+    with db.read() as conn:
+        unbilled = conn.execute(sa.select(usage_events).where(usage_events.c.unbilled > 0)).all()
+    assert unbilled == [], "a call's usage went beyond its hold"
 
 
 @contextlib.asynccontextmanager
@@ -110,6 +121,122 @@ def test_a_streaming_reply_checkpoints_what_it_delivered_and_renews_its_lease(
     assert delivered[-1] >= 20
     assert hold_row(db, seen[0].request_id).status == "settled"
     assert verify_ledger(db) == []
+
+
+def ask_api(text: str, **fields: Any) -> ChatRequest:
+    """A request as the API parses it, with any field of the chat surface."""
+    body = {"model": MODEL.id, "messages": [{"role": "user", "content": text}], **fields}
+    return parse_chat_request(body, models=[MODEL.id])
+
+
+def delivered_tokens(pieces: list[Delta]) -> int:
+    """The tokens of every choice's text and tool calls among `pieces`."""
+    reply = ReplyBuilder()
+    for piece in pieces:
+        reply.add(index=piece.index, text=piece.text, tool_calls=piece.tool_calls)
+    return sum(count_text_tokens(text) for text in reply.billable_texts())
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"n": 3}, {"tools": [WEATHER]}],
+    ids=["three choices", "a tool call"],
+)
+def test_a_checkpoint_records_every_choice_and_tool_call_delivered(
+    db: Database, settings: Settings, fields: dict[str, Any]
+) -> None:
+    """What the sweeper would charge if this worker died now: all that was handed out."""
+    user = make_user(db, credits=10_000)
+
+    async def run() -> tuple[int, int]:
+        async with gateway_for(settings, db) as gateway:
+            turn = await gateway.start(
+                user_id=user, request=ask_api("go [fake tokens-per-second=20]", **fields), ip=None
+            )
+            pieces: list[Delta] = []
+            async with contextlib.aclosing(turn.deltas()) as stream:
+                async for piece in stream:
+                    pieces.append(piece)
+                    if len(pieces) == 6:
+                        await asyncio.sleep(0.5)  # a checkpoint passes
+                        recorded = hold_row(db, turn.request_id).delivered_tokens
+                        return recorded, delivered_tokens(pieces)
+            raise AssertionError("the reply ended before six pieces")
+
+    recorded, delivered = asyncio.run(run())
+    assert recorded == delivered > 0
+    assert verify_ledger(db) == []
+
+
+def test_a_drain_charges_every_choice_for_what_it_delivered(
+    db: Database, settings: Settings
+) -> None:
+    user = make_user(db, credits=10_000)
+
+    async def run() -> tuple[int, Any]:
+        async with gateway_for(settings, db) as gateway:
+            turn = await gateway.start(
+                user_id=user, request=ask_api("long [fake tokens-per-second=10]", n=3), ip=None
+            )
+            pieces: list[Delta] = []
+
+            async def show() -> None:
+                async for piece in turn.deltas():
+                    pieces.append(piece)
+
+            caller = asyncio.ensure_future(show())
+            while len(pieces) < 7:
+                await asyncio.sleep(0.01)
+            assert await gateway.inflight.drain(grace=0.2) == 1
+            with pytest.raises(ReplyInterrupted) as cut:
+                await caller
+            assert {piece.index for piece in pieces} == {0, 1, 2}
+            return delivered_tokens(pieces), cut.value.result
+
+    delivered, result = asyncio.run(run())
+    assert (result.outcome, result.output_tokens, result.estimated) == (
+        "interrupted",
+        delivered,
+        True,
+    )
+    hold = hold_row(db, result.request_id)
+    assert hold.charged == result.charged == cost_of(db, hold, delivered)
+    assert verify_ledger(db) == []
+
+
+def test_an_embeddings_call_has_its_lease_renewed_and_a_drain_cut_costs_nothing(
+    db: Database, settings: Settings
+) -> None:
+    user = make_user(db, credits=10_000)
+    fake = settings.upstream_base_url.removesuffix("/v1")
+    httpx.post(f"{fake}/_fake/next", json={"latency_ms": 5_000}).raise_for_status()
+    request = parse_embedding_request({"model": EMBEDDER, "input": "x"}, models=[EMBEDDER])
+
+    async def run() -> str:
+        async with gateway_for(settings, db) as gateway:
+            call = await start_embeddings(gateway, user_id=user, request=request, ip=None)
+            running = asyncio.ensure_future(call.run())
+            await asyncio.sleep(0.6)  # checkpoints pass while the upstream is silent
+            assert hold_row(db, call.request_id).expires_at > call.hold.expires_at
+            drain = gateway.inflight.drain(grace=0.2)
+            with pytest.raises(ServerRestarting):
+                await running
+            assert await drain == 1
+            return call.request_id
+
+    request_id = asyncio.run(run())
+    hold = hold_row(db, request_id)
+    assert (hold.status, hold.charged) == ("released", None)
+    assert ledger.get_balance(db, user_id=user) == ledger.Balance(user, 10_000, 0)
 
 
 async def consume(turn: Turn, pieces: list[str], *, then: float = 0.0) -> None:

@@ -26,9 +26,16 @@ def test_a_plain_request_parses_with_defaults() -> None:
     assert request.messages == [{"role": "user", "content": "hi"}]
 
 
-def test_sampling_options_pass_through_and_unknown_fields_are_ignored() -> None:
+def test_sampling_and_bookkeeping_options_pass_through() -> None:
     request = parse(temperature=0.5, top_p=1, stop=["x"], seed=7, logit_bias={}, user="u")
-    assert request.params == {"temperature": 0.5, "top_p": 1.0, "stop": ["x"], "seed": 7}
+    assert request.params == {
+        "temperature": 0.5,
+        "top_p": 1.0,
+        "stop": ["x"],
+        "seed": 7,
+        "logit_bias": {},
+        "user": "u",
+    }
 
 
 def test_max_completion_tokens_wins_over_max_tokens() -> None:
@@ -46,12 +53,12 @@ def test_stream_options_include_usage() -> None:
         ({"messages": []}, "non-empty"),
         ({"messages": "hi"}, "non-empty"),
         ({"messages": [{"role": "user"}]}, "content must be a string"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "image_url must"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 2.5}, "max_tokens"),
         ({"max_tokens": True}, "max_tokens"),
-        ({"n": 3}, "n must be 1"),
+        ({"n": 0}, "n must be a whole number"),
         ({"tools": [{}]}, "tools"),
         ({"temperature": 3}, "temperature"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
