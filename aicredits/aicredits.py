@@ -32,7 +32,7 @@ from aicredits.state.session import SessionState
 configure_logging(get_settings())
 # In production, a development default (Dev sign-in, simulated checkout...) stops the start.
 refuse_unless_ready(get_settings())
-app = rx.App(api_transformer=api_transformers(get_settings()))
+app = rx.App(api_transformer=api_transformers(get_settings()), stylesheets=["/app.css"])
 
 
 async def _periodic_jobs() -> None:

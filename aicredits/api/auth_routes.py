@@ -71,6 +71,12 @@ color:#1c2024}}a{{color:#0d74ce}}.box{{border:1px solid #e0e1e6;border-radius:8p
     return HTMLResponse(body, status_code=status)
 
 
+async def to_sign_in_page(_request: Request) -> Response:
+    """Signing in and out change state, so they are POSTs from our pages' forms; a link or a
+    typed address that GETs them lands on the sign-in page instead of a bare 404/405."""
+    return RedirectResponse(f"{get_settings().public_url}/login", status_code=303)
+
+
 async def login(request: Request) -> Response:
     settings = get_settings()
     form = await request.form()
@@ -148,6 +154,8 @@ def login_page_url(settings: Settings, next_path: str) -> str:
 
 routes = [
     Route("/auth/login/{provider}", login, methods=["POST"]),
+    Route("/auth/login/{provider}", to_sign_in_page, methods=["GET"]),
     Route("/auth/callback/{provider}", callback, methods=["GET"]),
     Route("/auth/logout", logout, methods=["POST"]),
+    Route("/auth/logout", to_sign_in_page, methods=["GET"]),
 ]

@@ -144,7 +144,12 @@ def _phone_menu() -> rx.Component:
 
 def header() -> rx.Component:
     return rx.hstack(
-        rx.link(rx.heading("aicredits", size="5"), href="/", underline="none", id="home-link"),
+        rx.link(
+            rx.text("aicredits", size="5", weight="bold"),
+            href="/",
+            underline="none",
+            id="home-link",
+        ),
         rx.cond(SessionState.signed_in, _desktop_nav()),
         rx.spacer(),
         rx.cond(
@@ -232,3 +237,21 @@ def page(*children: rx.Component, signed_in_only: bool = False) -> rx.Component:
     # Present once the page's state has loaded (its on_load done): what a test waits for.
     ready = rx.cond(rx.State.is_hydrated, rx.el.span(id="page-ready", hidden=True))
     return rx.container(rx.vstack(header(), usage_banner(), body, ready, width="100%"), size="3")
+
+
+def scroll_region(child: rx.Component, *, label: str, **props: Any) -> rx.Component:
+    """A wide thing (a table, a code sample) that scrolls sideways inside its own box on a
+    narrow screen, instead of widening the page; the box takes keyboard focus, so it can be
+    scrolled without a mouse, and is named for screen readers."""
+    return rx.box(
+        child, class_name="scroll-region", tab_index=0, role="region", aria_label=label, **props
+    )
+
+
+def labelled(label: str, control: rx.Component, **props: Any) -> rx.Component:
+    """A form control with its visible label, tied to it (the label wraps it)."""
+    return rx.el.label(
+        rx.vstack(rx.text(label, size="2", weight="medium"), control, spacing="1"),
+        width="100%",
+        **props,
+    )

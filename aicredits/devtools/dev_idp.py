@@ -2,7 +2,8 @@
 
 Started by `make run` when no real provider is configured, so a newcomer can sign in with
 no account anywhere. Its sign-in page lists a few test users; any other name typed there
-works too. It requires a nonce, like a strict real issuer.
+works too. It requires a nonce, like a strict real issuer. Its pages are our own templates
+(dev_idp_templates/): no stylesheet from a CDN, and a field that asks for an email.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import jinja2
 import oidc_provider_mock
 import uvicorn
 
@@ -31,10 +34,17 @@ def dev_user_claims(users: Sequence[tuple[str, str]] = DEV_USERS) -> list[Any]:
     ]
 
 
+# Our own pages for the mock's sign-in form and errors: styled without its CDN stylesheet
+# (which cannot load here), and asking for an email, which is what a user is here.
+TEMPLATES = Path(__file__).with_name("dev_idp_templates")
+
+
 def build_app(users: Sequence[tuple[str, str]] = DEV_USERS) -> Any:
     # The mock speaks plain http on localhost; Authlib refuses that unless told otherwise.
     os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
-    return oidc_provider_mock.app(require_nonce=True, user_claims=dev_user_claims(users))
+    app = oidc_provider_mock.app(require_nonce=True, user_claims=dev_user_claims(users))
+    app.jinja_loader = jinja2.ChoiceLoader([jinja2.FileSystemLoader(TEMPLATES), app.jinja_loader])
+    return app
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 import reflex as rx
 
-from aicredits.components.layout import page
+from aicredits.components.layout import labelled, page, scroll_region
 from aicredits.state.admin import (
     AdminAuditLogState,
     AdminOverviewState,
@@ -91,7 +91,7 @@ def _table(
 
     return rx.cond(
         rows.length() > 0,
-        rx.box(
+        scroll_region(
             rx.table.root(
                 rx.table.header(
                     rx.table.row(*[rx.table.column_header_cell(h) for h, _ in columns])
@@ -101,7 +101,7 @@ def _table(
                 width="100%",
                 size="1",
             ),
-            overflow_x="auto",
+            label=table_id.removeprefix("admin-").replace("-", " ").capitalize(),
             width="100%",
         ),
         rx.text(empty, color_scheme="gray", id=f"{table_id}-empty"),
@@ -140,7 +140,7 @@ def _target_id() -> rx.Component:
 
 
 def _field(label: str, control: rx.Component) -> rx.Component:
-    return rx.vstack(rx.text(label, size="2", weight="medium"), control, spacing="1")
+    return labelled(label, control)
 
 
 # --- overview ---------------------------------------------------------------------------------

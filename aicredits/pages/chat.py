@@ -15,7 +15,16 @@ def _conversation_item(conversation: Any) -> rx.Component:
     selected = ConversationsState.conversation_id == conversation["id"]
     return rx.hstack(
         rx.button(
-            rx.text(conversation["title"], trim="end", size="2"),
+            rx.text(
+                conversation["title"],
+                trim="end",
+                size="2",
+                text_align="left",
+                width="100%",
+                overflow="hidden",
+                text_overflow="ellipsis",
+                white_space="nowrap",
+            ),
             variant=rx.cond(selected, "soft", "ghost"),
             on_click=ChatState.open_conversation(conversation["id"]),  # type: ignore[operator]
             flex="1",
@@ -28,6 +37,9 @@ def _conversation_item(conversation: Any) -> rx.Component:
         spacing="1",
         width="100%",
         align="center",
+        # Keyed by the conversation, not its place: a conversation moving to the top after
+        # a reply re-renders no other row.
+        key=conversation["id"],
     )
 
 
@@ -143,6 +155,7 @@ def _message(message: Any) -> rx.Component:
             ),
         ),
         class_name=rx.cond(is_user, "message message-user", "message message-assistant"),
+        key=message["id"],
         align_self=rx.cond(is_user, "end", "start"),
         background=rx.cond(is_user, "var(--accent-3)", "var(--gray-2)"),
         padding="0.75em 1em",
@@ -226,6 +239,7 @@ def _model_picker() -> rx.Component:
             rx.select.trigger(
                 placeholder="Model",
                 id="model-picker",
+                aria_label="Model",
                 width="100%",
                 max_width="100%",
                 overflow="hidden",
@@ -305,13 +319,14 @@ def chat() -> rx.Component:
                 _error(),
                 rx.cond(
                     ChatState.banner_level == "blocking",
-                    rx.callout(
-                        rx.text(
+                    # callout.text is a <p>: its parts are inline, never another <p>.
+                    rx.callout.root(
+                        rx.callout.icon(rx.icon("lock")),
+                        rx.callout.text(
                             "Chat is paused: you have used all your credits. ",
                             rx.link("Buy credits", href="/credits", weight="bold"),
                             " to keep chatting.",
                         ),
-                        icon="lock",
                         color_scheme="red",
                         id="chat-blocked",
                     ),

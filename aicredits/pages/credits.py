@@ -7,7 +7,7 @@ from typing import Any
 
 import reflex as rx
 
-from aicredits.components.layout import PostForm, page, trial_notice
+from aicredits.components.layout import PostForm, page, scroll_region, trial_notice
 from aicredits.settings import get_settings
 from aicredits.state.credits import CreditsState
 from aicredits.state.session import SessionState
@@ -63,22 +63,25 @@ def _history_row(row: Any) -> rx.Component:
 def _history() -> rx.Component:
     return rx.cond(
         CreditsState.purchases.length() > 0,  # type: ignore[attr-defined]
-        rx.table.root(
-            rx.table.header(
-                rx.table.row(
-                    rx.table.column_header_cell("Date"),
-                    rx.table.column_header_cell("Pack"),
-                    rx.table.column_header_cell("Paid"),
-                    rx.table.column_header_cell("Credits"),
-                    rx.table.column_header_cell("Status"),
-                    rx.table.column_header_cell("Receipt"),
-                )
+        scroll_region(
+            rx.table.root(
+                rx.table.header(
+                    rx.table.row(
+                        rx.table.column_header_cell("Date"),
+                        rx.table.column_header_cell("Pack"),
+                        rx.table.column_header_cell("Paid"),
+                        rx.table.column_header_cell("Credits"),
+                        rx.table.column_header_cell("Status"),
+                        rx.table.column_header_cell("Receipt"),
+                    )
+                ),
+                rx.table.body(rx.foreach(CreditsState.purchases, _history_row)),
+                id="purchase-history",
+                width="100%",
+                max_width="100%",
+                overflow_x="auto",
             ),
-            rx.table.body(rx.foreach(CreditsState.purchases, _history_row)),
-            id="purchase-history",
-            width="100%",
-            max_width="100%",
-            overflow_x="auto",
+            label="Purchases",
         ),
         rx.text("No purchases yet.", id="purchase-history-empty", color_scheme="gray"),
     )
@@ -148,7 +151,12 @@ def _allowance() -> rx.Component:
                 rx.text(CreditsState.allowance_percent, "%", size="2", id="allowance-percent"),
                 width="100%",
             ),
-            rx.progress(value=CreditsState.allowance_percent, max=100, id="allowance-bar"),
+            rx.progress(
+                value=CreditsState.allowance_percent,
+                max=100,
+                id="allowance-bar",
+                aria_label="Share of this allowance used",
+            ),
             width="100%",
             spacing="1",
         ),
@@ -177,28 +185,37 @@ def _usage(models: list[str]) -> rx.Component:
                 id="usage-chart",
             ),
             rx.box(
-                rx.table.root(
-                    rx.table.header(
-                        rx.table.row(
-                            *[
-                                rx.table.column_header_cell(h)
-                                for h in ("Model", "Calls", "Tokens in", "Tokens out", "Credits")
-                            ]
-                        )
+                scroll_region(
+                    rx.table.root(
+                        rx.table.header(
+                            rx.table.row(
+                                *[
+                                    rx.table.column_header_cell(h)
+                                    for h in (
+                                        "Model",
+                                        "Calls",
+                                        "Tokens in",
+                                        "Tokens out",
+                                        "Credits",
+                                    )
+                                ]
+                            )
+                        ),
+                        rx.table.body(
+                            rx.foreach(
+                                CreditsState.model_rows,
+                                lambda r: rx.table.row(
+                                    rx.table.cell(r["model"]),
+                                    rx.table.cell(r["calls"]),
+                                    rx.table.cell(r["input"]),
+                                    rx.table.cell(r["output"]),
+                                    rx.table.cell(r["credits"]),
+                                ),
+                            )
+                        ),
+                        id="usage-by-model",
                     ),
-                    rx.table.body(
-                        rx.foreach(
-                            CreditsState.model_rows,
-                            lambda r: rx.table.row(
-                                rx.table.cell(r["model"]),
-                                rx.table.cell(r["calls"]),
-                                rx.table.cell(r["input"]),
-                                rx.table.cell(r["output"]),
-                                rx.table.cell(r["credits"]),
-                            ),
-                        )
-                    ),
-                    id="usage-by-model",
+                    label="Usage by model",
                 ),
                 width="100%",
                 overflow_x="auto",
@@ -232,11 +249,11 @@ def _ledger_row(row: Any) -> rx.Component:
 def _ledger_history(export_url: str) -> rx.Component:
     return rx.vstack(
         rx.hstack(
-            rx.select(
-                HISTORY_KINDS,
+            rx.select.root(
+                rx.select.trigger(id="history-kind", aria_label="Show entries of kind"),
+                rx.select.content(*(rx.select.item(kind, value=kind) for kind in HISTORY_KINDS)),
                 value=CreditsState.history_kind,
                 on_change=CreditsState.show_history,
-                id="history-kind",
             ),
             rx.spacer(),
             rx.link(
@@ -250,17 +267,20 @@ def _ledger_history(export_url: str) -> rx.Component:
         rx.cond(
             CreditsState.history_rows.length() > 0,  # type: ignore[attr-defined]
             rx.box(
-                rx.table.root(
-                    rx.table.header(
-                        rx.table.row(
-                            *[
-                                rx.table.column_header_cell(h)
-                                for h in ("Date (UTC)", "Kind", "Credits", "Balance", "Details")
-                            ]
-                        )
+                scroll_region(
+                    rx.table.root(
+                        rx.table.header(
+                            rx.table.row(
+                                *[
+                                    rx.table.column_header_cell(h)
+                                    for h in ("Date (UTC)", "Kind", "Credits", "Balance", "Details")
+                                ]
+                            )
+                        ),
+                        rx.table.body(rx.foreach(CreditsState.history_rows, _ledger_row)),
+                        id="ledger-history",
                     ),
-                    rx.table.body(rx.foreach(CreditsState.history_rows, _ledger_row)),
-                    id="ledger-history",
+                    label="History",
                 ),
                 width="100%",
                 overflow_x="auto",

@@ -6,7 +6,7 @@ from typing import Any
 
 import reflex as rx
 
-from aicredits.components.layout import page
+from aicredits.components.layout import page, scroll_region
 from aicredits.settings import get_settings
 from aicredits.state.keys import MAX_ACTIVE_KEYS, MAX_NAME_LENGTH, KeysState
 
@@ -17,8 +17,8 @@ _SNIPPET_STYLE = {
     "border_radius": "var(--radius-3)",
     "padding": "0.75em 1em",
     "margin": "0",
-    "width": "100%",
-    "overflow_x": "auto",
+    "width": "max-content",
+    "min_width": "100%",
     "white_space": "pre",
 }
 
@@ -44,8 +44,10 @@ def _usage(api_url: str, model: str) -> rx.Component:
             "Their calls spend your credits, like the chat does. Keep keys secret, and "
             "revoke any key you no longer use or that may have leaked: it stops working at once."
         ),
-        rx.el.pre(curl, id="usage-curl", style=_SNIPPET_STYLE),
-        rx.el.pre(python, id="usage-python", style=_SNIPPET_STYLE),
+        scroll_region(rx.el.pre(curl, id="usage-curl", style=_SNIPPET_STYLE), label="With curl"),
+        scroll_region(
+            rx.el.pre(python, id="usage-python", style=_SNIPPET_STYLE), label="With Python"
+        ),
         spacing="3",
         width="100%",
     )
@@ -173,22 +175,25 @@ def _key_row(key: Any) -> rx.Component:
 def _keys_table() -> rx.Component:
     return rx.cond(
         KeysState.keys.length() > 0,  # type: ignore[attr-defined]
-        rx.table.root(
-            rx.table.header(
-                rx.table.row(
-                    rx.table.column_header_cell("Name"),
-                    rx.table.column_header_cell("Key"),
-                    rx.table.column_header_cell("Created"),
-                    rx.table.column_header_cell("Last used"),
-                    rx.table.column_header_cell("Status"),
-                    rx.table.column_header_cell(""),
-                )
+        scroll_region(
+            rx.table.root(
+                rx.table.header(
+                    rx.table.row(
+                        rx.table.column_header_cell("Name"),
+                        rx.table.column_header_cell("Key"),
+                        rx.table.column_header_cell("Created"),
+                        rx.table.column_header_cell("Last used"),
+                        rx.table.column_header_cell("Status"),
+                        rx.table.column_header_cell(""),
+                    )
+                ),
+                rx.table.body(rx.foreach(KeysState.keys, _key_row)),
+                id="keys-table",
+                width="100%",
+                max_width="100%",
+                overflow_x="auto",
             ),
-            rx.table.body(rx.foreach(KeysState.keys, _key_row)),
-            id="keys-table",
-            width="100%",
-            max_width="100%",
-            overflow_x="auto",
+            label="Your API keys",
         ),
         rx.text("No keys yet.", id="keys-empty", color_scheme="gray"),
     )

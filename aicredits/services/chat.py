@@ -146,7 +146,6 @@ class ChatPage:
     conversations: list[ConversationView]
     opened: ConversationView | None  # None: a new conversation
     messages: list[MessageView]
-    estimate: Estimate | None  # for an empty draft
 
 
 def chat_page(
@@ -182,14 +181,6 @@ def chat_page(
             conversations=listed,
             opened=opened,
             messages=messages,
-            estimate=draft_estimate(
-                conn,
-                settings,
-                user_id=user_id,
-                conversation_id=opened.id if opened else None,
-                model=model,
-                draft="",
-            ),
         )
 
 

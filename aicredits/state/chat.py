@@ -191,6 +191,7 @@ class ChatState(SessionState):
     models: list[dict[str, str]] = []
     model: str = ""
     estimate_text: str = ""
+    _draft: str = ""  # what the box holds, as last reported
     streaming: bool = False
     error: str = ""
     error_kind: str = ""
@@ -245,7 +246,8 @@ class ChatState(SessionState):
         sidebar.conversations = [conversation_row(c) for c in page.conversations]
         sidebar.conversation_id = str(page.opened.id) if page.opened else ""
         self.messages = message_rows(page.messages)
-        self.estimate_text = estimate_line(page.estimate)
+        self.estimate_text = ""  # the box is empty: nothing to estimate
+        self._draft = ""
         return None
 
     # --- conversations -----------------------------------------------------------------------
@@ -322,6 +324,12 @@ class ChatState(SessionState):
     # --- composing ------------------------------------------------------------------------------
 
     async def _update_estimate(self, user_id: int, draft: str) -> None:
+        """The line under the box: what sending the draft would cost; nothing for an empty
+        box."""
+        self._draft = draft
+        if not draft.strip():
+            self.estimate_text = ""
+            return
         conversation_id = as_conversation_id((await self._sidebar()).conversation_id)
         self.estimate_text = await _fetch_estimate(user_id, self.model, conversation_id, draft)
 
@@ -340,7 +348,7 @@ class ChatState(SessionState):
             return self._to_login()
         if any(m["id"] == model for m in self.models) and not self.streaming:
             self.model = model
-            await self._update_estimate(user.id, "")
+            await self._update_estimate(user.id, self._draft)
         return None
 
     @rx.event
@@ -400,7 +408,8 @@ class ChatState(SessionState):
             ]
             sidebar = await self._sidebar()
             sidebar.conversation_id = str(exchange.conversation_id)
-            sidebar.conversations = listed
+            if sidebar.conversations != listed:
+                sidebar.conversations = listed
         yield rx.set_value(INPUT_ID, "")
         yield _remember(str(exchange.conversation_id))
         result, failure = await self._stream_reply(reply)
@@ -409,13 +418,20 @@ class ChatState(SessionState):
         listed = await _fetch_conversations(user.id)
         balance = await self._fetch_balance(user.id)
         shown_id = str(exchange.conversation_id if replied else conversation_id or "")
-        estimate = await _fetch_estimate(user.id, model, as_conversation_id(shown_id), "")
+        # A message that goes back in the box gets its estimate again; after a reply the
+        # box is empty, and so is the line under it.
+        estimate = (
+            ""
+            if replied
+            else await _fetch_estimate(user.id, model, as_conversation_id(shown_id), text)
+        )
         async with self:
             self.streaming = False
             sidebar = await self._sidebar()
-            sidebar.conversations = listed
+            if sidebar.conversations != listed:  # each assignment re-renders the sidebar
+                sidebar.conversations = listed
             self._show_balance(*balance)
-            self.estimate_text = estimate
+            self.estimate_text, self._draft = estimate, "" if replied else text
             if result is None or not replied:
                 # Nothing was delivered or charged, and the question was withdrawn: it goes
                 # back in the box, with why.

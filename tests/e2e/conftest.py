@@ -8,18 +8,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import oidc_provider_mock
 import pytest
+import werkzeug.serving
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from aicredits.adapters.db import Database
-from aicredits.devtools.dev_idp import dev_user_claims
+from aicredits.devtools import dev_idp
 from aicredits.devtools.fake_upstream import FakeUpstreamConfig
 from aicredits.devtools.fake_upstream import build_app as build_fake_upstream
 from tests.servers import serve_asgi
@@ -76,12 +77,16 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, deadline: float
 
 @pytest.fixture(scope="session")
 def idp() -> Iterator[str]:
-    """The real oidc-provider-mock issuer, with the same test users as Dev sign-in."""
-    os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")
-    with oidc_provider_mock.run_server_in_thread(
-        port=0, require_nonce=True, user_claims=dev_user_claims()
-    ) as server:
+    """The Dev sign-in provider as `make run` serves it (oidc-provider-mock with our pages),
+    with the same test users."""
+    server = werkzeug.serving.make_server("127.0.0.1", 0, dev_idp.build_app(), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
+    thread.start()
+    try:
         yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -198,7 +203,7 @@ def sign_in(page: Page, app: RunningApp, email: str, start: str = "/chat") -> No
     page.wait_for_url(f"**/login?next={start}")
     page.get_by_role("button", name="Sign in with Dev sign-in").click()
     page.wait_for_url("**/oauth2/authorize**")
-    page.get_by_placeholder("sub").fill(email)
-    page.get_by_role("button", name="Authorize").click()
+    page.get_by_role("textbox", name="Email").fill(email)
+    page.get_by_role("button", name="Sign in", exact=True).click()
     page.wait_for_url(app.frontend + start)
-    expect(page.locator("#header-user-name")).to_be_visible()
+    expect(page.locator("#header-balance")).to_be_visible()

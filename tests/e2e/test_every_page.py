@@ -1,7 +1,8 @@
-"""Every page, signed out, as a user and as an admin, on a phone (390x844) and a desktop
-(1280x800): nothing wider than the screen, no console errors, no failed request to this
-site, no serious or critical accessibility violation (axe-core, from the local npm package),
-and a screenshot in test-artifacts/pages/ for people to look at.
+"""Every page, signed out, as a user, as a user out of credits and as an admin, on a phone
+(390x844, light) and a desktop (1280x800, dark): nothing wider than the screen, no console
+errors, no failed request to this site, no serious or critical accessibility violation
+(axe-core, from the local npm package), and a screenshot in test-artifacts/pages/ for people
+to look at.
 
 Bounded: one browser context per role and size, each page loaded once in it.
 """
@@ -30,11 +31,15 @@ from playwright.sync_api import (
 )
 
 from aicredits.adapters.tables import users
+from aicredits.services import ledger
 from tests.e2e.conftest import ROOT, RunningApp, sign_in
 
 ARTIFACTS = ROOT / "test-artifacts" / "pages"
 SIZES = {"phone": {"width": 390, "height": 844}, "desktop": {"width": 1280, "height": 800}}
+# Each size in one of the two themes, so both are checked without doubling the sweep.
+SCHEMES = {"phone": "light", "desktop": "dark"}
 USER = "sweeper@example.test"
+SPENT = "spent@example.test"  # out of credits: the chat is paused
 ADMIN = "admin@example.test"
 PUBLIC_PAGES = ["/", "/login", "/forbidden"]
 USER_PAGES = [
@@ -134,7 +139,10 @@ def shot_name(role: str, path: str, size: str) -> str:
 def sweep(
     browser: Browser, app: RunningApp, axe: str, role: str, size: str, paths: list[str]
 ) -> dict[str, list[str]]:
-    context: BrowserContext = browser.new_context(viewport=SIZES[size])  # type: ignore[arg-type]
+    context: BrowserContext = browser.new_context(
+        viewport=SIZES[size],  # type: ignore[arg-type]
+        color_scheme=SCHEMES[size],  # type: ignore[arg-type]
+    )
     context.set_default_timeout(60_000)
     problems: dict[str, list[str]] = {}
     try:
@@ -142,7 +150,10 @@ def sweep(
         watch = Watch({urlsplit(app.frontend)._replace(path="").geturl(), app.backend})
         watch.attach(page)
         if role != "visitor":
-            sign_in(page, app, ADMIN if role == "admin" else USER)
+            email = {"admin": ADMIN, "spent": SPENT}.get(role, USER)
+            sign_in(page, app, email)
+            if role == "spent":
+                spend_everything(app, email)
             watch.take()  # the provider's own page is checked in test_dev_sign_in
         for path in paths:
             visit(page, app, path)
@@ -158,6 +169,20 @@ def sweep(
     finally:
         context.close()
     return problems
+
+
+def spend_everything(app: RunningApp, email: str) -> None:
+    db = app.db()
+    try:
+        who = user_id(app, email)
+        left = ledger.get_balance(db, user_id=who).available
+        if left:
+            ledger.adjust(
+                db, user_id=who, credits=-left, key=f"sweep:{who}:{left}", actor="test",
+                reason="spent everything",
+            )  # fmt: skip
+    finally:
+        db.dispose()
 
 
 def user_id(app: RunningApp, email: str) -> int:
@@ -178,6 +203,7 @@ def test_every_page_fits_has_no_errors_and_no_serious_accessibility_violation(
     problems = {
         "visitor": sweep(browser, app, axe_script, "visitor", size, PUBLIC_PAGES),
         "user": sweep(browser, app, axe_script, "user", size, [*PUBLIC_PAGES, *USER_PAGES]),
+        "spent": sweep(browser, app, axe_script, "spent", size, ["/chat", "/credits"]),
     }
     someone = user_id(app, USER)
     admin_pages = [p.format(user_id=someone) for p in ADMIN_PAGES]

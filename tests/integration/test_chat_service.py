@@ -157,10 +157,6 @@ def test_the_chat_page_is_read_in_one_snapshot(db: Database, settings: Settings)
     assert page.messages[0].content == "First chat"
     assert page.available == ledger.get_balance(db, user_id=user).available
     assert page.usage.banner is None and page.trial_notice == ""
-    expected = chat.estimate(
-        db, settings, user_id=user, conversation_id=older, model=MODEL.id, draft=""
-    )
-    assert page.estimate == expected
 
 
 def test_the_chat_page_opens_the_latest_conversation_unless_the_users_own_is_asked_for(
@@ -176,7 +172,6 @@ def test_the_chat_page_opens_the_latest_conversation_unless_the_users_own_is_ask
         assert page.model == MODEL.id  # the chosen one is no longer offered: the first is
     empty = chat.chat_page(db, settings, user_id=make_user(db), model="", wanted="")
     assert (empty.opened, empty.messages, empty.conversations) == (None, [], [])
-    assert empty.estimate is not None and empty.estimate.problem == ""
     unconfigured = settings.model_copy(update={"models": []})
     nothing = chat.chat_page(db, unconfigured, user_id=user, model="", wanted="")
-    assert (nothing.model, nothing.estimate) == ("", None)
+    assert nothing.model == ""

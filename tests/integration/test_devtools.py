@@ -84,3 +84,30 @@ def test_the_dev_servers_run_from_the_command_line(
         )
     )
     assert wait_for_json(f"http://127.0.0.1:{port}{path}")
+
+
+def test_the_dev_sign_in_page_asks_for_an_email_and_loads_nothing_from_elsewhere() -> None:
+    from flask.testing import FlaskClient
+
+    from aicredits.devtools import dev_idp
+
+    client: FlaskClient = dev_idp.build_app().test_client()
+    page = client.get(
+        "/oauth2/authorize",
+        query_string={
+            "response_type": "code",
+            "client_id": "aicredits-dev",
+            "redirect_uri": "http://localhost:8000/auth/callback/dev",
+            "scope": "openid email",
+            "nonce": "n",
+            "state": "s",
+        },
+    )
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200, html
+    assert '<label for="dev-email">Email</label>' in html
+    assert 'type="email" name="sub"' in html
+    assert "alice@example.test" in html  # the test users, one press each
+    # Every stylesheet and script is inline: nothing comes from a CDN, or from anywhere.
+    assert "<link" not in html and "src=" not in html
+    assert "cdn." not in html and "jsdelivr" not in html

@@ -496,3 +496,10 @@ def test_behind_a_trusted_proxy_trials_count_per_forwarded_address(make: Any) ->
     spoofing = [site.peer("198.51.100.9", forwarded=a) for a in ("192.0.2.1", "192.0.2.2")]
     assert new_account(site, spoofing[0])[1] == TRIAL
     assert new_account(site, spoofing[1])[1] == 0
+
+
+@pytest.mark.parametrize("path", ["/auth/login/dev", "/auth/login/google", "/auth/logout"])
+def test_a_get_on_a_sign_in_or_out_route_lands_on_the_sign_in_page(site: Site, path: str) -> None:
+    response = site.client.get(path)
+    assert response.status_code == 303
+    assert response.headers["location"] == f"{site.settings.public_url}/login"
