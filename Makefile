@@ -64,6 +64,7 @@ format: $(STAMP)
 test: setup
 	bash scripts/services.sh
 	bash scripts/chromium.sh
+	$(PY) scripts/axe_core.py >/dev/null
 	$(MAKE) --no-print-directory lint
 	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) -m pytest
 

@@ -295,11 +295,15 @@ def chat() -> rx.Component:
                 display=["none", "none", "block"],
             ),
             rx.vstack(
-                rx.hstack(
+                # On a phone the conversations button sits above the picker, which then
+                # has the whole width for the model's name.
+                rx.flex(
                     rx.box(mobile_conversations, display=["block", "block", "none"]),
                     _model_picker(),
+                    direction=rx.breakpoints(initial="column", md="row"),
+                    gap="2",
                     width="100%",
-                    align="center",
+                    align=rx.breakpoints(initial="start", md="center"),
                 ),
                 trial_notice(),
                 rx.cond(

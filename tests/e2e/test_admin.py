@@ -27,7 +27,7 @@ def test_an_admin_adjusts_a_balance_with_a_reason_and_the_user_sees_it(
 ) -> None:
     customer = fresh_user(app, "Casey Customer")
     sign_in(page, app, customer, start="/credits")
-    expect(page.locator("#header-balance")).to_have_text(f"{TRIAL_CREDITS} credits")
+    expect(page.locator("#header-balance")).to_have_text(f"{TRIAL_CREDITS:,} credits")
 
     admin_context = browser.new_context()
     admin_context.set_default_timeout(60_000)
@@ -73,7 +73,7 @@ def test_an_admin_adjusts_a_balance_with_a_reason_and_the_user_sees_it(
 
     # The user sees the new balance and the history line.
     page.goto(app.frontend + "/credits")
-    expect(page.locator("#header-balance")).to_have_text(f"{TRIAL_CREDITS + 250} credits")
+    expect(page.locator("#header-balance")).to_have_text(f"{TRIAL_CREDITS + 250:,} credits")
     expect(page.locator("#ledger-history")).to_contain_text("Goodwill for the outage")
     expect(page.locator("#ledger-history")).to_contain_text("+250")
 

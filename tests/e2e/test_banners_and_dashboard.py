@@ -60,7 +60,7 @@ def test_banners_appear_live_can_be_dismissed_block_at_100_and_clear_on_top_up(
     new_allowance(app, email, ALLOWANCE)
     page.reload()
     banner = page.locator("#usage-banner")
-    expect(page.locator("#header-balance")).to_have_text(f"{ALLOWANCE} credits")
+    expect(page.locator("#header-balance")).to_have_text(f"{ALLOWANCE:,} credits")
     expect(banner).to_have_count(0)
 
     for n in range(2):
@@ -105,9 +105,11 @@ def test_the_dashboard_shows_usage_history_and_exports_a_csv(app: RunningApp, pa
     sign_in(page, app, email)
     reply(page, app, "Something to measure")
     page.goto(app.frontend + "/credits")
-    expect(page.locator("#credits-available")).to_have_text(str(TRIAL_CREDITS - 9))
-    expect(page.locator("#credits-total")).to_have_text(str(TRIAL_CREDITS - 9))
-    expect(page.locator("#expiring-credits")).to_contain_text(f"{TRIAL_CREDITS - 9} credits expire")
+    expect(page.locator("#credits-available")).to_have_text(f"{TRIAL_CREDITS - 9:,}")
+    expect(page.locator("#credits-total")).to_have_text(f"{TRIAL_CREDITS - 9:,}")
+    expect(page.locator("#expiring-credits")).to_contain_text(
+        f"{TRIAL_CREDITS - 9:,} credits expire"
+    )
     expect(page.locator("#allowance-percent")).to_have_text("0%")  # 9 of 1,000
     expect(page.locator("#usage-chart")).to_be_visible()
     expect(page.locator("#usage-by-model")).to_contain_text("demo-model")

@@ -40,7 +40,7 @@ def test_buying_a_pack_adds_exactly_its_credits_and_shows_it_in_the_history(
     expect(page.locator("#purchase-history-empty")).to_be_visible()
     expect(page.locator("#pack-offer-starter")).to_have_text("5.00 USD — 5,000 credits")
     balance = page.locator("#header-balance")
-    expect(balance).to_have_text(f"{TRIAL_CREDITS} credits")
+    expect(balance).to_have_text(f"{TRIAL_CREDITS:,} credits")
 
     page.locator("#buy-starter").click()
     page.wait_for_url(re.compile(r"/checkout/simulated/cs_test_sim_\w+$"))
@@ -52,10 +52,10 @@ def test_buying_a_pack_adds_exactly_its_credits_and_shows_it_in_the_history(
     expect(page.locator("#checkout-credited")).to_have_text(
         "Payment received, 5,000 credits added."
     )
-    expect(balance).to_have_text(f"{TRIAL_CREDITS + STARTER_CREDITS} credits")
+    expect(balance).to_have_text(f"{TRIAL_CREDITS + STARTER_CREDITS:,} credits")
     page.reload()  # the success page again: nothing more is added
     expect(page.locator("#checkout-credited")).to_be_visible()
-    expect(balance).to_have_text(f"{TRIAL_CREDITS + STARTER_CREDITS} credits")
+    expect(balance).to_have_text(f"{TRIAL_CREDITS + STARTER_CREDITS:,} credits")
 
     page.locator("#back-to-credits").click()
     page.wait_for_url(app.frontend + "/credits")
@@ -64,7 +64,7 @@ def test_buying_a_pack_adds_exactly_its_credits_and_shows_it_in_the_history(
     row = history.locator("tbody tr").first
     for text in ("Starter", "5.00 USD", "5,000", "Paid"):
         expect(row).to_contain_text(text)
-    expect(page.locator("#credits-available")).to_have_text(str(TRIAL_CREDITS + STARTER_CREDITS))
+    expect(page.locator("#credits-available")).to_have_text(f"{TRIAL_CREDITS + STARTER_CREDITS:,}")
 
     db = app.db()
     try:
@@ -89,11 +89,11 @@ def test_cancelling_the_checkout_charges_nothing(app: RunningApp, page: Page) ->
     expect(page.locator("#checkout-cancelled")).to_have_text(
         "Checkout cancelled, nothing was charged."
     )
-    expect(page.locator("#header-balance")).to_have_text(f"{TRIAL_CREDITS} credits")
+    expect(page.locator("#header-balance")).to_have_text(f"{TRIAL_CREDITS:,} credits")
     page.locator("#back-to-credits").click()
     page.wait_for_url(app.frontend + "/credits")
     expect(page.locator("#purchase-history-empty")).to_be_visible()
-    expect(page.locator("#header-balance")).to_have_text(f"{TRIAL_CREDITS} credits")
+    expect(page.locator("#header-balance")).to_have_text(f"{TRIAL_CREDITS:,} credits")
 
 
 def test_crafted_credits_events_give_nothing_without_a_session(app: RunningApp) -> None:

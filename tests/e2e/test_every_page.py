@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from playwright.sync_api import (
@@ -210,3 +211,10 @@ def test_every_page_fits_has_no_errors_and_no_serious_accessibility_violation(
     problems["admin"] = sweep(browser, app, axe_script, "admin", size, ["/chat", *admin_pages])
     problems = {role: found for role, found in problems.items() if found}
     assert not problems, json.dumps(problems, indent=1)
+
+
+def test_the_site_has_its_icon(app: RunningApp) -> None:
+    # Browsers ask every site for /favicon.ico; a 404 there is a console error on each page.
+    response = httpx.get(app.frontend + "/favicon.ico", timeout=30)
+    assert response.status_code == 200
+    assert response.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
