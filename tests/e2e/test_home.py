@@ -12,7 +12,7 @@ from tests.e2e.conftest import RunningApp
 
 def test_home_page_shows_the_models_and_their_prices(app: RunningApp, page: Page) -> None:
     page.goto(app.frontend + "/")
-    expect(page.get_by_role("heading", name="aicredits")).to_be_visible()
+    expect(page.get_by_role("heading", name="A paid AI chat that sustains itself")).to_be_visible()
     row = page.locator("#price-table").get_by_role("row", name="Demo model")
     expect(row).to_contain_text("Demo model (local fake upstream)")
     expect(row.get_by_role("cell").nth(1)).to_have_text("2")

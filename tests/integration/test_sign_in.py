@@ -341,7 +341,9 @@ def test_next_cannot_send_the_user_off_site(site: Site, evil: str) -> None:
 
 
 def test_starting_a_sign_in_is_never_a_get(site: Site) -> None:
-    assert site.client.get("/auth/login/dev").status_code == 405
+    # A GET (a bookmark, a prefetch, a link from another site) only lands on the sign-in page.
+    response = site.client.get("/auth/login/dev")
+    assert (response.status_code, response.headers["location"]) == (303, f"{PUBLIC}/login")
     assert count(site.db, login_attempts) == 0
 
 

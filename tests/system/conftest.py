@@ -26,6 +26,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.system)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test shows the end of its app's log: what the workers said is the first clue
+    to a failure seen only in CI."""
+    outcome = yield
+    report = outcome.get_result()
+    app = getattr(item, "funcargs", {}).get("system_app")
+    if report.failed and isinstance(app, RunningApp) and app.log.exists():
+        lines = app.log.read_text(errors="replace").splitlines()[-80:]
+        report.sections.append(("app log (last 80 lines)", "\n".join(lines)))
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
     with private_services() as running:
