@@ -131,6 +131,14 @@ def _conversation_list() -> rx.Component:
     )
 
 
+@rx.memo
+def reply_markdown(content: rx.Var[str]) -> rx.Component:
+    """A reply rendered as Markdown, in a component of its own: the Markdown renderer reads the
+    color mode with a React hook, and called straight inside the list it would add a hook per
+    message, so React would see the list's hooks change as replies arrive."""
+    return rx.markdown(content)
+
+
 def _message(message: Any) -> rx.Component:
     is_user = message["role"] == "user"
     return rx.box(
@@ -138,7 +146,7 @@ def _message(message: Any) -> rx.Component:
             is_user,
             rx.text(message["content"], white_space="pre-wrap"),
             rx.vstack(
-                rx.markdown(message["content"]),
+                reply_markdown(content=message["content"]),
                 rx.cond(message["streaming"], rx.spinner(size="1")),
                 rx.cond(
                     message["meta"] != "",

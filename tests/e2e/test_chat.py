@@ -92,6 +92,20 @@ def test_a_reply_streams_in_pieces_costs_what_it_says_and_survives_a_reload(
     expect(page.locator(".reply-cost")).to_have_text(cost.inner_text())
 
 
+def test_replies_arriving_one_after_another_raise_no_errors_in_the_page(
+    app: RunningApp, page: Page
+) -> None:
+    # React checks that a component calls the same hooks on every render; a list whose items
+    # call a hook (the Markdown renderer reads the color mode) breaks that as it grows.
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    sign_in(page, app, "several@example.test")
+    for n in range(1, 4):
+        send(page, f"question {n}")
+        expect(page.locator(".reply-cost")).to_have_count(n)
+    assert errors == []
+
+
 def test_a_reload_in_the_middle_of_a_reply_shows_the_message_and_the_reply_so_far(
     app: RunningApp, page: Page
 ) -> None:
