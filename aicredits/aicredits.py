@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import reflex as rx
@@ -27,6 +28,8 @@ from aicredits.state.home import HomeState
 from aicredits.state.keys import KeysState
 from aicredits.state.login import LoginState
 from aicredits.state.session import SessionState
+
+logger = logging.getLogger(__name__)
 
 # First, so that every later line (a refused start included) is in the configured format.
 configure_logging(get_settings())
@@ -56,9 +59,13 @@ async def _drain_on_shutdown() -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     grace = get_settings().drain_grace
     draining: list[asyncio.Task[int]] = []
-    stop_signals.call_before_stop(
+    if not stop_signals.call_before_stop(
         loop, lambda: draining.append(loop.create_task(gateway.drain_all(grace)))
-    )
+    ):
+        logger.warning(
+            "this server gave no stop signal handler to chain to: replies in flight are drained"
+            " only when the server ends the app's lifespan"
+        )
     yield
     await asyncio.gather(gateway.drain_all(grace), *draining, return_exceptions=True)
 

@@ -310,6 +310,11 @@ def prod_command_available() -> bool:
     return any(line.split()[:1] == ["prod"] for line in result.stdout.splitlines())
 
 
+# granian.server.common: a worker replaced this recently that exits again is a crash loop,
+# and Granian stops the whole server.
+GRANIAN_CRASH_LOOP_SECONDS = 5.5
+
+
 @dataclass
 class RunningApp:
     proc: subprocess.Popen[bytes]
@@ -336,6 +341,15 @@ class RunningApp:
             if inode in _socket_inodes(pid):
                 return pid
         return None
+
+    def wait_until_settled_in(self, pid: int) -> None:
+        """Wait until worker `pid` is older than Granian's crash-loop window. Granian stops the
+        whole server when a worker it replaced less than 5.5 s ago exits again (a crash loop);
+        a test that stops a worker must not stop a replacement that young."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        started = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        time.sleep(max(0.0, GRANIAN_CRASH_LOOP_SECONDS + 0.5 - (uptime - started)))
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]

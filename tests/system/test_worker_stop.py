@@ -118,6 +118,8 @@ def test_a_stopped_worker_cuts_a_chat_reply_keeps_it_with_a_note_and_charges_wha
     with ChatClient(system_app.base_url, user.session) as tab:
         worker = system_app.pid_serving(tab.local_port())
         assert worker in system_app.worker_pids()
+        # It may be the replacement for the worker the test before stopped.
+        system_app.wait_until_settled_in(worker)
         tab.start_send(f"a slow one please {SLOW}")
         tab.wait_for_reply_text(min_words=3)
         os.kill(worker, signal.SIGTERM)
