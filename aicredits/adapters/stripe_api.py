@@ -403,10 +403,10 @@ class StripeApi:
             price = self._client.v1.prices.retrieve(price_id)
         except stripe.StripeError as exc:
             raise StripeFailure(_explain(exc)) from exc
-        amount = price.get("unit_amount")
+        amount = price.unit_amount
         if not isinstance(amount, int):
             raise StripeFailure(f"the Price {price_id} has no fixed unit amount")
-        return amount, str(price.get("currency") or "").lower()
+        return amount, str(price.currency or "").lower()
 
     def list_checkout_sessions(self, *, created_from: int) -> Iterator[CheckoutSession]:
         """Every Checkout Session created since `created_from` (Unix time), newest first,

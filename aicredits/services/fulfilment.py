@@ -1,9 +1,12 @@
 """Fulfilling a Checkout Session: its pack is credited exactly once, when it is paid.
 
 The ledger entry's unique key `purchase:{session id}` decides "once"; the webhook, the
-success page and reconciliation all come through `fulfil_checkout_session`, so whichever comes first credits
-and the other finds it done. The credit, the purchase row that records it and the settlement
-of any refund that came first are one unit of work: all of it commits, or none.
+success page and reconciliation all come through `fulfil_checkout_session`, so whichever
+comes first credits and the others find it done. Only a session the app created credits,
+and only with its pack from the app's own records (services.payment_trust).
+
+The credit, the purchase row that records it and the settlement of any refund that came
+first are one unit of work: all of it commits, or none.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from aicredits.services import ledger, payment_trust, refunds
 from aicredits.services.payment_errors import UnknownCheckoutSession
 from aicredits.services.purchases import PurchaseView, lock_purchase, purchase_of_session
 from aicredits.settings import Settings
-
 
 
 class FulfilmentStatus(StrEnum):
