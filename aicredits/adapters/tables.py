@@ -591,7 +591,7 @@ class ReconciliationRun(SQLModel, table=True):
     __table_args__ = (sa.Index("ix_reconciliation_runs_started_at", "started_at"),)
 
     id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
-    trigger: str = Field(max_length=20)  # cli | job | admin:<email>
+    trigger: str = Field(max_length=20)  # cli | job | admin
     since: datetime = _ts()
     started_at: datetime = _ts()
     finished_at: datetime | None = _ts(nullable=True)
