@@ -18,6 +18,7 @@ from aicredits.settings import get_settings
 from aicredits.state.admin import (
     AdminAuditLogState,
     AdminOverviewState,
+    AdminPaymentsState,
     AdminPricesState,
     AdminUserAccountState,
     AdminUserSearchState,
@@ -109,6 +110,7 @@ for _route, _component, _title, _load in (
     ("/admin/user", admin.user_page, "User · Admin", AdminUserAccountState.load_user),
     ("/admin/audit", admin.audit, "Audit log · Admin", AdminAuditLogState.load_audit),
     ("/admin/prices", admin.prices, "Prices · Admin", AdminPricesState.load_prices),
+    ("/admin/payments", admin.payments, "Payments · Admin", AdminPaymentsState.load_payments),
 ):
     app.add_page(
         _component,

@@ -1,6 +1,7 @@
 """The operator's command line: parse input, call one service, say what happened.
 
-Exit codes: 0 success, 1 a ledger invariant is broken, 2 bad input or an unknown user.
+Exit codes: 0 success, 1 a ledger invariant is broken (verify-ledger) or a payment
+discrepancy remains (reconcile), 2 bad input or an unknown user.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ import argparse
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from aicredits.adapters.db import Database
+from aicredits.adapters.stripe_api import StripeFailure
 from aicredits.adapters.tables import utcnow
 from aicredits.domain.errors import AICreditsError
-from aicredits.services import jobs, ledger, schema, users
+from aicredits.services import jobs, ledger, reconciliation, schema, users
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
 
@@ -30,6 +32,28 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def _window_start(text: str) -> datetime:
+    """`7d`, `36h` (back from now) or an ISO date or date-time (UTC when it says no zone)."""
+    raw = text.strip().lower()
+    units = {"d": "days", "h": "hours"}
+    if raw[-1:] in units and raw[:-1].isdigit():
+        amount = int(raw[:-1])
+        if not 0 < amount <= 3660 * (24 if raw[-1] == "h" else 1):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a window this command can walk")
+        return utcnow() - timedelta(**{units[raw[-1]]: amount})
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 7d, 36h or a date like 2026-11-01, got {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if moment > utcnow():
+        raise argparse.ArgumentTypeError(f"{text!r} is in the future")
+    return moment
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aicredits", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,6 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply database migrations and seed model prices")
     sub.add_parser(
         "verify-ledger", help="check every ledger invariant; exit 1 naming the first broken one"
+    )
+
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="set Stripe's paid sessions and refunds against the purchases; exit 1 on a "
+        "discrepancy",
+    )
+    reconcile.add_argument(
+        "--since",
+        default="7d",
+        type=_window_start,
+        help="how far back: 7d, 36h, or a date (2026-11-01); default 7d",
+    )
+    reconcile.add_argument(
+        "--fix",
+        action="store_true",
+        help="credit the payments made at Stripe but not credited here (once each)",
     )
 
     grant = sub.add_parser("grant", help="add credits to a user's balance")
@@ -114,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _grant(db, args)
         if args.command == "run-jobs":
             return _run_jobs(db)
+        if args.command == "reconcile":
+            return _reconcile(db, args)
     except AICreditsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -202,4 +245,33 @@ def _run_jobs(db: Database) -> int:
         f"({report.spike_emails_sent} emails to admins); "
         f"forgot {report.sign_ins_forgotten} old sign-in attempts"
     )
+    return EXIT_OK
+
+
+def _reconcile(db: Database, args: argparse.Namespace) -> int:
+    try:
+        report = reconciliation.reconcile(
+            db, get_settings(), since=args.since, fix=args.fix, trigger="cli"
+        )
+    except StripeFailure as exc:
+        print(f"error: Stripe could not be read: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if report.stripe_checked:
+        print(
+            f"checked {report.sessions_checked} Checkout Sessions and {report.refunds_checked} "
+            f"refunds since {report.since:%Y-%m-%d %H:%M} UTC"
+        )
+    else:
+        print("no STRIPE_SECRET_KEY: Stripe was not walked; only unmatched payments checked")
+    for found in report.discrepancies:
+        mark = "FIXED " if found.fixed else ""
+        print(f"{mark}{found.kind}: {found.session_id}: {found.detail}")
+    if report.outstanding:
+        print(
+            f"payments NOT reconciled: {len(report.outstanding)} discrepancies"
+            + (f" ({report.fixed} fixed)" if report.fixed else ""),
+            file=sys.stderr,
+        )
+        return EXIT_BROKEN
+    print("payments OK" + (f": fixed {report.fixed}" if report.fixed else ": no discrepancy"))
     return EXIT_OK

@@ -11,6 +11,8 @@ PG_ADMIN_URL = os.environ.get(
     "AICREDITS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 TABLES = [
+    "unmatched_payments",
+    "reconciliation_runs",
     "trial_addresses",
     "spike_reports",
     "admin_actions",

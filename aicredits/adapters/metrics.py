@@ -76,6 +76,17 @@ WEBHOOK_EVENTS = Counter(
     "Stripe webhook deliveries, by event type and outcome.",
     ["type", "outcome"],
 )
+UNMATCHED_PAYMENTS = Counter(
+    "aicredits_unmatched_payments_total",
+    "Payments refused because they match no Checkout Session the app created, by reason "
+    "and where they were seen (webhook, success_page, reconcile). Each credited nothing.",
+    ["reason", "source"],
+)
+RECONCILIATION_DISCREPANCIES = Counter(
+    "aicredits_reconciliation_discrepancies_total",
+    "Discrepancies reconciliation found against Stripe, by kind.",
+    ["kind"],
+)
 RATE_LIMIT_REFUSALS = Counter(
     "aicredits_rate_limit_refusals_total",
     "Calls refused by a rate limit, by limit (user, ip, concurrent, unavailable).",
@@ -131,6 +142,14 @@ def credits_released(*, model: str, credits: int) -> None:
 
 def webhook_event(*, event_type: str, outcome: str) -> None:
     WEBHOOK_EVENTS.labels(type=event_type[:100], outcome=outcome).inc()
+
+
+def unmatched_payment(*, reason: str, source: str) -> None:
+    UNMATCHED_PAYMENTS.labels(reason=reason, source=source).inc()
+
+
+def reconciliation_discrepancy(*, kind: str) -> None:
+    RECONCILIATION_DISCREPANCIES.labels(kind=kind).inc()
 
 
 def rate_limit_refused(*, limit: str) -> None:

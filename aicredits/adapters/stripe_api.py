@@ -18,7 +18,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +29,7 @@ import stripe
 from stripe._base_address import BaseAddresses
 
 from aicredits.adapters.local_secret import load_or_create_secret
+from aicredits.domain.checkout_marker import METADATA_KEY as MARKER_METADATA_KEY
 from aicredits.domain.errors import AICreditsError
 
 # Stripe's own default, and the window we also apply to timestamps in the future.
@@ -38,6 +39,8 @@ READ_TIMEOUT_SECONDS = 30.0
 # The SDK retries connection errors and 5xx answers with the same idempotency key.
 MAX_NETWORK_RETRIES = 2
 MAX_ID_LENGTH = 255
+# Stripe's largest page.
+LIST_PAGE_SIZE = 100
 
 
 class StripeFailure(AICreditsError):
@@ -79,6 +82,8 @@ class CheckoutSession:
     charge_id: str | None = None
     receipt_url: str | None = None
     url: str | None = None
+    mode: str | None = None  # payment | subscription | setup
+    created: int | None = None  # Unix time
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,16 @@ class Charge:
     amount: int
     amount_refunded: int  # cumulative, over every refund of this charge
     receipt_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    id: str
+    charge_id: str | None
+    payment_intent_id: str | None
+    amount: int
+    currency: str
+    status: str  # pending | requires_action | succeeded | failed | canceled
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +130,8 @@ class CheckoutRequest:
     user_id: int
     pack_id: str
     credits: int
+    # The app's keyed marker (domain.checkout_marker): what lets it recognise the session.
+    marker: str
     product_name: str
     price_id: str
     amount: int
@@ -177,6 +194,8 @@ def parse_checkout_session(obj: Mapping[str, Any]) -> CheckoutSession:
         charge_id=charge_id,
         receipt_url=receipt_url,
         url=_str_url(obj.get("url")),
+        mode=_str(obj, "mode"),
+        created=_int(obj, "created"),
     )
 
 
@@ -191,6 +210,17 @@ def parse_charge(obj: Mapping[str, Any]) -> Charge:
         amount=_int(obj, "amount", required=True) or 0,
         amount_refunded=_int(obj, "amount_refunded", required=True) or 0,
         receipt_url=_str_url(obj.get("receipt_url")),
+    )
+
+
+def parse_refund(obj: Mapping[str, Any]) -> Refund:
+    return Refund(
+        id=_str(obj, "id", required=True) or "",
+        charge_id=_str(obj, "charge"),
+        payment_intent_id=_str(obj, "payment_intent"),
+        amount=_int(obj, "amount", required=True) or 0,
+        currency=(_str(obj, "currency") or "").lower(),
+        status=_str(obj, "status") or "",
     )
 
 
@@ -277,6 +307,7 @@ def checkout_session_params(request: CheckoutRequest) -> dict[str, Any]:
         "user_id": str(request.user_id),
         "pack_id": request.pack_id,
         "credits": str(request.credits),
+        MARKER_METADATA_KEY: request.marker,
     }
     if request.price_id:
         line_item: dict[str, Any] = {"price": request.price_id, "quantity": 1}
@@ -365,6 +396,43 @@ class StripeApi:
         except stripe.StripeError as exc:
             raise StripeFailure(_explain(exc)) from exc
         return _parse_sdk_session(session)
+
+    def retrieve_price(self, price_id: str) -> tuple[int, str]:
+        """A Price's unit amount and currency (what a pack sold by a Stripe Price costs)."""
+        try:
+            price = self._client.v1.prices.retrieve(price_id)
+        except stripe.StripeError as exc:
+            raise StripeFailure(_explain(exc)) from exc
+        amount = price.unit_amount
+        if not isinstance(amount, int):
+            raise StripeFailure(f"the Price {price_id} has no fixed unit amount")
+        return amount, str(price.currency or "").lower()
+
+    def list_checkout_sessions(self, *, created_from: int) -> Iterator[CheckoutSession]:
+        """Every Checkout Session created since `created_from` (Unix time), newest first,
+        a page at a time through the SDK's auto-pagination."""
+        try:
+            listed = self._client.v1.checkout.sessions.list(
+                {"created": {"gte": created_from}, "limit": LIST_PAGE_SIZE}
+            )
+            for session in listed.auto_paging_iter():
+                yield _parse_sdk_session(session)
+        except stripe.StripeError as exc:
+            raise StripeFailure(_explain(exc)) from exc
+
+    def list_refunds(self, *, created_from: int) -> Iterator[Refund]:
+        """Every refund created since `created_from` (Unix time), newest first."""
+        try:
+            listed = self._client.v1.refunds.list(
+                {"created": {"gte": created_from}, "limit": LIST_PAGE_SIZE}
+            )
+            for refund in listed.auto_paging_iter():
+                try:
+                    yield parse_refund(refund.to_dict())
+                except MalformedEvent as exc:
+                    raise StripeFailure(f"Stripe returned an unreadable refund: {exc}") from exc
+        except stripe.StripeError as exc:
+            raise StripeFailure(_explain(exc)) from exc
 
 
 def _parse_sdk_session(session: Any) -> CheckoutSession:

@@ -561,6 +561,53 @@ class TrialAddress(SQLModel, table=True):
     refused: int = Field(default=0)
 
 
+class UnmatchedPayment(SQLModel, table=True):
+    """A payment the app could not match to a Checkout Session it created (no keyed marker,
+    a forged one, another mode, a pack or an amount that is not ours): nothing was credited,
+    and it waits here for an admin. One row per session, whoever saw it first (the webhook,
+    the success page, reconciliation)."""
+
+    __tablename__ = "unmatched_payments"
+    __table_args__ = (sa.Index("ix_unmatched_payments_open", "cleared_at", "created_at"),)
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    checkout_session_id: str = Field(max_length=255, unique=True)
+    event_id: str | None = Field(default=None, max_length=255)
+    amount: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger(), nullable=True))
+    currency: str | None = Field(default=None, max_length=8)
+    reason: str = Field(max_length=40)
+    detail: str = Field(default="", max_length=500)
+    source: str = Field(max_length=20)  # webhook | success_page | reconcile
+    created_at: datetime = _ts()
+    cleared_at: datetime | None = _ts(nullable=True)
+    cleared_by: str | None = Field(default=None, max_length=200)
+    clear_note: str | None = Field(default=None, max_length=500)
+
+
+class ReconciliationRun(SQLModel, table=True):
+    """One run of reconciliation against Stripe: its window, what it found and fixed."""
+
+    __tablename__ = "reconciliation_runs"
+    __table_args__ = (sa.Index("ix_reconciliation_runs_started_at", "started_at"),)
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    trigger: str = Field(max_length=20)  # cli | job | admin
+    since: datetime = _ts()
+    started_at: datetime = _ts()
+    finished_at: datetime | None = _ts(nullable=True)
+    fix: bool = Field(default=False)
+    stripe_checked: bool = Field(default=False)
+    sessions_checked: int = Field(default=0)
+    refunds_checked: int = Field(default=0)
+    discrepancies: int = Field(default=0)
+    fixed: int = Field(default=0)
+    # The discrepancies as JSON: [{"kind", "session_id", "detail", "fixed"}, ...].
+    report: str = Field(
+        default="[]", sa_column=sa.Column(sa.Text(), nullable=False, server_default="[]")
+    )
+    error: str = Field(default="", max_length=500)
+
+
 def table(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, for the ledger's hand-written statements."""
     t = model.__table__  # type: ignore[attr-defined]
@@ -589,3 +636,5 @@ threshold_crossings = table(ThresholdCrossing)
 admin_actions = table(AdminAction)
 spike_reports = table(SpikeReport)
 trial_addresses = table(TrialAddress)
+unmatched_payments = table(UnmatchedPayment)
+reconciliation_runs = table(ReconciliationRun)

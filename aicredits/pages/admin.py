@@ -1,5 +1,5 @@
-"""The admin console: overview, users, one user's page with its actions, the audit log and
-prices. Every page and every handler behind it checks the admin role on the server
+"""The admin console: overview, users, one user's page with its actions, the audit log,
+prices and payments. Every page and every handler behind it checks the admin role on the server
 (state/admin.py); these components only lay the data out."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from aicredits.state.admin import (
     AdminAuditLogState,
     AdminOverviewState,
     AdminPageState,
+    AdminPaymentsState,
     AdminPricesState,
     AdminUserAccountState,
     AdminUserSearchState,
@@ -27,6 +28,7 @@ def _nav() -> rx.Component:
         rx.link("Users", href="/admin/users", id="admin-nav-users"),
         rx.link("Audit log", href="/admin/audit", id="admin-nav-audit"),
         rx.link("Prices", href="/admin/prices", id="admin-nav-prices"),
+        rx.link("Payments", href="/admin/payments", id="admin-nav-payments"),
         spacing="4",
         padding_bottom="0.5em",
         border_bottom="1px solid var(--gray-a4)",
@@ -631,4 +633,145 @@ def prices() -> rx.Component:
             empty="No versions.",
             row_id="price-version",
         ),
+    )
+
+
+# --- payments ---------------------------------------------------------------------------------
+
+
+def _last_run() -> rx.Component:
+    run = AdminPaymentsState.last_run
+    return rx.cond(
+        AdminPaymentsState.last_run.length() > 0,  # type: ignore[attr-defined]
+        rx.vstack(
+            rx.text(
+                "Last run ",
+                run["started"],
+                " by ",
+                run["trigger"],
+                " (finished ",
+                run["finished"],
+                "), over payments since ",
+                run["since"],
+                ": checked ",
+                run["checked"],
+                "; ",
+                run["found"],
+                " discrepancies, ",
+                run["fixed"],
+                " fixed.",
+                id="reconciliation-summary",
+                size="2",
+            ),
+            rx.cond(
+                run["error"] != "",
+                rx.callout(run["error"], icon="triangle_alert", color_scheme="red"),
+            ),
+            _table(
+                AdminPaymentsState.last_run_items,
+                [
+                    ("Kind", "kind"),
+                    ("Checkout Session", "session"),
+                    ("What", "detail"),
+                    ("", "fixed"),
+                ],
+                table_id="admin-reconciliation",
+                empty="No discrepancy: Stripe and this app agree.",
+            ),
+            width="100%",
+        ),
+        rx.text("Reconciliation has not run yet.", color_scheme="gray", id="reconciliation-none"),
+    )
+
+
+def _unmatched_row(row: Any) -> rx.Component:
+    return rx.table.row(
+        rx.table.cell(row["created"]),
+        rx.table.cell(row["session"]),
+        rx.table.cell(row["paid"]),
+        rx.table.cell(row["reason"]),
+        rx.table.cell(row["detail"]),
+        rx.table.cell(row["source"]),
+        rx.table.cell(
+            rx.cond(
+                row["open"] == "yes",
+                rx.form(
+                    rx.hstack(
+                        _token(),
+                        rx.el.input(type="hidden", name="unmatched_id", value=row["id"]),
+                        rx.input(
+                            name="note",
+                            placeholder="Note (required)",
+                            required=True,
+                            aria_label="Note",
+                            id=rx.Var.create("unmatched-note-") + row["id"],
+                        ),
+                        rx.button(
+                            "Clear",
+                            type="submit",
+                            size="1",
+                            id=rx.Var.create("unmatched-clear-") + row["id"],
+                        ),
+                        spacing="2",
+                    ),
+                    on_submit=AdminPaymentsState.clear_unmatched,
+                ),
+                rx.text(row["cleared"], size="2"),
+            )
+        ),
+        id=rx.Var.create("unmatched-") + row["id"],
+    )
+
+
+def _unmatched() -> rx.Component:
+    return rx.cond(
+        AdminPaymentsState.unmatched.length() > 0,  # type: ignore[attr-defined]
+        scroll_region(
+            rx.table.root(
+                rx.table.header(
+                    rx.table.row(
+                        *[
+                            rx.table.column_header_cell(h)
+                            for h in ("Seen", "Checkout Session", "Paid", "Why", "Detail", "By", "")
+                        ]
+                    )
+                ),
+                rx.table.body(rx.foreach(AdminPaymentsState.unmatched, _unmatched_row)),
+                id="admin-unmatched",
+                width="100%",
+                size="1",
+            ),
+            label="Unmatched payments",
+            width="100%",
+        ),
+        rx.text("No unmatched payments.", color_scheme="gray", id="admin-unmatched-empty"),
+    )
+
+
+def payments() -> rx.Component:
+    return _admin_page(
+        "Payments",
+        rx.text(
+            "Credits come only from Checkout Sessions this app created, at their pack's price. "
+            "A payment that matches none credited nothing and is listed below for you to "
+            "deal with at Stripe (refund it, or credit the user by hand), then clear with a "
+            "note. Reconciliation sets Stripe's sessions and refunds of the last week against "
+            "the purchases once a day, crediting any payment that was missed.",
+            size="2",
+        ),
+        rx.heading("Reconciliation with Stripe", size="4"),
+        _last_run(),
+        rx.form(
+            _token(),
+            rx.button("Run reconciliation now", type="submit", id="reconcile-now"),
+            on_submit=AdminPaymentsState.run_reconciliation,
+        ),
+        rx.heading(
+            "Unmatched payments (",
+            AdminPaymentsState.open_unmatched,
+            " open)",
+            size="4",
+            id="unmatched-heading",
+        ),
+        _unmatched(),
     )

@@ -67,6 +67,8 @@ class ActionKind(StrEnum):
     UNSUSPEND = "unsuspend"
     CLEAR_FLAG = "clear_flag"
     ADD_PRICE = "add_price"
+    CLEAR_UNMATCHED = "clear_unmatched"
+    RUN_RECONCILIATION = "run_reconciliation"
 
 
 class AdminError(InvalidRequest):

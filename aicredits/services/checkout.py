@@ -18,7 +18,7 @@ from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import CheckoutSessionNotFound, StripeFailure
 from aicredits.adapters.tables import stripe_customers, users, utcnow
 from aicredits.devtools import simulated_checkout
-from aicredits.services import fulfilment, stripe_webhook
+from aicredits.services import fulfilment, payment_trust, stripe_webhook
 from aicredits.services.fulfilment import Fulfilment
 from aicredits.services.packs import label_of
 from aicredits.services.payment_errors import (
@@ -26,6 +26,7 @@ from aicredits.services.payment_errors import (
     UnknownCheckoutSession,
     UnknownPack,
 )
+from aicredits.services.payment_trust import UnmatchedSession
 from aicredits.services.purchases import get_purchase, insert_purchase
 from aicredits.services.stripe_config import (
     cancel_url,
@@ -55,6 +56,7 @@ def start_checkout(
         user_id=user_id,
         pack_id=pack.id,
         credits=pack.credits,
+        marker=payment_trust.new_marker(settings, user_id=user_id, pack_id=pack.id),
         product_name=f"{label_of(pack)}: {pack.credits:,} credits",
         price_id=pack.price_id,
         amount=pack.amount,
@@ -134,6 +136,7 @@ def confirm_checkout(
     row = get_purchase(db, session_id=session_id)
     if row is not None and row.user_id != user_id:
         raise unknown  # someone else's: say no more than for a made-up id
+    from_stripe = False
     if row is not None and row.simulated:
         session = simulated_checkout.simulated_session(row, settings, paid=row.status == "paid")
     elif settings.simulated_checkout:
@@ -147,10 +150,18 @@ def confirm_checkout(
             raise CheckoutFailed(f"Stripe could not be asked about this payment ({exc}).") from exc
         if session.client_reference_id != str(user_id):
             raise unknown
+        from_stripe = True
     try:
-        result = fulfilment.fulfil_checkout_session(db, session, now=now)
+        # The same checks as the webhook's: a session with no row here must carry our marker,
+        # be a payment and cost what its pack costs.
+        result = fulfilment.fulfil_checkout_session(
+            db, settings, session, from_stripe=from_stripe, now=now
+        )
+    except UnmatchedSession as refused:
+        payment_trust.record_unmatched(db, refused, source="success_page", now=now)
+        raise unknown from None
     except UnknownCheckoutSession:
         raise unknown from None
     # A refund or dispute that arrived before the payment was known applies now.
-    stripe_webhook.apply_parked(db, session.payment_intent_id, now)
+    stripe_webhook.apply_parked(db, settings, session.payment_intent_id, now)
     return result

@@ -1,14 +1,16 @@
 """Fulfilling a Checkout Session: its pack is credited exactly once, when it is paid.
 
-The ledger entry's unique key `purchase:{session id}` decides "once"; the webhook and the
-success page both come through `fulfil_checkout_session`, so whichever comes first credits
-and the other finds it done. The credit, the purchase row that records it and the settlement
-of any refund that came first are one unit of work: all of it commits, or none.
+The ledger entry's unique key `purchase:{session id}` decides "once"; the webhook, the
+success page and reconciliation all come through `fulfil_checkout_session`, so whichever
+comes first credits and the others find it done. Only a session the app created credits,
+and only with its pack from the app's own records (services.payment_trust).
+
+The credit, the purchase row that records it and the settlement of any refund that came
+first are one unit of work: all of it commits, or none.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -18,19 +20,12 @@ from sqlalchemy.engine import Connection
 
 from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import CheckoutSession
-from aicredits.adapters.tables import purchases, users, utcnow
+from aicredits.adapters.tables import purchases, utcnow
 from aicredits.domain.ledger import EntryKind
-from aicredits.services import ledger, refunds
+from aicredits.services import ledger, payment_trust, refunds
 from aicredits.services.payment_errors import UnknownCheckoutSession
-from aicredits.services.purchases import (
-    PurchaseView,
-    by_session,
-    lock_purchase,
-    purchase_of_session,
-)
-from aicredits.services.stripe_config import SIMULATED_PREFIX
-
-logger = logging.getLogger(__name__)
+from aicredits.services.purchases import PurchaseView, lock_purchase, purchase_of_session
+from aicredits.settings import Settings
 
 
 class FulfilmentStatus(StrEnum):
@@ -54,16 +49,35 @@ def purchase_key(session_id: str) -> str:
 
 
 def fulfil_checkout_session(
-    db: Database, session: CheckoutSession, *, paid: bool | None = None, now: datetime | None = None
+    db: Database,
+    settings: Settings,
+    session: CheckoutSession,
+    *,
+    paid: bool | None = None,
+    from_stripe: bool = False,
+    now: datetime | None = None,
 ) -> Fulfilment:
     """Credit a Checkout Session's pack once it is paid, exactly once per session id.
 
-    Shared by the webhook and the success page, which then apply the events parked for its
-    payment (stripe_webhook.apply_parked). `paid` overrides the session's own payment_status
-    (async_payment_succeeded says so by its type)."""
+    Shared by the webhook, the success page and reconciliation; the webhook and the success
+    page then apply the events parked for its payment (stripe_webhook.apply_parked). `paid`
+    overrides the session's own payment_status (async_payment_succeeded says so by its type).
+    `from_stripe`: `session` was just read from Stripe's API rather than from an event.
+
+    Only a session the app created credits, and only its pack from the app's own records
+    (services.payment_trust); anything else raises UnmatchedSession (a paid session) or
+    UnknownCheckoutSession, crediting nothing."""
     now = now or utcnow()
+    with db.read() as conn:
+        found = purchase_of_session(conn, session.id)
+    if found is None:
+        found, session = payment_trust.adopt_session(
+            db, settings, session, from_stripe=from_stripe, now=now
+        )
+        paid = None  # Stripe's own view of the session says whether it is paid
     is_paid = session.payment_status == "paid" if paid is None else paid
-    found = _purchase_for_session(db, session, now)
+    if is_paid:
+        payment_trust.check_known_session(found, session)
     with db.transaction() as conn:
         purchase = lock_purchase(conn, found.id)
         _note_payment(conn, purchase.id, session, now)
@@ -78,7 +92,7 @@ def fulfil_checkout_session(
 def record_payment_failed(db: Database, session: CheckoutSession, now: datetime) -> bool:
     """A delayed payment failed: the purchase is marked failed, unless it was credited
     already (True if it was marked)."""
-    purchase = _purchase_for_session(db, session, now)
+    purchase = _purchase_for_session(db, session)
     with db.transaction() as conn:
         _note_payment(conn, purchase.id, session, now)
         changed = conn.execute(
@@ -91,7 +105,7 @@ def record_payment_failed(db: Database, session: CheckoutSession, now: datetime)
 
 def record_expired(db: Database, session: CheckoutSession, now: datetime) -> None:
     """A session left unpaid has expired (or was cancelled)."""
-    purchase = _purchase_for_session(db, session, now)
+    purchase = _purchase_for_session(db, session)
     with db.transaction() as conn:
         conn.execute(
             sa.update(purchases)
@@ -139,46 +153,13 @@ def _unpaid_status(status: str) -> FulfilmentStatus:
     return FulfilmentStatus.PROCESSING
 
 
-def _purchase_for_session(db: Database, session: CheckoutSession, now: datetime) -> PurchaseView:
-    """The purchase row of a session. A session of ours whose row is missing (its insert was
-    lost after Stripe made it) is recreated from the metadata it carries, so a payment is
-    never dropped; a session that is not ours raises UnknownCheckoutSession."""
+def _purchase_for_session(db: Database, session: CheckoutSession) -> PurchaseView:
+    """The purchase row of a session the app created; nothing is made for any other."""
     with db.read() as conn:
         row = purchase_of_session(conn, session.id)
-    if row is not None:
-        return row
-    meta = session.metadata
-    try:
-        user_id = int(meta.get("user_id") or session.client_reference_id or "")
-        credits = int(meta["credits"])
-        pack_id = meta["pack_id"]
-    except (KeyError, ValueError):
-        raise UnknownCheckoutSession("This checkout session was not started here.") from None
-    if credits <= 0 or not pack_id or len(pack_id) > 40:
+    if row is None:
         raise UnknownCheckoutSession("This checkout session was not started here.")
-    with db.read() as conn:
-        if conn.execute(sa.select(users.c.id).where(users.c.id == user_id)).first() is None:
-            raise UnknownCheckoutSession("This checkout session names no known user.")
-    logger.warning("recreating the missing purchase of checkout session %s", session.id)
-    with db.transaction() as conn:
-        conn.execute(
-            db.insert_ignoring_conflict(purchases, index="checkout_session_id").values(
-                user_id=user_id,
-                pack_id=pack_id,
-                credits=credits,
-                amount=session.amount_total or 0,
-                currency=(session.currency or "usd")[:3],
-                checkout_session_id=session.id,
-                customer_id=session.customer_id,
-                status="open",
-                simulated=session.id.startswith(SIMULATED_PREFIX),
-                flagged=False,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        # Inserted above, or by a concurrent call first.
-        return PurchaseView.from_row(conn.execute(by_session(session.id)).one())
+    return row
 
 
 def _note_payment(

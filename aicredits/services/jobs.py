@@ -1,6 +1,7 @@
 """The periodic jobs: settle holds whose worker died (every few seconds, so a crash strands
 credits for seconds), and, less often, expire due grants, send threshold emails, forget old
-sign-in attempts, report spending spikes to the admins. Every worker runs
+sign-in attempts, report spending spikes to the admins, and once a day reconcile the
+payments with Stripe (services.reconciliation). Every worker runs
 the schedule; a Postgres advisory lock per job lets exactly one of them do each run, and
 every piece of work inside is also claimed by a conditional update (or a unique key), so a
 run repeated or raced changes nothing twice."""
@@ -16,7 +17,8 @@ from datetime import datetime, timedelta
 from aicredits.adapters import metrics
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database
-from aicredits.services import auth, ledger, recovery, spike_reports, thresholds
+from aicredits.adapters.stripe_api import StripeFailure
+from aicredits.services import auth, ledger, reconciliation, recovery, spike_reports, thresholds
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ class JobReport:
     sign_ins_forgotten: int
     spikes_reported: int = 0
     spike_emails_sent: int = 0
+    payment_discrepancies: int = 0
 
 
 def _locked(db: Database, name: str, job: Callable[[], int]) -> int:
@@ -82,6 +85,16 @@ def _expire_grants(db: Database, settings: Settings, now: datetime | None) -> in
     return report.credits_expired
 
 
+def _reconcile_payments(db: Database, settings: Settings, now: datetime | None) -> int:
+    """The daily reconciliation with Stripe (it decides whether a day has passed). Stripe
+    being unreachable fails this run alone: it is kept with its error and retried later."""
+    try:
+        return reconciliation.run_job(db, settings, now=now)
+    except StripeFailure as exc:
+        logger.warning("reconciling payments with Stripe failed: %s", exc)
+        return 0
+
+
 def run_all(db: Database, settings: Settings, *, now: datetime | None = None) -> JobReport:
     """One run of every periodic job. `now` (default: the clock, read by each job) is the
     moment every job takes as the present."""
@@ -94,6 +107,9 @@ def run_all(db: Database, settings: Settings, *, now: datetime | None = None) ->
         db, "forget-sign-ins", lambda: auth.forget_old_login_attempts(db, now=now)
     )
     spikes, spike_emails = _report_spikes(db, settings, now)
+    discrepancies = _locked(
+        db, "reconcile-payments", lambda: _reconcile_payments(db, settings, now)
+    )
     return JobReport(
         stale_holds=stale_holds,
         credits_expired=credits_expired,
@@ -101,6 +117,7 @@ def run_all(db: Database, settings: Settings, *, now: datetime | None = None) ->
         sign_ins_forgotten=sign_ins_forgotten,
         spikes_reported=spikes,
         spike_emails_sent=spike_emails,
+        payment_discrepancies=discrepancies,
     )
 
 
@@ -125,6 +142,7 @@ async def run_forever(db: Database, settings: Settings, *, interval: float) -> N
                 or report.emails_sent
                 or report.spikes_reported
                 or report.spike_emails_sent
+                or report.payment_discrepancies
             ):
                 logger.info("jobs: %s", report)
         except Exception:

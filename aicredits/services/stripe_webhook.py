@@ -4,7 +4,9 @@ it, exactly once whatever arrives twice, late, out of order or concurrently.
 * An event already processed is acknowledged and ignored. Every money change is keyed
   (ledger keys, conditional UPDATEs) and each runs in one transaction, so an event that failed
   half-way (500, Stripe retries) or is delivered twice concurrently applies once.
-* Checkout Session events go to fulfilment; refunds and disputes to refunds.
+* Checkout Session events go to fulfilment; refunds and disputes to refunds. A paid session
+  the app did not create credits nothing: it is acknowledged (200, so Stripe stops retrying)
+  and recorded as an unmatched payment (services.payment_trust).
 * An event about a payment we cannot place yet (a refund or dispute before its session's
   completion) is parked with its payload and applied when the completion arrives.
 """
@@ -22,9 +24,10 @@ from aicredits.adapters import stripe_api
 from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import InvalidSignature, MalformedEvent, WebhookEvent
 from aicredits.adapters.tables import stripe_events, utcnow
-from aicredits.services import fulfilment, refunds, thresholds
+from aicredits.services import fulfilment, payment_trust, refunds, thresholds
 from aicredits.services.fulfilment import Fulfilment, FulfilmentStatus
 from aicredits.services.payment_errors import UnknownCheckoutSession
+from aicredits.services.payment_trust import UnmatchedSession
 from aicredits.services.purchases import purchase_of_payment
 from aicredits.services.stripe_config import webhook_secret
 from aicredits.settings import Settings
@@ -88,7 +91,7 @@ def handle_webhook(
                 event_id=event.id, type=event.type, received_at=now, outcome=""
             )
         )
-    outcome = _dispatch(db, event, now)
+    outcome = _dispatch(db, settings, event, now)
     with db.transaction() as conn:
         conn.execute(
             sa.update(stripe_events)
@@ -103,7 +106,7 @@ def handle_webhook(
     if outcome.parked_on:
         # The completion may have been recorded while this event was being parked; one of
         # the two always sees the other's write, and applying twice changes nothing.
-        apply_parked(db, outcome.parked_on, now)
+        apply_parked(db, settings, outcome.parked_on, now)
     if outcome.debited_user is not None:
         thresholds.record_crossings(db, settings, user_id=outcome.debited_user, now=now)
     logger.info("stripe event %s %s: %s", event.id, event.type, outcome.name)
@@ -129,28 +132,36 @@ def _check_shape(event: WebhookEvent) -> None:
         stripe_api.parse_dispute(event.object)
 
 
-def _dispatch(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:
+def _dispatch(db: Database, settings: Settings, event: WebhookEvent, now: datetime) -> _Outcome:
     handler = _HANDLERS.get(event.type)
     if handler is None:
         return _Outcome("ignored")
     try:
-        return handler(db, event, now)
+        return handler(db, settings, event, now)
+    except UnmatchedSession as refused:
+        # Acknowledged, so Stripe stops retrying; nothing credited; kept for an admin.
+        payment_trust.record_unmatched(db, refused, source="webhook", event_id=event.id, now=now)
+        return _Outcome("unmatched")
     except UnknownCheckoutSession:
-        logger.warning("stripe event %s names a checkout session not made here", event.id)
+        logger.info("stripe event %s names an unpaid checkout session not made here", event.id)
         return _Outcome("unknown_session")
 
 
-def _on_session_completed(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:
+def _on_session_completed(
+    db: Database, settings: Settings, event: WebhookEvent, now: datetime
+) -> _Outcome:
     session = stripe_api.parse_checkout_session(event.object)
-    result = fulfilment.fulfil_checkout_session(db, session, now=now)
-    apply_parked(db, session.payment_intent_id, now)
+    result = fulfilment.fulfil_checkout_session(db, settings, session, now=now)
+    apply_parked(db, settings, session.payment_intent_id, now)
     return _fulfilment_outcome(result)
 
 
-def _on_async_payment_succeeded(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:
+def _on_async_payment_succeeded(
+    db: Database, settings: Settings, event: WebhookEvent, now: datetime
+) -> _Outcome:
     session = stripe_api.parse_checkout_session(event.object)
-    result = fulfilment.fulfil_checkout_session(db, session, paid=True, now=now)
-    apply_parked(db, session.payment_intent_id, now)
+    result = fulfilment.fulfil_checkout_session(db, settings, session, paid=True, now=now)
+    apply_parked(db, settings, session.payment_intent_id, now)
     return _fulfilment_outcome(result)
 
 
@@ -160,19 +171,25 @@ def _fulfilment_outcome(result: Fulfilment) -> _Outcome:
     return _Outcome(str(result.status))
 
 
-def _on_async_payment_failed(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:
+def _on_async_payment_failed(
+    db: Database, settings: Settings, event: WebhookEvent, now: datetime
+) -> _Outcome:
     session = stripe_api.parse_checkout_session(event.object)
     marked = fulfilment.record_payment_failed(db, session, now)
     return _Outcome("failed" if marked else "already_credited")
 
 
-def _on_session_expired(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:
+def _on_session_expired(
+    db: Database, settings: Settings, event: WebhookEvent, now: datetime
+) -> _Outcome:
     session = stripe_api.parse_checkout_session(event.object)
     fulfilment.record_expired(db, session, now)
     return _Outcome("expired")
 
 
-def _on_charge_refunded(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:
+def _on_charge_refunded(
+    db: Database, settings: Settings, event: WebhookEvent, now: datetime
+) -> _Outcome:
     charge = stripe_api.parse_charge(event.object)
     purchase = purchase_of_payment(db, charge.payment_intent_id, charge.id)
     if purchase is None:
@@ -183,7 +200,9 @@ def _on_charge_refunded(db: Database, event: WebhookEvent, now: datetime) -> _Ou
     return _Outcome("refund_recorded", debited_user=purchase.user_id)
 
 
-def _on_dispute_created(db: Database, event: WebhookEvent, now: datetime) -> _Outcome:
+def _on_dispute_created(
+    db: Database, settings: Settings, event: WebhookEvent, now: datetime
+) -> _Outcome:
     dispute = stripe_api.parse_dispute(event.object)
     purchase = purchase_of_payment(db, dispute.payment_intent_id, dispute.charge_id)
     if purchase is None:
@@ -194,7 +213,7 @@ def _on_dispute_created(db: Database, event: WebhookEvent, now: datetime) -> _Ou
     return _Outcome("dispute_flagged")
 
 
-_HANDLERS: dict[str, Callable[[Database, WebhookEvent, datetime], _Outcome]] = {
+_HANDLERS: dict[str, Callable[[Database, Settings, WebhookEvent, datetime], _Outcome]] = {
     "checkout.session.completed": _on_session_completed,
     "checkout.session.async_payment_succeeded": _on_async_payment_succeeded,
     "checkout.session.async_payment_failed": _on_async_payment_failed,
@@ -204,7 +223,9 @@ _HANDLERS: dict[str, Callable[[Database, WebhookEvent, datetime], _Outcome]] = {
 }
 
 
-def apply_parked(db: Database, payment_intent_id: str | None, now: datetime) -> None:
+def apply_parked(
+    db: Database, settings: Settings, payment_intent_id: str | None, now: datetime
+) -> None:
     """Apply the events that were waiting for this payment, now that its purchase is known.
     Each is applied in its own unit of work, as if it had just arrived."""
     if not payment_intent_id or purchase_of_payment(db, payment_intent_id, None) is None:
@@ -219,7 +240,7 @@ def apply_parked(db: Database, payment_intent_id: str | None, now: datetime) -> 
             .order_by(stripe_events.c.id)
         ).all()
     for event_id, body in waiting:
-        outcome = _dispatch(db, stripe_api.parse_event(body), now)
+        outcome = _dispatch(db, settings, stripe_api.parse_event(body), now)
         with db.transaction() as conn:
             conn.execute(
                 sa.update(stripe_events)

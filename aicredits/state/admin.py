@@ -20,7 +20,7 @@ import reflex as rx
 from reflex_base.event import EventSpec
 
 from aicredits.domain.errors import AICreditsError
-from aicredits.services import admin_actions, admin_views, pricing
+from aicredits.services import admin_actions, admin_payments, admin_views, pricing
 from aicredits.services.admin_actions import ActionResult, AdminActor
 from aicredits.services.admin_views import UserDetail
 from aicredits.services.auth import CurrentUser
@@ -395,3 +395,66 @@ class AdminPricesState(AdminPageState):
             rx.set_value("price-from", ""),
             rx.set_value("price-reason", ""),
         ]
+
+
+class AdminPaymentsState(AdminPageState):
+    """/admin/payments: the last reconciliation with Stripe, the unmatched payments, and the
+    actions on them."""
+
+    last_run: dict[str, str] = {}
+    last_run_items: list[dict[str, str]] = []
+    unmatched: list[dict[str, str]] = []
+    open_unmatched: int = 0
+
+    async def _show_payments(self) -> None:
+        seen = await run_blocking(admin_payments.payments_view, get_database())
+        self.last_run = admin_rows.reconciliation_summary(seen.last_run)
+        self.last_run_items = (
+            [admin_rows.discrepancy_row(d) for d in seen.last_run.discrepancies]
+            if seen.last_run
+            else []
+        )
+        self.unmatched = [admin_rows.unmatched_row(u) for u in seen.unmatched]
+        self.open_unmatched = seen.open_unmatched
+
+    @rx.event
+    @admin_only
+    async def load_payments(self, user: CurrentUser) -> EventSpec | None:
+        await self._start_load(user)
+        await self._show_payments()
+        return None
+
+    @rx.event
+    @admin_only
+    async def run_reconciliation(self, user: CurrentUser, form_data: dict[str, Any]) -> Any:
+        try:
+            result = await run_blocking(
+                admin_payments.run_reconciliation,
+                get_database(),
+                get_settings(),
+                actor=self._actor(user),
+                form_token=str(form_data.get("form_token") or ""),
+            )
+        except AICreditsError as exc:
+            self._fail(exc)
+            return None
+        return self._done(result, AdminPaymentsState.load_payments)
+
+    @rx.event
+    @admin_only
+    async def clear_unmatched(self, user: CurrentUser, form_data: dict[str, Any]) -> Any:
+        try:
+            result = await run_blocking(
+                admin_payments.clear_unmatched,
+                get_database(),
+                actor=self._actor(user),
+                unmatched_id=admin_forms.parse_id(
+                    form_data.get("unmatched_id"), what="unmatched payment"
+                ),
+                note=str(form_data.get("note") or ""),
+                form_token=str(form_data.get("form_token") or ""),
+            )
+        except AICreditsError as exc:
+            self._fail(exc)
+            return None
+        return self._done(result, AdminPaymentsState.load_payments)

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from aicredits.domain import spikes
 from aicredits.domain.money import format_money
+from aicredits.services.admin_payments import UnmatchedView
 from aicredits.services.admin_views import (
     AuditRow,
     FlagRow,
@@ -22,6 +23,7 @@ from aicredits.services.admin_views import (
 )
 from aicredits.services.pricing import ModelPrices, PriceVersionView
 from aicredits.services.purchases import PurchaseView
+from aicredits.services.reconciliation import Discrepancy, KeptRun
 
 
 def _when(moment: datetime | None, default: str = "") -> str:
@@ -224,3 +226,53 @@ def window_text(since: datetime, until: datetime) -> str:
 
 def expiring_row(at: datetime, credits: int) -> dict[str, str]:
     return {"date": _when(at), "credits": _n(credits)}
+
+
+def reconciliation_summary(run: KeptRun | None) -> dict[str, str]:
+    """The last reconciliation's header: when, who, the window, what it checked and fixed."""
+    if run is None:
+        return {}
+    if run.stripe_checked:
+        checked = f"{_n(run.sessions_checked)} sessions and {_n(run.refunds_checked)} refunds"
+    else:
+        checked = "unmatched payments only (no STRIPE_SECRET_KEY: Stripe was not walked)"
+    return {
+        "started": _when(run.started_at),
+        "finished": _when(run.finished_at, "did not finish"),
+        "trigger": {"job": "the daily job", "cli": "the command line", "admin": "an admin"}.get(
+            run.trigger, run.trigger
+        ),
+        "since": _when(run.since),
+        "checked": checked,
+        "found": _n(len(run.discrepancies)),
+        "fixed": _n(run.fixed),
+        "error": run.error,
+    }
+
+
+def discrepancy_row(d: Discrepancy) -> dict[str, str]:
+    return {
+        "kind": d.kind.replace("_", " "),
+        "session": d.session_id,
+        "detail": d.detail,
+        "fixed": "fixed" if d.fixed else "",
+    }
+
+
+def unmatched_row(u: UnmatchedView) -> dict[str, str]:
+    return {
+        "id": str(u.id),
+        "created": _when(u.created_at),
+        "session": u.checkout_session_id,
+        "event": u.event_id or "",
+        "paid": u.paid,
+        "reason": u.reason.replace("_", " "),
+        "detail": u.detail,
+        "source": u.source.replace("_", " "),
+        "open": "" if u.cleared_at else "yes",
+        "cleared": (
+            f"cleared {_when(u.cleared_at)} by {u.cleared_by}: {u.clear_note}"
+            if u.cleared_at
+            else ""
+        ),
+    }

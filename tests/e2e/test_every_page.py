@@ -56,6 +56,7 @@ ADMIN_PAGES = [
     "/admin/user?id={user_id}",
     "/admin/audit",
     "/admin/prices",
+    "/admin/payments",
 ]
 # What must be on screen before a page counts as shown (Reflex renders after hydrating).
 READY = "#page-ready"

@@ -12,7 +12,14 @@ import sqlalchemy as sa
 from reflex.state import BaseState
 from socketio.exceptions import ConnectionError as SocketConnectionError
 
-from aicredits.adapters.tables import account_flags, admin_actions, model_prices, utcnow
+from aicredits.adapters.tables import (
+    account_flags,
+    admin_actions,
+    model_prices,
+    reconciliation_runs,
+    unmatched_payments,
+    utcnow,
+)
 from aicredits.services import auth, ledger, users
 from aicredits.state.admin import AdminOverviewState, AdminPageState, AdminUserAccountState
 from aicredits.state.session import SessionState
@@ -139,7 +146,9 @@ ADMIN_VARS = {
 }
 
 
-def _hostile_payload(handler: str, carol_id: int, flag_id: int) -> dict[str, Any]:
+def _hostile_payload(
+    handler: str, carol_id: int, flag_id: int, unmatched_id: int = 0
+) -> dict[str, Any]:
     form = {
         "user_id": str(carol_id),
         "credits": "1000000",
@@ -147,6 +156,7 @@ def _hostile_payload(handler: str, carol_id: int, flag_id: int) -> dict[str, Any
         "form_token": uuid.uuid4().hex,
         "expires_in_days": "",
         "flag_id": str(flag_id),
+        "unmatched_id": str(unmatched_id),
         "note": "nothing to see",
         "model": "demo",
         "input_per_mtok": "0",
@@ -162,14 +172,23 @@ def _hostile_payload(handler: str, carol_id: int, flag_id: int) -> dict[str, Any
         "clear_flag",
         "add_price",
         "search_users",
+        "clear_unmatched",
+        "run_reconciliation",
     }
     return {"form_data": form} if handler in takes_form else {}
 
 
 def test_every_admin_handler_is_covered_here() -> None:
     # A new handler must be added to the hostile payloads above if it takes input.
-    assert len(ADMIN_HANDLERS) >= 16
-    assert {"adjust_balance", "grant_credits", "suspend_user", "add_price"} <= set(ADMIN_HANDLERS)
+    assert len(ADMIN_HANDLERS) >= 19
+    assert {
+        "adjust_balance",
+        "grant_credits",
+        "suspend_user",
+        "add_price",
+        "clear_unmatched",
+        "run_reconciliation",
+    } <= set(ADMIN_HANDLERS)
     # One name, one handler: no two admin states share a handler's name.
     assert len(ADMIN_HANDLERS) == sum(
         len(set(state.event_handlers) - set(SessionState.event_handlers)) for state in ADMIN_STATES
@@ -196,17 +215,35 @@ def test_every_admin_handler_refuses_a_non_admin_on_the_server(
                 )
                 .returning(account_flags.c.id)
             ).scalar_one()
+            unmatched_id = conn.execute(
+                sa.insert(unmatched_payments)
+                .values(
+                    checkout_session_id=f"cs_test_e2e_{uuid.uuid4().hex}",
+                    amount=500,
+                    currency="usd",
+                    reason="no_marker",
+                    detail="e2e",
+                    source="webhook",
+                    created_at=utcnow(),
+                )
+                .returning(unmatched_payments.c.id)
+            ).scalar_one()
         before_balance = ledger.get_balance(db, user_id=carol).balance
         with db.engine.connect() as conn:
             before_actions = conn.execute(sa.select(sa.func.count()).select_from(admin_actions))
             before_prices = conn.execute(sa.select(sa.func.count()).select_from(model_prices))
-            counts = (before_actions.scalar_one(), before_prices.scalar_one())
+            before_runs = conn.execute(sa.select(sa.func.count()).select_from(reconciliation_runs))
+            counts = (
+                before_actions.scalar_one(),
+                before_prices.scalar_one(),
+                before_runs.scalar_one(),
+            )
 
         updates = send_event(
             app,
             f"{HANDLER_STATES[handler].get_full_name()}.{handler}",
             cookie=cookies["carol@example.test"],
-            payload=_hostile_payload(handler, carol, flag_id),
+            payload=_hostile_payload(handler, carol, flag_id, unmatched_id),
         )
 
         assert redirects(updates) == ["/forbidden"]
@@ -223,12 +260,21 @@ def test_every_admin_handler_refuses_a_non_admin_on_the_server(
             after = (
                 conn.execute(sa.select(sa.func.count()).select_from(admin_actions)).scalar_one(),
                 conn.execute(sa.select(sa.func.count()).select_from(model_prices)).scalar_one(),
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(reconciliation_runs)
+                ).scalar_one(),
             )
             cleared = conn.execute(
                 sa.select(account_flags.c.cleared_at).where(account_flags.c.id == flag_id)
             ).scalar_one()
+            unmatched_cleared = conn.execute(
+                sa.select(unmatched_payments.c.cleared_at).where(
+                    unmatched_payments.c.id == unmatched_id
+                )
+            ).scalar_one()
         assert after == counts
         assert cleared is None
+        assert unmatched_cleared is None
     finally:
         db.dispose()
 

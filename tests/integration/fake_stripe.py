@@ -78,8 +78,11 @@ class FakeStripe:
     prices: dict[str, tuple[int, str]] = field(default_factory=dict)  # price id -> amount, cur
     requests: list[Recorded] = field(default_factory=list)
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refunds: list[dict[str, Any]] = field(default_factory=list)
     # Set to make the next session creations fail as Stripe's 400s do.
     refuse_sessions: bool = False
+    # The most a list page holds, whatever `limit` asks (Stripe's own cap is 100).
+    page_cap: int = 100
     _answers: dict[str, tuple[int, Any]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -91,7 +94,10 @@ class FakeStripe:
                 Route("/health", lambda _r: JSONResponse({"ok": True})),
                 Route("/v1/customers", self._customers, methods=["POST"]),
                 Route("/v1/checkout/sessions", self._create_session, methods=["POST"]),
+                Route("/v1/checkout/sessions", self._list_sessions, methods=["GET"]),
                 Route("/v1/checkout/sessions/{sid}", self._retrieve_session, methods=["GET"]),
+                Route("/v1/refunds", self._list_refunds, methods=["GET"]),
+                Route("/v1/prices/{pid}", self._retrieve_price, methods=["GET"]),
             ]
         )
 
@@ -166,6 +172,7 @@ class FakeStripe:
                 "cancel_url": params.get("cancel_url"),
                 "url": f"https://checkout.stripe.test/c/pay/{sid}",
                 "livemode": False,
+                "created": int(time.time()),
             }
             self.sessions[sid] = session
             return 200, session
@@ -192,6 +199,64 @@ class FakeStripe:
             }
         body.pop("_charge", None)
         return JSONResponse(body)
+
+    def _page(self, request: Request, path: str, items: list[dict[str, Any]]) -> Response:
+        """A list page as Stripe answers it: newest first, `created[gte]`, `limit` (capped),
+        `starting_after`, and `has_more`."""
+        params = decode_stripe_params(list(request.query_params.multi_items()))
+        since = int((params.get("created") or {}).get("gte") or 0)
+        newest_first = [o for o in reversed(items) if int(o.get("created") or 0) >= since]
+        after = params.get("starting_after")
+        if after:
+            ids = [o["id"] for o in newest_first]
+            newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
+        limit = min(int(params.get("limit") or 10), self.page_cap)
+        page = [{k: v for k, v in o.items() if not k.startswith("_")} for o in newest_first]
+        body = {"object": "list", "url": path, "has_more": len(page) > limit, "data": page[:limit]}
+        return JSONResponse(json.loads(json.dumps(body)))
+
+    async def _list_sessions(self, request: Request) -> Response:
+        await self._record(request)
+        return self._page(request, "/v1/checkout/sessions", list(self.sessions.values()))
+
+    async def _list_refunds(self, request: Request) -> Response:
+        await self._record(request)
+        return self._page(request, "/v1/refunds", list(self.refunds))
+
+    async def _retrieve_price(self, request: Request) -> Response:
+        await self._record(request)
+        pid = request.path_params["pid"]
+        if pid not in self.prices:
+            return _error(404, "No such price")
+        amount, currency = self.prices[pid]
+        return JSONResponse(
+            {"id": pid, "object": "price", "unit_amount": amount, "currency": currency}
+        )
+
+    def add_session(self, session: dict[str, Any]) -> dict[str, Any]:
+        """A session made on the account some other way (a payment link, the dashboard, a
+        leaked key): Stripe has it, the app never asked for it."""
+        stored = {"created": int(time.time()), **session}
+        if stored.get("payment_intent"):
+            stored.setdefault("_charge", "ch_" + str(stored["payment_intent"]))
+        self.sessions[stored["id"]] = stored
+        return {k: v for k, v in stored.items() if not k.startswith("_")}
+
+    def refund(self, session_id: str, amount: int) -> dict[str, Any]:
+        """A refund of a paid session's payment, made at Stripe."""
+        session = self.sessions[session_id]
+        refund = {
+            "id": f"re_fake_{next(self._ids)}",
+            "object": "refund",
+            "amount": amount,
+            "currency": session["currency"],
+            "charge": session.get("_charge"),
+            "payment_intent": session["payment_intent"],
+            "status": "succeeded",
+            "created": int(time.time()),
+        }
+        self.refunds.append(refund)
+        return refund
 
     def pay(self, session_id: str, *, paid: bool = True) -> dict[str, Any]:
         """The customer completes the session (paid, or unpaid while a bank debit clears)."""

@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from aicredits.adapters import stripe_api
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import ledger_entries, purchases, stripe_customers, stripe_events
-from aicredits.services import checkout, packs, stripe_config, stripe_webhook
+from aicredits.domain import checkout_marker
+from aicredits.services import checkout, packs, payment_trust, stripe_config, stripe_webhook
 from aicredits.services.fulfilment import FulfilmentStatus
 from aicredits.services.payment_errors import PaymentsUnavailable, UnknownCheckoutSession
 from aicredits.services.purchases import list_purchases
@@ -90,10 +91,19 @@ def test_buy_creates_a_checkout_session_with_the_packs_terms(shop: Shop, fake: F
 
     (call,) = fake.calls("POST", "/v1/checkout/sessions")
     sent = call.params
-    meta = {"user_id": str(uid), "pack_id": "starter", "credits": "5000"}
+    marker = sent["metadata"]["aicredits_ref"]
+    meta = {
+        "user_id": str(uid),
+        "pack_id": "starter",
+        "credits": "5000",
+        "aicredits_ref": marker,
+    }
     assert sent["mode"] == "payment"
     assert sent["client_reference_id"] == str(uid)
     assert sent["metadata"] == meta
+    # The app's keyed marker: it vouches for this user and pack, and only the app can make it.
+    claims = checkout_marker.read_marker(payment_trust.marker_key(shop.settings), marker)
+    assert claims is not None and (claims.user_id, claims.pack_id) == (uid, "starter")
     assert sent["payment_intent_data"] == {"metadata": meta}
     assert sent["line_items"] == [
         {

@@ -11,7 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
-from aicredits.adapters.tables import ledger_entries, purchases, stripe_events
+from aicredits.adapters.tables import ledger_entries, purchases, stripe_events, utcnow
+from aicredits.services.purchases import insert_purchase
+from aicredits.settings import CreditPack
 from tests.integration import fake_stripe as fs
 from tests.system.conftest import accounts, assert_ledger_sound, scalar
 from tests.system.harness import WEBHOOK_SECRET, RunningApp, provision
@@ -32,6 +34,20 @@ def test_two_hundred_shuffled_duplicate_events_credit_each_purchase_once(
         for u in users
         for n in range(SESSIONS_PER_USER)
     ]
+    # Each session as "Buy" records it (the app credits only sessions it created).
+    pack = CreditPack(id="starter", credits=PACK_CREDITS, amount=500, currency="usd")
+    for sid, uid in sessions:
+        insert_purchase(
+            app_db,
+            user_id=uid,
+            pack=pack,
+            session_id=sid,
+            amount=500,
+            currency="usd",
+            customer_id=None,
+            simulated=False,
+            now=utcnow(),
+        )
     # One completion per session, each delivered twice (Stripe's retries), plus a second,
     # distinct event for some sessions (Stripe sends both completed and async_succeeded).
     bodies = []
