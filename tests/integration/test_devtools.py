@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -108,6 +109,9 @@ def test_the_dev_sign_in_page_asks_for_an_email_and_loads_nothing_from_elsewhere
     assert '<label for="dev-email">Email</label>' in html
     assert 'type="email" name="sub"' in html
     assert "alice@example.test" in html  # the test users, one press each
-    # Every stylesheet and script is inline: nothing comes from a CDN, or from anywhere.
-    assert "<link" not in html and "src=" not in html
+    # Every stylesheet, script and icon is inline: nothing comes from a CDN, or from anywhere
+    # (the browser does not even ask this provider for /favicon.ico).
+    links = re.findall(r"<link[^>]*>", html)
+    assert links == [links[0]] and 'rel="icon" href="data:' in links[0], links
+    assert "src=" not in html
     assert "cdn." not in html and "jsdelivr" not in html
