@@ -340,38 +340,46 @@ def _suspension_form() -> rx.Component:
     )
 
 
+def _clear_cell(row: Any, kind: str, handler: Any) -> rx.Component:
+    """An open item's "Clear" form (a note is required; the handler audits it), or when it
+    was cleared. The form sends `{kind}_id`; its controls' ids are `{kind}-note-{id}` and
+    `{kind}-clear-{id}`."""
+    return rx.table.cell(
+        rx.cond(
+            row["open"] == "yes",
+            rx.form(
+                rx.hstack(
+                    _token(),
+                    rx.el.input(type="hidden", name=f"{kind}_id", value=row["id"]),
+                    rx.input(
+                        name="note",
+                        placeholder="Note (required)",
+                        required=True,
+                        aria_label="Note",
+                        id=rx.Var.create(f"{kind}-note-") + row["id"],
+                    ),
+                    rx.button(
+                        "Clear",
+                        type="submit",
+                        size="1",
+                        id=rx.Var.create(f"{kind}-clear-") + row["id"],
+                    ),
+                    spacing="2",
+                ),
+                on_submit=handler,
+            ),
+            rx.text(row["cleared"], size="2"),
+        )
+    )
+
+
 def _flag_row(flag: Any) -> rx.Component:
     return rx.table.row(
         rx.table.cell(flag["created"]),
         rx.table.cell(flag["kind"]),
         rx.table.cell(flag["amount"]),
         rx.table.cell(flag["detail"]),
-        rx.table.cell(
-            rx.cond(
-                flag["open"] == "yes",
-                rx.form(
-                    rx.hstack(
-                        _token(),
-                        rx.el.input(type="hidden", name="flag_id", value=flag["id"]),
-                        rx.input(
-                            name="note",
-                            placeholder="Note (required)",
-                            required=True,
-                            id=rx.Var.create("flag-note-") + flag["id"],
-                        ),
-                        rx.button(
-                            "Clear",
-                            type="submit",
-                            size="1",
-                            id=rx.Var.create("flag-clear-") + flag["id"],
-                        ),
-                        spacing="2",
-                    ),
-                    on_submit=AdminUserAccountState.clear_flag,
-                ),
-                rx.text(flag["cleared"], size="2"),
-            )
-        ),
+        _clear_cell(flag, "flag", AdminUserAccountState.clear_flag),
         id=rx.Var.create("flag-") + flag["id"],
     )
 
@@ -692,33 +700,7 @@ def _unmatched_row(row: Any) -> rx.Component:
         rx.table.cell(row["reason"]),
         rx.table.cell(row["detail"]),
         rx.table.cell(row["source"]),
-        rx.table.cell(
-            rx.cond(
-                row["open"] == "yes",
-                rx.form(
-                    rx.hstack(
-                        _token(),
-                        rx.el.input(type="hidden", name="unmatched_id", value=row["id"]),
-                        rx.input(
-                            name="note",
-                            placeholder="Note (required)",
-                            required=True,
-                            aria_label="Note",
-                            id=rx.Var.create("unmatched-note-") + row["id"],
-                        ),
-                        rx.button(
-                            "Clear",
-                            type="submit",
-                            size="1",
-                            id=rx.Var.create("unmatched-clear-") + row["id"],
-                        ),
-                        spacing="2",
-                    ),
-                    on_submit=AdminPaymentsState.clear_unmatched,
-                ),
-                rx.text(row["cleared"], size="2"),
-            )
-        ),
+        _clear_cell(row, "unmatched", AdminPaymentsState.clear_unmatched),
         id=rx.Var.create("unmatched-") + row["id"],
     )
 
