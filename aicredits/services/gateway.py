@@ -43,12 +43,13 @@ from aicredits.domain.chat import ChatRequest
 from aicredits.domain.errors import (
     AICreditsError,
     IdempotencyConflict,
+    InsufficientCredits,
     InvalidIdempotencyKey,
     UnknownModel,
     UnsupportedParameter,
 )
 from aicredits.domain.reply import ReplyBuilder, ReplyChoice
-from aicredits.services import ledger, pricing, thresholds
+from aicredits.services import ledger, pricing, subscriptions, thresholds
 from aicredits.services.ledger import HoldView, UsageRecord
 from aicredits.services.pricing import Quote
 from aicredits.settings import ModelSpec, Settings
@@ -731,6 +732,12 @@ class Gateway:
             # key, which the client never sees.)
             await slot.release()
             raise IdempotencyConflict(KEY_REUSED) from None
+        except InsufficientCredits as refused:
+            await slot.release()
+            # A plan user is told their plan and its reset date (quota_exceeded).
+            raise await run_blocking(
+                subscriptions.quota_error, self.db, self.settings, user_id=user_id, refused=refused
+            ) from None
         except BaseException:
             await slot.release()
             raise
