@@ -712,6 +712,10 @@ class Gateway:
     ) -> tuple[HoldView, Slot]:
         """Take a rate-limit slot and reserve the quote: what every metered call does before
         it may reach the upstream."""
+        if subscriptions.past_due_may_block(self.settings):
+            await run_blocking(
+                subscriptions.check_plan_usable, self.db, self.settings, user_id=user_id
+            )
         slot = await self.limiter.acquire(user_id=user_id, ip=ip, request_id=request_id)
         try:
             hold = await run_blocking(

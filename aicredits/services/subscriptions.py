@@ -22,7 +22,8 @@ from aicredits.adapters.tables import (
     utcnow,
 )
 from aicredits.devtools import simulated_billing
-from aicredits.domain.errors import InsufficientCredits
+from aicredits.domain.errors import AICreditsError, InsufficientCredits
+from aicredits.domain.plans import plan_is_usable
 from aicredits.services import checkout, ledger, payment_trust
 from aicredits.services.payment_errors import CheckoutFailed, PaymentError, PaymentsUnavailable
 from aicredits.services.plans import (
@@ -200,6 +201,35 @@ def quota_error(
         plan=label_of(plan) if plan else sub.plan_id,
         resets_at=sub.current_period_end,
     )
+
+
+class PlanPastDue(AICreditsError):
+    """A plan whose payment failed, and whose policy stops usage while Stripe retries it."""
+
+    code = "plan_past_due"
+
+    def __init__(self, *, plan: str) -> None:
+        super().__init__(
+            f"the last payment for the {plan} plan failed; usage is paused until it is paid"
+        )
+        self.plan = plan
+
+
+def past_due_may_block(settings: Settings) -> bool:
+    """Whether any plan stops usage while past due (otherwise no call needs to ask)."""
+    return any(not p.usable_when_past_due for p in settings.plans)
+
+
+def check_plan_usable(db: Database, settings: Settings, *, user_id: int) -> None:
+    """Raise PlanPastDue when the user's plan is past due and its policy pauses usage."""
+    sub = current_subscription(db, user_id=user_id)
+    if sub is None:
+        return
+    plan = settings.plan(sub.plan_id)
+    if plan is not None and not plan_is_usable(
+        sub.status, usable_when_past_due=plan.usable_when_past_due
+    ):
+        raise PlanPastDue(plan=label_of(plan))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import pytest
 
 from aicredits.adapters.tables import subscriptions, utcnow
 from aicredits.services.subscriptions import QuotaExceeded
+from aicredits.settings import Plan
 from aicredits.state.chat import describe_error
 from tests.integration.gateway_fixtures import MESSAGES, MODEL, Rig, running_rig
 
@@ -81,3 +82,31 @@ def test_the_chat_names_the_plan_and_its_reset_date() -> None:
     kind, message = describe_error(exc)
     assert kind == "credits"
     assert "Team plan" in message and "2027-01-05" in message
+
+
+def test_a_past_due_plan_pauses_usage_only_when_its_policy_says_so(db_url: str) -> None:
+    plans = [
+        Plan(id="team", included_credits=100, price_id="price_team", usable_when_past_due=False)
+    ]
+    with running_rig(db_url, plans=plans) as rig:
+        paused, paused_key = rig.user(credits=50_000)
+        on_plan(rig, paused, status="past_due")
+        with pytest.raises(openai.APIStatusError) as caught:
+            rig.client(paused_key).chat.completions.create(model=MODEL.id, messages=MESSAGES)
+        assert caught.value.status_code == 402
+        error = caught.value.response.json()["error"]
+        assert error["code"] == "plan_past_due"
+        assert error["manage_billing_url"] == "http://localhost:3000/credits"
+        assert rig.balance(paused).held == 0
+        # Paid up again (Stripe's event moves it back to active): usage resumes.
+        with rig.db.transaction() as conn:
+            conn.execute(
+                subscriptions.update()
+                .where(subscriptions.c.user_id == paused)
+                .values(status="active")
+            )
+        rig.client(paused_key).chat.completions.create(model=MODEL.id, messages=MESSAGES)
+    with running_rig(db_url) as rig:  # the default plans keep usage going while past due
+        going, going_key = rig.user(credits=50_000)
+        on_plan(rig, going, status="past_due")
+        rig.client(going_key).chat.completions.create(model=MODEL.id, messages=MESSAGES)
