@@ -145,12 +145,16 @@ class Plan(BaseModel):
     currency: str = Field(default="usd", min_length=3, max_length=3)
     overage: Literal["block", "prepaid", "metered"] = "prepaid"
     metered_ceiling_credits: int = Field(default=0, ge=0)
+    # `metered`: the Stripe Price of one credit of overage, invoiced per period.
+    overage_price_id: str = ""
     usable_when_past_due: bool = True
 
     @model_validator(mode="after")
     def _priced(self) -> Plan:
         if not self.price_id and self.amount <= 0:
             raise ValueError(f"plan {self.id!r} needs a price_id or an amount")
+        if self.overage == "metered" and self.metered_ceiling_credits <= 0:
+            raise ValueError(f"metered plan {self.id!r} needs metered_ceiling_credits")
         return self
 
 

@@ -223,3 +223,33 @@ def create_portal_session(api: StripeApi, *, customer_id: str, return_url: str) 
     if not url:
         raise StripeFailure("Stripe returned a portal session without a URL")
     return url
+
+
+def create_overage_item(
+    api: StripeApi,
+    *,
+    customer_id: str,
+    subscription_id: str | None,
+    price_id: str,
+    quantity: int,
+    description: str,
+    idempotency_key: str,
+) -> str:
+    """An invoice item for a period's metered overage (`quantity` credits of the plan's
+    overage Price), picked up by the subscription's next invoice. Returns its id."""
+    params: dict[str, Any] = {
+        "customer": customer_id,
+        "pricing": {"price": price_id},
+        "quantity": quantity,
+        "description": description,
+    }
+    if subscription_id:
+        params["subscription"] = subscription_id
+    try:
+        item = api.client.v1.invoice_items.create(
+            params,  # type: ignore[arg-type]
+            {"idempotency_key": idempotency_key},
+        )
+    except stripe.StripeError as exc:
+        raise StripeFailure(exc.user_message or type(exc).__name__) from exc
+    return str(item.id)

@@ -659,6 +659,15 @@ class Invoice(SQLModel, table=True):
     credits_granted: int = _credits(server_default="0")
     # The ledger entry of those credits (its lot ends with the period).
     entry_id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger(), nullable=True))
+    # A metered plan's credit line for the period, its ledger entry, and what was used of it
+    # (reported to Stripe once, when the period is over).
+    credit_line: int = _credits(server_default="0")
+    credit_line_entry_id: int | None = Field(
+        default=None, sa_column=sa.Column(sa.BigInteger(), nullable=True)
+    )
+    overage_credits: int = _credits(server_default="0")
+    overage_reported_at: datetime | None = _ts(nullable=True)
+    overage_item_id: str | None = Field(default=None, max_length=255)
     hosted_invoice_url: str | None = Field(default=None, max_length=2000)
     invoice_pdf: str | None = Field(default=None, max_length=2000)
     simulated: bool = Field(default=False)

@@ -57,6 +57,10 @@ def _current_plan(portal_action: str) -> rx.Component:
                     id="plan-usage",
                 ),
                 rx.progress(value=PlanState.used_percent, max=100, width="100%"),
+                rx.cond(
+                    PlanState.has_overage,
+                    rx.text(PlanState.overage_text, size="2", id="plan-overage"),
+                ),
                 rx.text(
                     rx.cond(
                         PlanState.cancel_at_period_end,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,6 +36,10 @@ from aicredits.services.plans import MARKER_TAG, label_of, plan_for_price
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# A metered plan's credit line ends this long after its period, so that it is spent after
+# every grant of the period (soonest-expiring first).
+CREDIT_LINE_LAG = timedelta(seconds=1)
 
 
 def invoice_key(invoice_id: str) -> str:
@@ -299,11 +303,51 @@ def apply_invoice_paid(
             .where(invoices.c.invoice_id == invoice.id, invoices.c.entry_id.is_(None))
             .values(credits_granted=grant.credits, entry_id=entry.entry_id)
         )
-        if grant.period_start is not None and invoice.subscription_id:
-            _end_earlier_periods(conn, invoice, grant)
+        if grant.period_start is not None:
+            _grant_credit_line(conn, settings, invoice, plan_id, grant, user_id=user_id, now=now)
+            if invoice.subscription_id:
+                _end_earlier_periods(conn, invoice, grant)
     # The previous period's rest leaves now, with its `expiry` entry.
     ledger.expire_due_grants(db, now=now)
     return Applied("already_granted" if entry.replayed else "granted", user_id)
+
+
+def credit_line_key(invoice_id: str) -> str:
+    return f"plan-credit-line:{invoice_id}"
+
+
+def _grant_credit_line(
+    conn: Connection,
+    settings: Settings,
+    invoice: InvoiceObject,
+    plan_id: str | None,
+    grant: InvoiceGrant,
+    *,
+    user_id: int,
+    now: datetime,
+) -> None:
+    """A metered plan's period also opens a credit line of its ceiling. It ends a second after
+    the period, so it is spent after the period's included credits (soonest first) and before
+    packs; what was used of it is reported to Stripe when it is over (services.overage)."""
+    plan = settings.plan(plan_id or "")
+    if plan is None or plan.overage != "metered" or grant.expires_at is None:
+        return
+    entry = ledger.grant(
+        conn,
+        user_id=user_id,
+        credits=plan.metered_ceiling_credits,
+        key=credit_line_key(invoice.id),
+        reason=f"{label_of(plan)} plan: overage credit line, billed by use (invoice {invoice.id})",
+        expires_at=grant.expires_at + CREDIT_LINE_LAG,
+        actor="stripe",
+        reference=f"stripe:{invoice.id}",
+        now=now,
+    )
+    conn.execute(
+        sa.update(invoices)
+        .where(invoices.c.invoice_id == invoice.id, invoices.c.credit_line_entry_id.is_(None))
+        .values(credit_line=plan.metered_ceiling_credits, credit_line_entry_id=entry.entry_id)
+    )
 
 
 def _grant_reason(settings: Settings, plan_id: str | None, invoice: InvoiceObject) -> str:
@@ -317,10 +361,15 @@ def _end_earlier_periods(conn: Connection, invoice: InvoiceObject, grant: Invoic
     """A new period has begun: the earlier periods' grants of this subscription end at its
     start. With Stripe the two dates are the same; a simulated month moves it to now."""
     assert grant.period_start is not None and grant.expires_at is not None
-    earlier = sa.select(invoices.c.entry_id).where(
+    others = (
         invoices.c.subscription_id == invoice.subscription_id,
         invoices.c.invoice_id != invoice.id,
-        invoices.c.entry_id.is_not(None),
+    )
+    earlier = sa.union(
+        sa.select(invoices.c.entry_id).where(*others, invoices.c.entry_id.is_not(None)),
+        sa.select(invoices.c.credit_line_entry_id).where(
+            *others, invoices.c.credit_line_entry_id.is_not(None)
+        ),
     )
     conn.execute(
         sa.update(credit_lots)

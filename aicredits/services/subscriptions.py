@@ -25,6 +25,7 @@ from aicredits.devtools import simulated_billing
 from aicredits.domain.errors import AICreditsError, InsufficientCredits
 from aicredits.domain.plans import plan_is_usable
 from aicredits.services import checkout, ledger, payment_trust
+from aicredits.services.billing_events import CREDIT_LINE_LAG
 from aicredits.services.payment_errors import CheckoutFailed, PaymentError, PaymentsUnavailable
 from aicredits.services.plans import (
     MARKER_TAG,
@@ -142,6 +143,9 @@ class PlanUsage:
     included: int  # granted for this period (the allowance, with any upgrade)
     remaining: int
     simulated: bool
+    # A metered plan's credit line this period, and what was used of it.
+    overage_ceiling: int = 0
+    overage_used: int = 0
 
     @property
     def used(self) -> int:
@@ -153,23 +157,26 @@ def plan_usage(db: Database, settings: Settings, *, user_id: int) -> PlanUsage |
     sub = current_subscription(db, user_id=user_id)
     if sub is None:
         return None
-    included = 0
-    remaining = 0
+    included = remaining = ceiling = line_left = 0
     if sub.current_period_end is not None:
+        end = sub.current_period_end
         with db.read() as conn:
-            included = int(
-                conn.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(invoices.c.credits_granted), 0)).where(
-                        invoices.c.subscription_id == sub.subscription_id,
-                        invoices.c.period_end == sub.current_period_end,
-                    )
-                ).scalar_one()
-            )
-        # A plan's grants all end with its period, so what ends then is what is left of them.
-        remaining = sum(
-            credits
-            for expires_at, credits in ledger.expiring_credits(db, user_id=user_id)
-            if expires_at == sub.current_period_end
+            granted = conn.execute(
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(invoices.c.credits_granted), 0),
+                    sa.func.coalesce(sa.func.sum(invoices.c.credit_line), 0),
+                ).where(
+                    invoices.c.subscription_id == sub.subscription_id,
+                    invoices.c.period_end == end,
+                )
+            ).one()
+        included, ceiling = int(granted[0]), int(granted[1])
+        # A plan's grants all end with its period (its credit line a second later), so what
+        # ends then is what is left of them.
+        left = ledger.expiring_credits(db, user_id=user_id)
+        remaining = sum(credits for expires_at, credits in left if expires_at == end)
+        line_left = sum(
+            credits for expires_at, credits in left if expires_at == end + CREDIT_LINE_LAG
         )
     plan = settings.plan(sub.plan_id)
     return PlanUsage(
@@ -182,6 +189,8 @@ def plan_usage(db: Database, settings: Settings, *, user_id: int) -> PlanUsage |
         included=included,
         remaining=min(remaining, included) if included else remaining,
         simulated=sub.simulated,
+        overage_ceiling=ceiling,
+        overage_used=max(ceiling - line_left, 0),
     )
 
 

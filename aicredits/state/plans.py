@@ -69,6 +69,8 @@ class PlanState(SessionState):
     used_text: str = "0"
     remaining_text: str = "0"
     used_percent: int = 0
+    has_overage: bool = False
+    overage_text: str = ""
     plan_offers: list[dict[str, str]] = []
     invoices: list[dict[str, str]] = []
 
@@ -86,6 +88,11 @@ class PlanState(SessionState):
         self.used_text = grouped(usage.used)
         self.remaining_text = grouped(usage.remaining)
         self.used_percent = min(100, usage.used * 100 // usage.included) if usage.included else 0
+        self.has_overage = usage.overage_ceiling > 0
+        self.overage_text = (
+            f"Overage: {grouped(usage.overage_used)} of {grouped(usage.overage_ceiling)} "
+            "credits this period, billed at its end"
+        )
 
     @rx.event
     async def load(self) -> EventSpec | None:

@@ -99,6 +99,7 @@ class FakeStripe:
                 Route("/v1/refunds", self._list_refunds, methods=["GET"]),
                 Route("/v1/prices/{pid}", self._retrieve_price, methods=["GET"]),
                 Route("/v1/billing_portal/sessions", self._portal_session, methods=["POST"]),
+                Route("/v1/invoiceitems", self._invoice_item, methods=["POST"]),
             ]
         )
 
@@ -233,6 +234,14 @@ class FakeStripe:
         return JSONResponse(
             {"id": pid, "object": "price", "unit_amount": amount, "currency": currency}
         )
+
+    async def _invoice_item(self, request: Request) -> Response:
+        recorded = await self._record(request)
+
+        def make(params: dict[str, Any]) -> tuple[int, Any]:
+            return 200, {"id": f"ii_fake_{next(self._ids)}", "object": "invoiceitem", **params}
+
+        return self._idempotent(recorded, make)
 
     async def _portal_session(self, request: Request) -> Response:
         recorded = await self._record(request)

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -20,7 +20,8 @@ import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import credit_lots, invoices, ledger_entries, subscriptions
-from aicredits.services import ledger, stripe_webhook
+from aicredits.domain.errors import InsufficientCredits
+from aicredits.services import jobs, ledger, overage, stripe_webhook
 from aicredits.services.plans import current_subscription
 from aicredits.services.subscriptions import list_invoices, plan_usage
 from aicredits.services.verify import verify_ledger
@@ -558,4 +559,93 @@ def test_the_simulated_subscription_portal_and_next_month(simulated: tuple[Shop,
     assert client.post("/billing/simulated/next-month").status_code == 303
     assert current_subscription(shop.db, user_id=uid) is None
     assert len(list_invoices(shop.db, shop.settings, user_id=uid)) == 3
+    assert verify_ledger(shop.db) == []
+
+
+# --- metered overage ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def metered(
+    db: Database, monkeypatch: pytest.MonkeyPatch, stripe_server: tuple[FakeStripe, str]
+) -> Iterator[Shop]:
+    stripe_server[0].requests.clear()
+    plans = [
+        {
+            "id": "team",
+            "included_credits": TEAM,
+            "price_id": "price_team",
+            "overage": "metered",
+            "metered_ceiling_credits": CEILING,
+            "overage_price_id": "price_overage",
+        }
+    ]
+    yield make_shop(
+        db,
+        monkeypatch,
+        STRIPE_SECRET_KEY="sk_test_fake",
+        STRIPE_API_BASE=stripe_server[1],
+        PLANS=json.dumps(plans),
+    )
+    get_settings.cache_clear()
+
+
+CEILING = 10_000
+
+
+def test_metered_overage_never_passes_the_ceiling_and_is_reported_once_per_period(
+    metered: Shop, stripe_server: tuple[FakeStripe, str]
+) -> None:
+    shop, fake = metered, stripe_server[0]
+    sub, t0, t1 = started(shop, fake)
+    uid = sub.user_id
+    # The period's allowance, the credit line (the ceiling), and the trial grant.
+    assert ledger.get_balance(shop.db, user_id=uid).balance == TEAM + CEILING + 1_000
+    spend(shop.db, uid, TEAM + 4_000, at(t0 + 600))  # the allowance, then 4,000 of the line
+    with pytest.raises(InsufficientCredits):  # never past the ceiling (and the trial's 1,000)
+        spend(shop.db, uid, CEILING, at(t0 + 700))
+    usage = plan_usage(shop.db, shop.settings, user_id=uid)
+    assert usage is not None
+    assert (usage.used, usage.overage_used, usage.overage_ceiling) == (TEAM, 4_000, CEILING)
+    assert overage.report_due(shop.db, shop.settings, now=at(t0 + 800)) == 0  # not over yet
+
+    end = at(t1 + 60)
+    jobs.run_all(shop.db, shop.settings, now=end)  # expires the rest, then reports
+    jobs.run_all(shop.db, shop.settings, now=end + timedelta(minutes=5))  # changes nothing
+    [item] = fake.calls("POST", "/v1/invoiceitems")
+    assert item.params["customer"] == sub.customer_id
+    assert item.params["subscription"] == sub.subscription_id
+    assert item.params["pricing"] == {"price": "price_overage"}
+    assert item.params["quantity"] == "4000"
+    assert item.headers["idempotency-key"] == "aicredits-overage-in_first"
+    with shop.db.read() as conn:
+        row = conn.execute(sa.select(invoices).where(invoices.c.invoice_id == "in_first")).one()
+    assert row.overage_credits == 4_000
+    assert row.overage_item_id is not None and row.overage_item_id.startswith("ii_fake_")
+    # The line's unused 6,000 and nothing of the allowance expired; the trial grant stays.
+    assert entries(shop.db, uid, "expiry") == [-(CEILING - 4_000)]
+    assert ledger.get_balance(shop.db, user_id=uid).balance == 1_000
+    assert verify_ledger(shop.db) == []
+
+
+def test_a_renewal_opens_a_new_credit_line_and_closes_the_old_one(
+    metered: Shop, stripe_server: tuple[FakeStripe, str]
+) -> None:
+    shop = metered
+    sub, _, t1 = started(shop, stripe_server[0])
+    t2 = t1 + 30 * DAY
+    later = at(t1 + 600)
+    deliver(
+        shop,
+        "customer.subscription.updated",
+        subscription(sub, price="price_team", start=t1, end=t2),
+        at=later,
+    )
+    cycle = invoice(sub, "in_second", [line("price_team", 2_000, t1, t2)])
+    assert deliver(shop, "invoice.paid", cycle, at=later) == "granted"
+    # The first period's allowance and line expired whole; the second period's are granted.
+    assert sorted(entries(shop.db, sub.user_id, "expiry")) == [-TEAM, -CEILING]
+    assert ledger.get_balance(shop.db, user_id=sub.user_id).balance == TEAM + CEILING + 1_000
+    assert overage.report_due(shop.db, shop.settings, now=later) == 1  # nothing used: no item
+    assert stripe_server[0].calls("POST", "/v1/invoiceitems") == []
     assert verify_ledger(shop.db) == []
