@@ -675,6 +675,28 @@ class Invoice(SQLModel, table=True):
     updated_at: datetime = _ts()
 
 
+class ReceiptEmail(SQLModel, table=True):
+    """An email receipt, queued once per paid purchase (by its Checkout Session id) or paid
+    subscription invoice (by its invoice id) when SMTP is configured; an outbox
+    (services.outbox) sends it from the jobs, retrying failures."""
+
+    __tablename__ = "receipt_emails"
+    __table_args__ = (
+        sa.UniqueConstraint("kind", "source_id", name="uq_receipt_emails_source"),
+        sa.Index("ix_receipt_emails_email_due", "emailed_at", "next_email_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id")
+    kind: str = Field(max_length=16)  # purchase | invoice
+    source_id: str = Field(max_length=255)
+    created_at: datetime = _ts()
+    emailed_at: datetime | None = _ts(nullable=True)
+    email_attempts: int = Field(default=0)
+    next_email_at: datetime | None = _ts(nullable=True)
+    email_error: str = Field(default="", max_length=500)
+
+
 def table(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, for the ledger's hand-written statements."""
     t = model.__table__  # type: ignore[attr-defined]
@@ -707,3 +729,4 @@ unmatched_payments = table(UnmatchedPayment)
 reconciliation_runs = table(ReconciliationRun)
 subscriptions = table(Subscription)
 invoices = table(Invoice)
+receipt_emails = table(ReceiptEmail)

@@ -31,7 +31,7 @@ from aicredits.adapters.stripe_billing import InvoiceObject
 from aicredits.adapters.tables import credit_lots, invoices, stripe_customers, subscriptions
 from aicredits.domain import checkout_marker
 from aicredits.domain.plans import InvoiceGrant, PlanLine, invoice_grant
-from aicredits.services import ledger, payment_trust
+from aicredits.services import ledger, payment_trust, receipts
 from aicredits.services.plans import MARKER_TAG, label_of, plan_for_price
 from aicredits.settings import Settings
 
@@ -284,6 +284,9 @@ def apply_invoice_paid(
     with db.transaction() as conn:
         _record_invoice(
             conn, db, invoice, user_id=user_id, plan_id=plan_id, status="paid", grant=grant, now=now
+        )
+        receipts.queue(
+            conn, settings, kind="invoice", source_id=invoice.id, user_id=user_id, now=now
         )
         if grant.credits <= 0 or grant.expires_at is None:
             return Applied("no_credits" if lines else "unknown_plan", user_id)

@@ -22,6 +22,7 @@ from aicredits.services import (
     auth,
     ledger,
     overage,
+    receipts,
     reconciliation,
     recovery,
     spike_reports,
@@ -120,6 +121,9 @@ def run_all(db: Database, settings: Settings, *, now: datetime | None = None) ->
     credits_expired = _locked(db, "expire-grants", lambda: _expire_grants(db, settings, now))
     emails_sent = _locked(
         db, "threshold-emails", lambda: thresholds.send_due_emails(db, settings, now=now)
+    )
+    emails_sent += _locked(
+        db, "receipt-emails", lambda: receipts.send_due_emails(db, settings, now=now)
     )
     sign_ins_forgotten = _locked(
         db, "forget-sign-ins", lambda: auth.forget_old_login_attempts(db, now=now)

@@ -83,8 +83,31 @@ def upgrade() -> None:
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
         batch_op.create_index("ix_subscriptions_user", ["user_id", "updated_at"], unique=False)
 
+    op.create_table(
+        "receipt_emails",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("user_id", sa.Integer(), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("source_id", sa.String(length=255), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("emailed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("email_attempts", sa.Integer(), nullable=False),
+        sa.Column("next_email_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("email_error", sa.String(length=500), nullable=False),
+        sa.ForeignKeyConstraint(["user_id"], ["users.id"]),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("kind", "source_id", name="uq_receipt_emails_source"),
+    )
+    with op.batch_alter_table("receipt_emails", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_receipt_emails_email_due", ["emailed_at", "next_email_at"], unique=False
+        )
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("receipt_emails", schema=None) as batch_op:
+        batch_op.drop_index("ix_receipt_emails_email_due")
+    op.drop_table("receipt_emails")
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
         batch_op.drop_index("ix_subscriptions_user")
 

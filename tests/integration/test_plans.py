@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import credit_lots, invoices, ledger_entries, subscriptions
 from aicredits.domain.errors import InsufficientCredits
-from aicredits.services import jobs, ledger, overage, stripe_webhook
+from aicredits.services import checkout, jobs, ledger, overage, receipts, stripe_webhook
 from aicredits.services.plans import current_subscription
 from aicredits.services.subscriptions import list_invoices, plan_usage
 from aicredits.services.verify import verify_ledger
@@ -30,6 +30,7 @@ from tests.factories import make_user, new_key
 from tests.integration import fake_stripe as fs
 from tests.integration.fake_stripe import PUBLIC, FakeStripe, Shop, make_shop
 from tests.servers import serve_asgi
+from tests.smtp_sink import smtp_sink
 
 TEAM = 25_000
 PRO = 70_000
@@ -649,3 +650,48 @@ def test_a_renewal_opens_a_new_credit_line_and_closes_the_old_one(
     assert overage.report_due(shop.db, shop.settings, now=later) == 1  # nothing used: no item
     assert stripe_server[0].calls("POST", "/v1/invoiceitems") == []
     assert verify_ledger(shop.db) == []
+
+
+# --- email receipts -------------------------------------------------------------------------------
+
+
+def test_each_purchase_and_invoice_gets_one_email_receipt_and_failures_are_retried(
+    db: Database, monkeypatch: pytest.MonkeyPatch, stripe_server: tuple[FakeStripe, str]
+) -> None:
+    fake = stripe_server[0]
+    with smtp_sink() as sink:
+        shop = make_shop(
+            db,
+            monkeypatch,
+            STRIPE_SECRET_KEY="sk_test_fake",
+            STRIPE_API_BASE=stripe_server[1],
+            PLANS=PLANS,
+            SMTP_HOST=sink.host,
+            SMTP_PORT=str(sink.port),
+            SMTP_FROM="billing@example.test",
+            SMTP_STARTTLS="false",
+        )
+        sub, t0, _ = started(shop, fake)
+        url = checkout.start_checkout(
+            shop.db, shop.settings, user_id=sub.user_id, pack_id="starter"
+        )
+        sid = url.rsplit("/", 1)[-1]
+        completed = fs.event("checkout.session.completed", fake.pay(sid))
+        assert shop.deliver(completed).json()["outcome"] == "credited"
+        assert shop.deliver(completed).json()["outcome"] == "credited"  # a replay
+        first = invoice(sub, "in_first", [line("price_team", 2_000, t0, t0 + 30 * DAY)])
+        assert deliver(shop, "invoice.paid", first, at=at(t0 + 120)) == "already_granted"
+
+        sink.refuse = True
+        assert receipts.send_due_emails(shop.db, shop.settings) == 0
+        sink.refuse = False
+        assert receipts.send_due_emails(shop.db, shop.settings) == 0  # backing off
+        later = datetime.now(UTC) + timedelta(minutes=5)
+        assert receipts.send_due_emails(shop.db, shop.settings, now=later) == 2
+        assert receipts.send_due_emails(shop.db, shop.settings, now=later) == 0
+    assert len(sink.messages) == 2
+    bodies = "\n".join(sink.messages)
+    assert "Your aicredits receipt" in bodies and "5,000 credits" in bodies
+    assert "Your aicredits invoice" in bodies
+    assert "https://invoice.stripe.test/i/in_first" in bodies
+    get_settings.cache_clear()
