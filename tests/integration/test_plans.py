@@ -695,3 +695,20 @@ def test_each_purchase_and_invoice_gets_one_email_receipt_and_failures_are_retri
     assert "Your aicredits invoice" in bodies
     assert "https://invoice.stripe.test/i/in_first" in bodies
     get_settings.cache_clear()
+
+
+def test_there_is_no_simulated_billing_with_real_stripe(
+    shop: Shop, stripe_server: tuple[FakeStripe, str]
+) -> None:
+    sub, _, _ = started(shop, stripe_server[0])
+    cookie = shop.session_cookie(sub.user_id)
+    assert shop.client.get("/billing/simulated/portal", headers=cookie).status_code == 503
+    assert shop.client.get("/billing/simulated/subscribe/team", headers=cookie).status_code == 503
+    for action in ("subscribe/team", "next-month", "cancel", "change"):
+        response = shop.client.post(f"/billing/simulated/{action}", headers=cookie)
+        assert response.status_code == 503, action
+    assert ledger.get_balance(shop.db, user_id=sub.user_id).balance == 1_000 + TEAM
+    # Nor does a simulated price id count for anything here.
+    t0 = int(time.time())
+    fake_sim = invoice(sub, "in_sim_x", [line("price_sim_team", 0, t0, t0 + 30 * DAY)])
+    assert deliver(shop, "invoice.paid", fake_sim, at=at(t0 + 1)) == "unknown_plan"
