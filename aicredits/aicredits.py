@@ -28,6 +28,7 @@ from aicredits.state.credits import CreditsState
 from aicredits.state.home import HomeState
 from aicredits.state.keys import KeysState
 from aicredits.state.login import LoginState
+from aicredits.state.plans import PlanState
 from aicredits.state.session import SessionState
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ app.add_page(
     credits.credits,
     route="/credits",
     title="Credits · aicredits",
-    on_load=CreditsState.load,
+    on_load=[CreditsState.load, PlanState.load],
 )
 # Where Stripe's checkout returns; the success page signs a visitor in and back itself, so
 # the session id in its query survives.

@@ -128,6 +128,42 @@ class CreditPack(BaseModel):
         return self
 
 
+class Plan(BaseModel):
+    """A monthly subscription: a Stripe Price (or, in the simulated checkout, an amount in
+    minor units of a currency) buying `included_credits` each period, expiring at its end.
+
+    `overage` says what happens past them (docs/plans.md): `block` and `prepaid` stop at the
+    plan's credits plus any packs; `metered` also grants a credit line of
+    `metered_ceiling_credits` per period. `usable_when_past_due`: whether calls go on during
+    Stripe's retries of a failed payment."""
+
+    id: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9_-]+$")
+    label: str = ""
+    included_credits: int = Field(gt=0)
+    price_id: str = ""
+    amount: int = Field(default=0, ge=0)
+    currency: str = Field(default="usd", min_length=3, max_length=3)
+    overage: Literal["block", "prepaid", "metered"] = "prepaid"
+    metered_ceiling_credits: int = Field(default=0, ge=0)
+    # `metered`: the Stripe Price of one credit of overage, invoiced per period.
+    overage_price_id: str = ""
+    usable_when_past_due: bool = True
+
+    @model_validator(mode="after")
+    def _priced(self) -> Plan:
+        if not self.price_id and self.amount <= 0:
+            raise ValueError(f"plan {self.id!r} needs a price_id or an amount")
+        if self.overage == "metered" and self.metered_ceiling_credits <= 0:
+            raise ValueError(f"metered plan {self.id!r} needs metered_ceiling_credits")
+        return self
+
+
+DEFAULT_PLANS: list[Plan] = [
+    Plan(id="team", label="Team", included_credits=25_000, amount=2_000, currency="usd"),
+    Plan(id="pro", label="Pro", included_credits=70_000, amount=5_000, currency="usd"),
+]
+
+
 DEFAULT_PACKS: list[CreditPack] = [
     CreditPack(id="starter", label="Starter", credits=5_000, amount=500, currency="usd"),
     CreditPack(id="plus", label="Plus", credits=22_000, amount=2_000, currency="usd"),
@@ -226,6 +262,8 @@ class Settings(BaseSettings):
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""  # another base address for the SDK (tests: a local fake)
     packs: list[CreditPack] = Field(default_factory=lambda: list(DEFAULT_PACKS))
+    # Monthly plans (docs/plans.md), sold by Stripe Checkout in subscription mode.
+    plans: list[Plan] = Field(default_factory=lambda: list(DEFAULT_PLANS))
 
     # Warnings: a banner (and an email, with SMTP) when this share of an allowance is used.
     # The last is blocking when it is 100.
@@ -386,6 +424,9 @@ class Settings(BaseSettings):
 
     def pack(self, pack_id: str) -> CreditPack | None:
         return next((p for p in self.packs if p.id == pack_id), None)
+
+    def plan(self, plan_id: str) -> Plan | None:
+        return next((p for p in self.plans if p.id == plan_id), None)
 
     @property
     def uses_fake_upstream(self) -> bool:

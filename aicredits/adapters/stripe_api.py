@@ -121,6 +121,7 @@ class WebhookEvent:
     type: str
     object: dict[str, Any]
     body: str  # the verified JSON, kept when the event has to wait for its payment
+    created: int = 0  # Unix time Stripe made the event (orders subscription updates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +252,8 @@ def parse_event(body: str) -> WebhookEvent:
     if len(event_type) > 100:
         raise MalformedEvent("the event type is too long")
     event_id = _str(data, "id", required=True) or ""
-    return WebhookEvent(id=event_id, type=event_type, object=obj, body=body)
+    created = _int(data, "created") or 0
+    return WebhookEvent(id=event_id, type=event_type, object=obj, body=body, created=created)
 
 
 # --- webhook signatures ---------------------------------------------------------------------
@@ -353,6 +355,11 @@ class StripeApi:
                 timeout=(CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
             ),
         )
+
+    @property
+    def client(self) -> stripe.StripeClient:
+        """The SDK client, for the other Stripe adapters (adapters.stripe_billing)."""
+        return self._client
 
     def create_customer(self, *, user_id: int, email: str | None, idempotency_key: str) -> str:
         params: dict[str, Any] = {"metadata": {"user_id": str(user_id)}}

@@ -608,6 +608,95 @@ class ReconciliationRun(SQLModel, table=True):
     error: str = Field(default="", max_length=500)
 
 
+class Subscription(SQLModel, table=True):
+    """A user's Stripe subscription to a plan, as Stripe's own events last described it
+    (services.subscriptions): the app never sets its status, plan or period itself."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (sa.Index("ix_subscriptions_user", "user_id", "updated_at"),)
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id")
+    customer_id: str = Field(max_length=255)
+    subscription_id: str = Field(max_length=255, unique=True)
+    # From the app's PLANS by the subscription's Stripe Price id, never from metadata.
+    plan_id: str = Field(max_length=40)
+    price_id: str = Field(max_length=255)
+    # Stripe's: incomplete | trialing | active | past_due | unpaid | canceled | ...
+    status: str = Field(max_length=32)
+    current_period_start: datetime | None = _ts(nullable=True)
+    current_period_end: datetime | None = _ts(nullable=True)
+    cancel_at_period_end: bool = Field(default=False)
+    # The `created` time of the event last applied: an older event changes nothing.
+    event_created: int = Field(
+        default=0, sa_column=sa.Column(sa.BigInteger(), nullable=False, server_default="0")
+    )
+    simulated: bool = Field(default=False)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class Invoice(SQLModel, table=True):
+    """A subscription invoice Stripe told us about, and the credits its payment granted
+    (once per invoice id: the ledger key `plan-invoice:{invoice_id}`)."""
+
+    __tablename__ = "invoices"
+    __table_args__ = (sa.Index("ix_invoices_user_created", "user_id", "created_at"),)
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    invoice_id: str = Field(max_length=255, unique=True)
+    user_id: int = Field(foreign_key="users.id")
+    customer_id: str = Field(max_length=255)
+    subscription_id: str | None = Field(default=None, max_length=255, index=True)
+    plan_id: str | None = Field(default=None, max_length=40)
+    billing_reason: str = Field(default="", max_length=40)
+    # paid | payment_failed
+    status: str = Field(max_length=16)
+    amount: int = _credits(server_default="0")  # minor units of `currency`
+    currency: str = Field(default="", max_length=8)
+    period_start: datetime | None = _ts(nullable=True)
+    period_end: datetime | None = _ts(nullable=True)
+    credits_granted: int = _credits(server_default="0")
+    # The ledger entry of those credits (its lot ends with the period).
+    entry_id: int | None = Field(default=None, sa_column=sa.Column(sa.BigInteger(), nullable=True))
+    # A metered plan's credit line for the period, its ledger entry, and what was used of it
+    # (reported to Stripe once, when the period is over).
+    credit_line: int = _credits(server_default="0")
+    credit_line_entry_id: int | None = Field(
+        default=None, sa_column=sa.Column(sa.BigInteger(), nullable=True)
+    )
+    overage_credits: int = _credits(server_default="0")
+    overage_reported_at: datetime | None = _ts(nullable=True)
+    overage_item_id: str | None = Field(default=None, max_length=255)
+    hosted_invoice_url: str | None = Field(default=None, max_length=2000)
+    invoice_pdf: str | None = Field(default=None, max_length=2000)
+    simulated: bool = Field(default=False)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+
+
+class ReceiptEmail(SQLModel, table=True):
+    """An email receipt, queued once per paid purchase (by its Checkout Session id) or paid
+    subscription invoice (by its invoice id) when SMTP is configured; an outbox
+    (services.outbox) sends it from the jobs, retrying failures."""
+
+    __tablename__ = "receipt_emails"
+    __table_args__ = (
+        sa.UniqueConstraint("kind", "source_id", name="uq_receipt_emails_source"),
+        sa.Index("ix_receipt_emails_email_due", "emailed_at", "next_email_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id")
+    kind: str = Field(max_length=16)  # purchase | invoice
+    source_id: str = Field(max_length=255)
+    created_at: datetime = _ts()
+    emailed_at: datetime | None = _ts(nullable=True)
+    email_attempts: int = Field(default=0)
+    next_email_at: datetime | None = _ts(nullable=True)
+    email_error: str = Field(default="", max_length=500)
+
+
 def table(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, for the ledger's hand-written statements."""
     t = model.__table__  # type: ignore[attr-defined]
@@ -638,3 +727,6 @@ spike_reports = table(SpikeReport)
 trial_addresses = table(TrialAddress)
 unmatched_payments = table(UnmatchedPayment)
 reconciliation_runs = table(ReconciliationRun)
+subscriptions = table(Subscription)
+invoices = table(Invoice)
+receipt_emails = table(ReceiptEmail)

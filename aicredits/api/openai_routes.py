@@ -52,6 +52,7 @@ from aicredits.services.gateway import (
     shared_gateway,
 )
 from aicredits.services.runtime import Database, database_for, run_blocking
+from aicredits.services.subscriptions import PlanPastDue, QuotaExceeded
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class ErrorAnswer:
 # the error's own, and the code its `code`.
 ERROR_ANSWERS: dict[type[AICreditsError], ErrorAnswer] = {
     InsufficientCredits: ErrorAnswer(402, "insufficient_credits"),
+    QuotaExceeded: ErrorAnswer(402, "quota_exceeded"),
+    PlanPastDue: ErrorAnswer(402, "plan_past_due"),
     RateLimited: ErrorAnswer(429, "rate_limit_error"),  # Retry-After: the limit's own wait
     LimiterUnavailable: ErrorAnswer(503, "service_unavailable", retry_after="5"),
     AuthenticationFailed: ErrorAnswer(401, "authentication_error"),
@@ -105,6 +108,24 @@ def error_body(
             f"{exc.available} are available. Buy more at {buy}"
         )
         body.update(needed=exc.needed, available=exc.available, buy_url=buy)
+    if isinstance(exc, QuotaExceeded):
+        buy = f"{settings.public_url}/credits"
+        body["message"] = (
+            f"Quota exceeded: your {exc.plan} plan's credits are used up until {exc.resets_on}. "
+            f"Upgrade your plan or buy a pack at {buy}"
+        )
+        body.update(
+            plan=exc.plan_id,
+            resets_at=exc.resets_at.isoformat() if exc.resets_at else None,
+            upgrade_url=buy,
+        )
+    if isinstance(exc, PlanPastDue):
+        manage = f"{settings.public_url}/credits"
+        body["message"] = (
+            f"The last payment for your {exc.plan} plan failed, and the plan pauses usage until "
+            f"it is paid. Update your card with Manage billing at {manage}"
+        )
+        body.update(manage_billing_url=manage)
     if isinstance(exc, InvalidParameter):
         body["param"] = exc.param
     headers = {"Retry-After": retry_after} if retry_after else {}

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from aicredits.api import auth_routes, export_routes, stripe_routes
+from aicredits.api import auth_routes, export_routes, plan_routes, stripe_routes
 from aicredits.api.health_routes import readyz_route
 from aicredits.api.observability import MetricsRoute, RequestContextMiddleware
 from aicredits.api.openai_routes import OpenAIRoutes
@@ -58,6 +58,7 @@ def build_api(settings: Settings) -> Starlette:
             *auth_routes.routes,
             *openai_api.routes(),
             *stripe_routes.routes,
+            *plan_routes.routes,
             *export_routes.routes,
             *MetricsRoute(settings).routes(),
         ],

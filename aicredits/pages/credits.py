@@ -8,6 +8,7 @@ from typing import Any
 import reflex as rx
 
 from aicredits.components.layout import PostForm, page, scroll_region, trial_notice
+from aicredits.pages.plans import invoice_list, plan_section
 from aicredits.settings import get_settings
 from aicredits.state.credits import CreditsState
 from aicredits.state.session import SessionState
@@ -319,6 +320,7 @@ def credits() -> rx.Component:
         trial_notice(),
         _balance(),
         _allowance(),
+        plan_section(f"{settings.api_url}/billing/subscribe", f"{settings.api_url}/billing/portal"),
         rx.cond(CreditsState.simulated, _simulated_notice()),
         rx.heading("Buy credits", size="4"),
         rx.flex(
@@ -332,6 +334,8 @@ def credits() -> rx.Component:
         _ledger_history(f"{settings.api_url}/credits/export.csv"),
         rx.heading("Purchases", size="4"),
         _history(),
+        rx.heading("Invoices", size="4"),
+        invoice_list(),
         signed_in_only=True,
     )
 

@@ -51,7 +51,7 @@ def start_checkout(
             db, settings, user_id=user_id, pack=pack, now=now
         )
     api = stripe_client(settings)
-    customer_id = _ensure_customer(db, api, user_id=user_id, now=now)
+    customer_id = ensure_customer(db, api, user_id=user_id, now=now)
     request = stripe_api.CheckoutRequest(
         user_id=user_id,
         pack_id=pack.id,
@@ -86,9 +86,7 @@ def start_checkout(
     return created.url
 
 
-def _ensure_customer(
-    db: Database, api: stripe_api.StripeApi, *, user_id: int, now: datetime
-) -> str:
+def ensure_customer(db: Database, api: stripe_api.StripeApi, *, user_id: int, now: datetime) -> str:
     """The user's Stripe customer, created on their first checkout and reused after."""
     with db.read() as conn:
         existing = conn.execute(

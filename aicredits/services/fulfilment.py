@@ -22,7 +22,7 @@ from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import CheckoutSession
 from aicredits.adapters.tables import purchases, utcnow
 from aicredits.domain.ledger import EntryKind
-from aicredits.services import ledger, payment_trust, refunds
+from aicredits.services import ledger, payment_trust, receipts, refunds
 from aicredits.services.payment_errors import UnknownCheckoutSession
 from aicredits.services.purchases import PurchaseView, lock_purchase, purchase_of_session
 from aicredits.settings import Settings
@@ -85,6 +85,15 @@ def fulfil_checkout_session(
             status = _mark_unpaid(conn, purchase.id, session, now)
             return Fulfilment(_unpaid_status(status), purchase.credits, purchase.id)
         newly = purchase.fulfilled_at is None and _grant_purchase(conn, purchase, now)
+        if newly:
+            receipts.queue(
+                conn,
+                settings,
+                kind="purchase",
+                source_id=purchase.checkout_session_id,
+                user_id=purchase.user_id,
+                now=now,
+            )
         refunds.settle_refunds(conn, purchase.id, now)  # a refund that came before this
     return Fulfilment(FulfilmentStatus.CREDITED, purchase.credits, purchase.id, newly)
 

@@ -43,12 +43,13 @@ from aicredits.domain.chat import ChatRequest
 from aicredits.domain.errors import (
     AICreditsError,
     IdempotencyConflict,
+    InsufficientCredits,
     InvalidIdempotencyKey,
     UnknownModel,
     UnsupportedParameter,
 )
 from aicredits.domain.reply import ReplyBuilder, ReplyChoice
-from aicredits.services import ledger, pricing, thresholds
+from aicredits.services import ledger, pricing, subscriptions, thresholds
 from aicredits.services.ledger import HoldView, UsageRecord
 from aicredits.services.pricing import Quote
 from aicredits.settings import ModelSpec, Settings
@@ -711,6 +712,10 @@ class Gateway:
     ) -> tuple[HoldView, Slot]:
         """Take a rate-limit slot and reserve the quote: what every metered call does before
         it may reach the upstream."""
+        if subscriptions.past_due_may_block(self.settings):
+            await run_blocking(
+                subscriptions.check_plan_usable, self.db, self.settings, user_id=user_id
+            )
         slot = await self.limiter.acquire(user_id=user_id, ip=ip, request_id=request_id)
         try:
             hold = await run_blocking(
@@ -731,6 +736,12 @@ class Gateway:
             # key, which the client never sees.)
             await slot.release()
             raise IdempotencyConflict(KEY_REUSED) from None
+        except InsufficientCredits as refused:
+            await slot.release()
+            # A plan user is told their plan and its reset date (quota_exceeded).
+            raise await run_blocking(
+                subscriptions.quota_error, self.db, self.settings, user_id=user_id, refused=refused
+            ) from None
         except BaseException:
             await slot.release()
             raise

@@ -18,7 +18,16 @@ from aicredits.adapters import metrics
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import StripeFailure
-from aicredits.services import auth, ledger, reconciliation, recovery, spike_reports, thresholds
+from aicredits.services import (
+    auth,
+    ledger,
+    overage,
+    receipts,
+    reconciliation,
+    recovery,
+    spike_reports,
+    thresholds,
+)
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,6 +42,7 @@ class JobReport:
     spikes_reported: int = 0
     spike_emails_sent: int = 0
     payment_discrepancies: int = 0
+    overage_reported: int = 0
 
 
 def _locked(db: Database, name: str, job: Callable[[], int]) -> int:
@@ -95,6 +105,15 @@ def _reconcile_payments(db: Database, settings: Settings, now: datetime | None) 
         return 0
 
 
+def _report_overage(db: Database, settings: Settings, now: datetime | None) -> int:
+    """Metered plans' finished periods, reported to Stripe (after the expiry above)."""
+    try:
+        return overage.report_due(db, settings, now=now)
+    except StripeFailure as exc:
+        logger.warning("reporting metered overage to Stripe failed: %s", exc)
+        return 0
+
+
 def run_all(db: Database, settings: Settings, *, now: datetime | None = None) -> JobReport:
     """One run of every periodic job. `now` (default: the clock, read by each job) is the
     moment every job takes as the present."""
@@ -103,6 +122,9 @@ def run_all(db: Database, settings: Settings, *, now: datetime | None = None) ->
     emails_sent = _locked(
         db, "threshold-emails", lambda: thresholds.send_due_emails(db, settings, now=now)
     )
+    emails_sent += _locked(
+        db, "receipt-emails", lambda: receipts.send_due_emails(db, settings, now=now)
+    )
     sign_ins_forgotten = _locked(
         db, "forget-sign-ins", lambda: auth.forget_old_login_attempts(db, now=now)
     )
@@ -110,7 +132,9 @@ def run_all(db: Database, settings: Settings, *, now: datetime | None = None) ->
     discrepancies = _locked(
         db, "reconcile-payments", lambda: _reconcile_payments(db, settings, now)
     )
+    overage_reported = _locked(db, "report-overage", lambda: _report_overage(db, settings, now))
     return JobReport(
+        overage_reported=overage_reported,
         stale_holds=stale_holds,
         credits_expired=credits_expired,
         emails_sent=emails_sent,
@@ -143,6 +167,7 @@ async def run_forever(db: Database, settings: Settings, *, interval: float) -> N
                 or report.spikes_reported
                 or report.spike_emails_sent
                 or report.payment_discrepancies
+                or report.overage_reported
             ):
                 logger.info("jobs: %s", report)
         except Exception:

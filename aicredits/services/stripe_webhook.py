@@ -24,7 +24,7 @@ from aicredits.adapters import stripe_api
 from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import InvalidSignature, MalformedEvent, WebhookEvent
 from aicredits.adapters.tables import stripe_events, utcnow
-from aicredits.services import fulfilment, payment_trust, refunds, thresholds
+from aicredits.services import billing_events, fulfilment, payment_trust, refunds, thresholds
 from aicredits.services.fulfilment import Fulfilment, FulfilmentStatus
 from aicredits.services.payment_errors import UnknownCheckoutSession
 from aicredits.services.payment_trust import UnmatchedSession
@@ -130,6 +130,8 @@ def _check_shape(event: WebhookEvent) -> None:
         stripe_api.parse_charge(event.object)
     elif event.type == "charge.dispute.created":
         stripe_api.parse_dispute(event.object)
+    elif event.type in billing_events.EVENT_TYPES:
+        billing_events.check_shape(event.type, event.object)
 
 
 def _dispatch(db: Database, settings: Settings, event: WebhookEvent, now: datetime) -> _Outcome:
@@ -213,6 +215,16 @@ def _on_dispute_created(
     return _Outcome("dispute_flagged")
 
 
+def _on_billing_event(
+    db: Database, settings: Settings, event: WebhookEvent, now: datetime
+) -> _Outcome:
+    # Subscriptions and their invoices: services.billing_events.
+    applied = billing_events.apply_event(
+        db, settings, event.type, event.object, event_created=event.created, now=now
+    )
+    return _Outcome(applied.outcome, debited_user=applied.user_id)
+
+
 _HANDLERS: dict[str, Callable[[Database, Settings, WebhookEvent, datetime], _Outcome]] = {
     "checkout.session.completed": _on_session_completed,
     "checkout.session.async_payment_succeeded": _on_async_payment_succeeded,
@@ -220,6 +232,7 @@ _HANDLERS: dict[str, Callable[[Database, Settings, WebhookEvent, datetime], _Out
     "checkout.session.expired": _on_session_expired,
     "charge.refunded": _on_charge_refunded,
     "charge.dispute.created": _on_dispute_created,
+    **dict.fromkeys(billing_events.EVENT_TYPES, _on_billing_event),
 }
 
 

@@ -37,6 +37,7 @@ from aicredits.services.gateway import (
     shared_gateway,
 )
 from aicredits.services.runtime import get_database, run_blocking
+from aicredits.services.subscriptions import PlanPastDue, QuotaExceeded
 from aicredits.settings import get_settings
 from aicredits.state.session import SessionState
 
@@ -72,6 +73,16 @@ ERROR_MESSAGES: dict[type[AICreditsError], tuple[str, str]] = {
         "credits",
         "Not enough credits: this message needs up to {exc.needed:,} and you have "
         "{exc.available:,} available.",
+    ),
+    QuotaExceeded: (
+        "credits",
+        "Your {exc.plan} plan's credits for this month are used up: they reset on "
+        "{exc.resets_on}. Upgrade your plan or buy a pack to go on now.",
+    ),
+    PlanPastDue: (
+        "credits",
+        "The last payment for your {exc.plan} plan failed, so it is paused: update your card "
+        "with “Manage billing” on the credits page.",
     ),
     RateLimited: ("rate", "You are sending too fast: try again in {exc.retry_after_header} s."),
     LimiterUnavailable: ("rate", "The service is busy: try again in a few seconds."),

@@ -98,6 +98,8 @@ class FakeStripe:
                 Route("/v1/checkout/sessions/{sid}", self._retrieve_session, methods=["GET"]),
                 Route("/v1/refunds", self._list_refunds, methods=["GET"]),
                 Route("/v1/prices/{pid}", self._retrieve_price, methods=["GET"]),
+                Route("/v1/billing_portal/sessions", self._portal_session, methods=["POST"]),
+                Route("/v1/invoiceitems", self._invoice_item, methods=["POST"]),
             ]
         )
 
@@ -231,6 +233,27 @@ class FakeStripe:
         amount, currency = self.prices[pid]
         return JSONResponse(
             {"id": pid, "object": "price", "unit_amount": amount, "currency": currency}
+        )
+
+    async def _invoice_item(self, request: Request) -> Response:
+        recorded = await self._record(request)
+
+        def make(params: dict[str, Any]) -> tuple[int, Any]:
+            return 200, {"id": f"ii_fake_{next(self._ids)}", "object": "invoiceitem", **params}
+
+        return self._idempotent(recorded, make)
+
+    async def _portal_session(self, request: Request) -> Response:
+        recorded = await self._record(request)
+        n = next(self._ids)
+        return JSONResponse(
+            {
+                "id": f"bps_fake_{n}",
+                "object": "billing_portal.session",
+                "customer": recorded.params.get("customer"),
+                "return_url": recorded.params.get("return_url"),
+                "url": f"https://billing.stripe.test/p/session/bps_fake_{n}",
+            }
         )
 
     def add_session(self, session: dict[str, Any]) -> dict[str, Any]:
