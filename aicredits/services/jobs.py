@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from aicredits.adapters import metrics
 from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database
-from aicredits.services import auth, ledger, recovery, spike_reports, thresholds
+from aicredits.services import auth, auto_topup, ledger, recovery, spike_reports, thresholds
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,29 @@ def _expire_grants(db: Database, settings: Settings, now: datetime | None) -> in
     for user_id in sorted(report.users):
         thresholds.record_crossings(db, settings, user_id=user_id, now=now)
     return report.credits_expired
+
+
+def run_auto_topups(db: Database, settings: Settings, *, now: datetime | None = None) -> int:
+    """Start the auto top-ups that are due and finish those in flight, then send the emails
+    about failed ones. Returns how many top-ups it started."""
+
+    def job() -> int:
+        started = auto_topup.run_due(db, settings, now=now)
+        auto_topup.send_due_emails(db, settings, now=now)
+        return started
+
+    return _locked(db, "auto-top-up", job)
+
+
+async def top_up_forever(db: Database, settings: Settings, *, interval: float) -> None:
+    """Inside the app: look for accounts below their auto top-up threshold every `interval`
+    seconds until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await run_blocking(run_auto_topups, db, settings)
+        except Exception:
+            logger.exception("an auto top-up run failed")
 
 
 def run_all(db: Database, settings: Settings, *, now: datetime | None = None) -> JobReport:
