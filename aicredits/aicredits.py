@@ -21,6 +21,7 @@ from aicredits.state.admin import (
     AdminUserAccountState,
     AdminUserSearchState,
 )
+from aicredits.state.auto_topup import AutoTopUpState
 from aicredits.state.chat import ChatState
 from aicredits.state.credits import CreditsState
 from aicredits.state.home import HomeState
@@ -86,7 +87,7 @@ app.add_page(
     credits.credits,
     route="/credits",
     title="Credits · aicredits",
-    on_load=CreditsState.load,
+    on_load=[CreditsState.load, AutoTopUpState.load],
 )
 # Where Stripe's checkout returns; the success page signs a visitor in and back itself, so
 # the session id in its query survives.
