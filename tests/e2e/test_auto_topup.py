@@ -1,0 +1,77 @@
+"""Auto top-up in Chromium against the running app, which has no Stripe key: save the
+simulated card, turn auto top-up on, chat below the threshold, and see the job buy the pack:
+the balance goes up and the purchase is listed."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import httpx
+from playwright.sync_api import Page, expect
+
+from aicredits.services import users
+from aicredits.services.purchases import list_purchases
+from aicredits.services.verify import verify_ledger
+from tests.e2e.conftest import TRIAL_CREDITS, RunningApp, sign_in
+
+STARTER_CREDITS = 5_000
+# How long the job (every AUTO_TOPUP_INTERVAL_SECONDS, 5 s) may take to notice and buy.
+TOP_UP_WAIT_SECONDS = 30
+
+
+def test_auto_top_up_buys_the_pack_when_a_chat_takes_credits_below_the_threshold(
+    app: RunningApp, page: Page
+) -> None:
+    httpx.post(f"{app.upstream}/_fake/reset").raise_for_status()
+    email = f"topup-{uuid.uuid4().hex[:8]}@example.test"
+    response = httpx.put(
+        f"{app.idp}/users/{email}",
+        json={"email": email, "email_verified": True, "name": "Otto Topup"},
+    )
+    assert response.status_code == 204
+    sign_in(page, app, email, start="/credits")
+
+    section = page.locator("#auto-topup")
+    expect(section).to_be_visible()
+    page.locator("#add-card").click()
+    expect(page.locator("#saved-card")).to_contain_text("4242")
+    page.locator("#topup-threshold").fill(str(TRIAL_CREDITS))  # the whole trial: any spend
+    page.locator("#topup-enabled").click()
+    page.locator("#topup-save").click()
+    expect(page.locator("#topup-saved")).to_have_text("Auto top-up settings saved.")
+    expect(page.locator("#topup-error")).to_have_count(0)
+
+    page.goto(app.frontend + "/chat")
+    page.locator("#chat-input").fill("Spend a little")
+    page.locator("#chat-input").press("Enter")
+    cost = page.locator(".reply-cost").last
+    expect(cost).to_contain_text("credit")
+    spent = int(re.search(r"· ([\d,]+) credits?$", cost.inner_text()).group(1))  # type: ignore[union-attr]
+    assert spent > 0
+
+    page.goto(app.frontend + "/credits")
+    expected = TRIAL_CREDITS - spent + STARTER_CREDITS
+    deadline = time.monotonic() + TOP_UP_WAIT_SECONDS
+    while page.locator("#credits-available").inner_text() != f"{expected:,}":
+        assert time.monotonic() < deadline, "the auto top-up did not arrive"
+        time.sleep(1)
+        page.reload()
+    expect(page.locator("#header-balance")).to_have_text(f"{expected:,} credits")
+    purchase = page.locator("#purchase-history tbody tr")
+    expect(purchase).to_have_count(1)
+    for text in ("Starter (auto top-up)", "5.00 USD", "5,000", "Paid"):
+        expect(purchase.first).to_contain_text(text)
+    expect(page.locator("#topup-history tbody tr").first).to_contain_text("Paid")
+
+    db = app.db()
+    try:
+        uid = users.find_user_by_email(db, email=email).id
+        bought = list_purchases(db, user_id=uid)
+        assert [(p.status, p.credits_granted, p.simulated) for p in bought] == [
+            ("paid", STARTER_CREDITS, True)
+        ]
+        assert verify_ledger(db) == []
+    finally:
+        db.dispose()
