@@ -6,7 +6,7 @@ from typing import Any
 
 import reflex as rx
 
-from aicredits.components.layout import PostForm, scroll_region
+from aicredits.components.layout import scroll_region
 from aicredits.state.auto_topup import AutoTopUpState
 from aicredits.state.credits import CreditsState
 
@@ -16,41 +16,6 @@ SIMULATED_OUTCOMES = [
     ("expired_card", "finds the card expired"),
     ("authentication_required", "needs authentication"),
 ]
-
-
-def topup_banner(checkout_action: str) -> rx.Component:
-    """What went wrong with the last top-up, with a way to pay on Stripe's page when the
-    bank wants the customer there."""
-    return rx.cond(
-        AutoTopUpState.topup_notice != "",
-        rx.callout.root(
-            rx.callout.icon(rx.icon("credit_card")),
-            rx.callout.text(AutoTopUpState.topup_notice, id="topup-notice-text"),
-            rx.hstack(
-                rx.cond(
-                    AutoTopUpState.topup_notice_kind == "action_required",
-                    PostForm.create(
-                        rx.el.input(type="hidden", name="pack", value=AutoTopUpState.topup_pack),
-                        rx.button("Pay on Stripe's page", type="submit", id="topup-finish-paying"),
-                        action=checkout_action,
-                        method="post",
-                    ),
-                ),
-                rx.button(
-                    "Dismiss",
-                    variant="soft",
-                    on_click=AutoTopUpState.dismiss_notice,
-                    id="topup-notice-dismiss",
-                ),
-            ),
-            color_scheme=rx.match(
-                AutoTopUpState.topup_notice_kind, ("cap_reached", "amber"), "red"
-            ),
-            id="topup-notice",
-            class_name=rx.Var.create("topup-notice topup-notice-")
-            + AutoTopUpState.topup_notice_kind,
-        ),
-    )
 
 
 def _card() -> rx.Component:
@@ -200,7 +165,7 @@ def _simulate_switch() -> rx.Component:
     )
 
 
-def auto_topup_section(checkout_action: str) -> rx.Component:
+def auto_topup_section() -> rx.Component:
     return rx.vstack(
         rx.heading("Auto top-up", size="4"),
         rx.text(
@@ -209,7 +174,6 @@ def auto_topup_section(checkout_action: str) -> rx.Component:
             size="2",
             color_scheme="gray",
         ),
-        topup_banner(checkout_action),
         rx.cond(
             AutoTopUpState.topup_error != "",
             rx.callout(AutoTopUpState.topup_error, color_scheme="red", id="topup-error"),

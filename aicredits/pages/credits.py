@@ -327,7 +327,7 @@ def credits() -> rx.Component:
             spacing="4",
             wrap="wrap",
         ),
-        auto_topup_section(action),
+        auto_topup_section(),
         rx.heading("Usage, last 30 days", size="4"),
         _usage([m.id for m in settings.models]),
         rx.heading("History", size="4"),

@@ -57,8 +57,6 @@ class AutoTopUpState(SessionState):
     has_card: bool = False
     card_text: str = ""  # "visa •••• 4242, expires 12/2031"
     card_simulated: bool = False
-    topup_notice_kind: str = ""
-    topup_notice: str = ""
     topup_history: list[dict[str, str]] = []
     topup_error: str = ""
     topup_saved: str = ""
@@ -81,8 +79,6 @@ class AutoTopUpState(SessionState):
             else ""
         )
         self.card_simulated = view.card_simulated
-        self.topup_notice_kind = view.notice_kind
-        self.topup_notice = view.notice
         self.topup_history = [
             topup_row(line, pack_label(settings, line.pack_id)) for line in view.history
         ]
@@ -141,6 +137,7 @@ class AutoTopUpState(SessionState):
             return None
         self.topup_error, self.topup_saved = "", "Auto top-up settings saved."
         await self._reload(user.id)
+        await self._refresh_balance(user)
         return None
 
     @rx.event
@@ -184,15 +181,7 @@ class AutoTopUpState(SessionState):
             return None
         self.topup_error, self.topup_saved = "", "Card removed; auto top-up is off."
         await self._reload(user.id)
-        return None
-
-    @rx.event
-    async def dismiss_notice(self) -> EventSpec | None:
-        user = await self._authenticate()
-        if user is None:
-            return self._to_login()
-        await run_blocking(auto_topup.dismiss_notice, get_database(), user_id=user.id)
-        self.topup_notice_kind = self.topup_notice = ""
+        await self._refresh_balance(user)
         return None
 
     @rx.event

@@ -21,34 +21,48 @@ STARTER_CREDITS = 5_000
 TOP_UP_WAIT_SECONDS = 30
 
 
-def test_auto_top_up_buys_the_pack_when_a_chat_takes_credits_below_the_threshold(
-    app: RunningApp, page: Page
-) -> None:
-    httpx.post(f"{app.upstream}/_fake/reset").raise_for_status()
+def new_user(app: RunningApp) -> str:
     email = f"topup-{uuid.uuid4().hex[:8]}@example.test"
     response = httpx.put(
         f"{app.idp}/users/{email}",
         json={"email": email, "email_verified": True, "name": "Otto Topup"},
     )
     assert response.status_code == 204
-    sign_in(page, app, email, start="/credits")
+    return email
 
-    section = page.locator("#auto-topup")
-    expect(section).to_be_visible()
+
+def turn_on_with_the_simulated_card(page: Page) -> None:
+    """Save the simulated card; below the whole trial, buy the starter pack."""
+    expect(page.locator("#auto-topup")).to_be_visible()
     page.locator("#add-card").click()
     expect(page.locator("#saved-card")).to_contain_text("4242")
-    page.locator("#topup-threshold").fill(str(TRIAL_CREDITS))  # the whole trial: any spend
+    page.locator("#topup-threshold").fill(str(TRIAL_CREDITS))  # any spend goes below
     page.locator("#topup-enabled").click()
     page.locator("#topup-save").click()
     expect(page.locator("#topup-saved")).to_have_text("Auto top-up settings saved.")
     expect(page.locator("#topup-error")).to_have_count(0)
 
+
+def chat_once(page: Page, app: RunningApp) -> int:
+    """One chat turn; returns what it cost."""
     page.goto(app.frontend + "/chat")
     page.locator("#chat-input").fill("Spend a little")
     page.locator("#chat-input").press("Enter")
     cost = page.locator(".reply-cost").last
     expect(cost).to_contain_text("credit")
-    spent = int(re.search(r"· ([\d,]+) credits?$", cost.inner_text()).group(1))  # type: ignore[union-attr]
+    match = re.search(r"· ([\d,]+) credits?$", cost.inner_text())
+    assert match, cost.inner_text()
+    return int(match.group(1).replace(",", ""))
+
+
+def test_auto_top_up_buys_the_pack_when_a_chat_takes_credits_below_the_threshold(
+    app: RunningApp, page: Page
+) -> None:
+    httpx.post(f"{app.upstream}/_fake/reset").raise_for_status()
+    email = new_user(app)
+    sign_in(page, app, email, start="/credits")
+    turn_on_with_the_simulated_card(page)
+    spent = chat_once(page, app)
     assert spent > 0
 
     page.goto(app.frontend + "/credits")
@@ -75,3 +89,34 @@ def test_auto_top_up_buys_the_pack_when_a_chat_takes_credits_below_the_threshold
         assert verify_ledger(db) == []
     finally:
         db.dispose()
+
+
+def test_a_top_up_that_needs_authentication_is_explained_on_every_page(
+    app: RunningApp, page: Page
+) -> None:
+    httpx.post(f"{app.upstream}/_fake/reset").raise_for_status()
+    sign_in(page, app, new_user(app), start="/credits")
+    turn_on_with_the_simulated_card(page)
+    # The development-only switch: the simulated card's next charge needs authentication.
+    page.locator("#simulate-next").click()
+    page.get_by_role("option", name="needs authentication").click()
+    expect(page.locator("#simulate-next")).to_contain_text("needs authentication")
+    chat_once(page, app)
+
+    notice = page.locator("#topup-notice")
+    deadline = time.monotonic() + TOP_UP_WAIT_SECONDS
+    while not notice.is_visible():
+        assert time.monotonic() < deadline, "no banner about the failed top-up"
+        time.sleep(1)
+        page.reload()
+    expect(notice).to_contain_text("confirm it")
+    expect(page.locator("#topup-finish-paying")).to_be_visible()
+    page.goto(app.frontend + "/credits")
+    expect(page.locator("#topup-history tbody tr").first).to_contain_text("Needs authentication")
+    expect(page.locator("#purchase-history tbody tr").first).to_contain_text("Failed")
+    # Stripe's page (here the simulated checkout) sells the pack on-session.
+    page.locator("#topup-finish-paying").click()
+    page.wait_for_url(re.compile(r"/checkout/simulated/cs_test_sim_\w+$"))
+    page.go_back()
+    page.locator("#topup-notice-dismiss").click()
+    expect(notice).to_have_count(0)

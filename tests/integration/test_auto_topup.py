@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import auto_topups, ledger_entries, purchases, utcnow
 from aicredits.domain.auto_topup import InvalidAutoTopUp
-from aicredits.services import auto_topup, jobs, ledger
+from aicredits.services import auto_topup, jobs, ledger, thresholds
 from aicredits.services.purchases import list_purchases
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import Settings, get_settings
@@ -350,6 +350,11 @@ def test_a_decline_then_authentication_then_auto_off_after_three_failures(
     assert jobs.run_auto_topups(shop.db, settings, now=later) == 1
     view = auto_topup.view(shop.db, settings, user_id=user)
     assert view.notice_kind == "action_required" and "confirm" in view.notice
+    # The banner every page shows, until dismissed.
+    notice = thresholds.status(shop.db, settings, user_id=user).topup
+    assert notice is not None and (notice.kind, notice.pack_id) == ("action_required", "starter")
+    auto_topup.dismiss_notice(shop.db, user_id=user)
+    assert thresholds.status(shop.db, settings, user_id=user).topup is None
 
     latest = later + timedelta(minutes=61)
     assert jobs.run_auto_topups(shop.db, settings, now=latest) == 1
