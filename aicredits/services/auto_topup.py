@@ -376,7 +376,10 @@ def confirm_card_setup(
 ) -> bool:
     """Stripe sent the browser back from saving a card: read the session back and save the
     card (the same function as the webhook). True if a card is saved now."""
-    outcome = _finish_card_setup(db, settings, session_id=session_id, user_id=user_id, now=now)
+    try:
+        outcome = _finish_card_setup(db, settings, session_id=session_id, user_id=user_id, now=now)
+    except StripeFailure as exc:
+        raise CheckoutFailed(f"Stripe could not be asked about the card ({exc}).") from exc
     return outcome in ("card_saved", "card_already_saved")
 
 

@@ -109,6 +109,8 @@ def test_a_top_up_that_needs_authentication_is_explained_on_every_page(
         assert time.monotonic() < deadline, "no banner about the failed top-up"
         time.sleep(1)
         page.reload()
+        # Reflex renders after its on_load: only then is a missing banner really missing.
+        expect(page.locator("#page-ready")).to_be_attached(timeout=30_000)
     expect(notice).to_contain_text("confirm it")
     expect(page.locator("#topup-finish-paying")).to_be_visible()
     page.goto(app.frontend + "/credits")
