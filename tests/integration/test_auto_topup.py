@@ -278,6 +278,34 @@ def test_the_webhook_first_then_the_job_s_read_back_credits_once(
     clean(shop.db)
 
 
+def test_a_webhook_before_the_job_recorded_its_payment_credits_nothing_and_the_job_credits_once(
+    shop: Shop, fake: FakeStripe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user = ready_user(shop, fake)
+    spend(shop.db, user, 600)
+    real = auto_topup.record_payment
+    early: list[str] = []
+
+    def webhook_first(*args: Any, **kwargs: Any) -> str:
+        if kwargs.get("topup_id") is not None and not early:
+            # Stripe's event overtakes the job's own answer (the webhook's own call of
+            # record_payment, without a topup_id, goes straight through).
+            pid = next(iter(fake.payment_intents))
+            early.append(shop.deliver(pi_event(fake, pid)).json()["outcome"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auto_topup, "record_payment", webhook_first)
+    assert auto_topup.run_due(shop.db, shop.settings) == 1
+    assert early == ["unknown_payment_intent"]
+    (row,) = topups(shop.db, user)
+    assert row.status == "succeeded"
+    assert shop.deliver(pi_event(fake, row.payment_intent_id)).json()["outcome"] == (
+        "already_credited"
+    )
+    assert purchase_credits(shop.db, user) == STARTER
+    clean(shop.db)
+
+
 def test_a_top_up_whose_answer_was_lost_is_asked_again_with_the_same_key(
     shop: Shop, fake: FakeStripe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
