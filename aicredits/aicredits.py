@@ -23,6 +23,7 @@ from aicredits.state.admin import (
     AdminUserAccountState,
     AdminUserSearchState,
 )
+from aicredits.state.auto_topup import AutoTopUpState
 from aicredits.state.chat import ChatState
 from aicredits.state.credits import CreditsState
 from aicredits.state.home import HomeState
@@ -52,6 +53,13 @@ async def _recover_dead_workers_holds() -> None:
     )
 
 
+async def _auto_topups() -> None:
+    settings = get_settings()
+    await jobs.top_up_forever(
+        get_database(), settings, interval=settings.auto_topup_interval_seconds
+    )
+
+
 @contextlib.asynccontextmanager
 async def _drain_on_shutdown() -> AsyncIterator[None]:
     """On SIGTERM or SIGINT (a deploy, a reload, Ctrl-C) replies in flight get the grace
@@ -74,6 +82,7 @@ async def _drain_on_shutdown() -> AsyncIterator[None]:
 
 app.register_lifespan_task(_periodic_jobs)
 app.register_lifespan_task(_recover_dead_workers_holds)
+app.register_lifespan_task(_auto_topups)
 app.register_lifespan_task(_drain_on_shutdown)
 app.add_page(home.home, route="/", title="aicredits", on_load=HomeState.load)
 app.add_page(auth.login, route="/login", title="Sign in · aicredits", on_load=LoginState.load)
@@ -87,7 +96,7 @@ app.add_page(
     credits.credits,
     route="/credits",
     title="Credits · aicredits",
-    on_load=[CreditsState.load, PlanState.load],
+    on_load=[CreditsState.load, PlanState.load, AutoTopUpState.load],
 )
 # Where Stripe's checkout returns; the success page signs a visitor in and back itself, so
 # the session id in its query survives.

@@ -265,6 +265,14 @@ class Settings(BaseSettings):
     # Monthly plans (docs/plans.md), sold by Stripe Checkout in subscription mode.
     plans: list[Plan] = Field(default_factory=lambda: list(DEFAULT_PLANS))
 
+    # Auto top-up (a user's saved card buys a pack when their credits run low): the top-ups
+    # per month a user gets until they change it, how many failures in a row turn it off,
+    # how long after a failure it tries again, and how often the job looks for low accounts.
+    auto_topup_monthly_cap: int = Field(default=4, ge=1, le=100)
+    auto_topup_max_failures: int = Field(default=3, ge=1, le=20)
+    auto_topup_retry_minutes: float = Field(default=60.0, ge=0)
+    auto_topup_interval_seconds: float = Field(default=5.0, gt=0)
+
     # Warnings: a banner (and an email, with SMTP) when this share of an allowance is used.
     # The last is blocking when it is 100.
     threshold_percents: list[int] = Field(default_factory=lambda: [50, 80, 100])

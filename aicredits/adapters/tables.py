@@ -697,6 +697,93 @@ class ReceiptEmail(SQLModel, table=True):
     email_error: str = Field(default="", max_length=500)
 
 
+class AutoTopUpSetting(SQLModel, table=True):
+    """A user's auto top-up: "when my available credits fall below `threshold`, buy
+    `pack_id` with my saved card", the card itself (brand and last four only; Stripe keeps
+    the rest), and what the last failures said. One row per user who ever opened it."""
+
+    __tablename__ = "auto_topup_settings"
+    __table_args__ = (
+        sa.CheckConstraint("threshold >= 0", name="ck_auto_topup_settings_threshold"),
+        sa.CheckConstraint("monthly_cap >= 0", name="ck_auto_topup_settings_monthly_cap"),
+        sa.Index("ix_auto_topup_settings_enabled", "enabled"),
+    )
+
+    user_id: int = Field(foreign_key="users.id", primary_key=True)
+    enabled: bool = Field(default=False)
+    threshold: int = _credits(server_default="0")
+    pack_id: str = Field(default="", max_length=40)
+    # Top-ups allowed per calendar month (UTC); set from AUTO_TOPUP_MONTHLY_CAP at first save.
+    monthly_cap: int = Field(default=0)
+    # The saved card: a Stripe PaymentMethod of the user's Stripe customer.
+    payment_method_id: str | None = Field(default=None, max_length=255)
+    customer_id: str | None = Field(default=None, max_length=255)
+    card_brand: str = Field(default="", max_length=20)
+    card_last4: str = Field(default="", max_length=4)
+    card_exp: str = Field(default="", max_length=7)
+    card_simulated: bool = Field(default=False)
+    # The Checkout Session (mode setup) this user was sent to to save a card: only a
+    # session we made for them saves one.
+    setup_session_id: str | None = Field(default=None, max_length=255, unique=True)
+    consecutive_failures: int = Field(default=0)
+    # After a failure, no new try before this.
+    retry_after: datetime | None = _ts(nullable=True)
+    # What the banner says: '' | failed | action_required | disabled | cap_reached.
+    notice_kind: str = Field(default="", max_length=20)
+    notice: str = Field(default="", max_length=500)
+    # Development only (simulated card): what the next simulated charge does.
+    simulate_next: str = Field(default="", max_length=32)
+    updated_at: datetime = _ts()
+
+
+class AutoTopUp(SQLModel, table=True):
+    """One auto top-up: the trigger (its `key`, also the Stripe idempotency key of its
+    off-session PaymentIntent, so a retry never charges twice), the pack it buys as our pack
+    table had it, and its outcome. Also the outbox of its failure email."""
+
+    __tablename__ = "auto_topups"
+    __table_args__ = (
+        sa.CheckConstraint(
+            "status IN ('processing', 'succeeded', 'failed', 'requires_action')",
+            name="ck_auto_topups_status",
+        ),
+        sa.CheckConstraint("credits > 0", name="ck_auto_topups_credits_positive"),
+        # At most one top-up in flight per user, whatever runs the job.
+        sa.Index(
+            "uq_auto_topups_in_flight",
+            "user_id",
+            unique=True,
+            sqlite_where=sa.text("status = 'processing'"),
+            postgresql_where=sa.text("status = 'processing'"),
+        ),
+        sa.Index("ix_auto_topups_user_created", "user_id", "created_at"),
+        sa.Index("ix_auto_topups_email_due", "emailed_at", "next_email_at"),
+    )
+
+    id: int | None = Field(default=None, sa_column=sa.Column(BigId, primary_key=True))
+    user_id: int = Field(foreign_key="users.id")
+    key: str = Field(max_length=64, unique=True)
+    purchase_id: int = Field(
+        sa_column=sa.Column(sa.BigInteger(), sa.ForeignKey("purchases.id"), nullable=False)
+    )
+    pack_id: str = Field(max_length=40)
+    credits: int = _credits()
+    amount: int = _credits()
+    currency: str = Field(max_length=3)
+    status: str = Field(default="processing", max_length=16)
+    payment_intent_id: str | None = Field(default=None, max_length=255, unique=True)
+    failure_code: str = Field(default="", max_length=64)
+    failure_message: str = Field(default="", max_length=500)
+    simulated: bool = Field(default=False)
+    created_at: datetime = _ts()
+    updated_at: datetime = _ts()
+    finished_at: datetime | None = _ts(nullable=True)
+    emailed_at: datetime | None = _ts(nullable=True)
+    email_attempts: int = Field(default=0)
+    next_email_at: datetime | None = _ts(nullable=True)
+    email_error: str = Field(default="", max_length=500)
+
+
 def table(model: type[SQLModel]) -> sa.Table:
     """The Core table of a model, for the ledger's hand-written statements."""
     t = model.__table__  # type: ignore[attr-defined]
@@ -730,3 +817,5 @@ reconciliation_runs = table(ReconciliationRun)
 subscriptions = table(Subscription)
 invoices = table(Invoice)
 receipt_emails = table(ReceiptEmail)
+auto_topup_settings = table(AutoTopUpSetting)
+auto_topups = table(AutoTopUp)

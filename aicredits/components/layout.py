@@ -209,6 +209,59 @@ def usage_banner() -> rx.Component:
     )
 
 
+def topup_banner() -> rx.Component:
+    """What went wrong with auto top-up, on every page, with a way to buy the pack on
+    Stripe's page when the bank wants the customer there."""
+    checkout_action = f"{get_settings().api_url}/checkout/start"
+    return rx.cond(
+        SessionState.topup_notice_kind != "",
+        rx.callout.root(
+            rx.callout.icon(rx.icon("credit_card")),
+            rx.callout.text(
+                SessionState.topup_notice_text,
+                " ",
+                rx.link(
+                    "Auto top-up settings",
+                    href="/credits#auto-topup",
+                    weight="bold",
+                    id="topup-notice-settings",
+                ),
+                id="topup-notice-text",
+            ),
+            rx.hstack(
+                rx.cond(
+                    SessionState.topup_notice_kind == "action_required",
+                    PostForm.create(
+                        rx.el.input(
+                            type="hidden", name="pack", value=SessionState.topup_notice_pack
+                        ),
+                        rx.button(
+                            "Pay on Stripe's page",
+                            type="submit",
+                            size="1",
+                            id="topup-finish-paying",
+                        ),
+                        action=checkout_action,
+                        method="post",
+                    ),
+                ),
+                rx.button(
+                    "Dismiss",
+                    variant="ghost",
+                    size="1",
+                    on_click=SessionState.dismiss_topup_notice,
+                    id="topup-notice-dismiss",
+                ),
+                align="center",
+            ),
+            color_scheme=rx.match(SessionState.topup_notice_kind, ("cap_reached", "amber"), "red"),
+            id="topup-notice",
+            class_name=rx.Var.create("topup-notice topup-notice-") + SessionState.topup_notice_kind,
+            width="100%",
+        ),
+    )
+
+
 def trial_notice() -> rx.Component:
     """Why this account got no free trial (it was created past its address's daily limit),
     on the pages a new user lands on, until the account first gets credits."""
@@ -236,7 +289,9 @@ def page(*children: rx.Component, signed_in_only: bool = False) -> rx.Component:
         body = rx.cond(SessionState.signed_in, body, rx.center(rx.spinner(), padding="4em"))
     # Present once the page's state has loaded (its on_load done): what a test waits for.
     ready = rx.cond(rx.State.is_hydrated, rx.el.span(id="page-ready", hidden=True))
-    return rx.container(rx.vstack(header(), usage_banner(), body, ready, width="100%"), size="3")
+    return rx.container(
+        rx.vstack(header(), usage_banner(), topup_banner(), body, ready, width="100%"), size="3"
+    )
 
 
 def scroll_region(child: rx.Component, *, label: str, **props: Any) -> rx.Component:

@@ -8,6 +8,7 @@ from typing import Any
 import reflex as rx
 
 from aicredits.components.layout import PostForm, page, scroll_region, trial_notice
+from aicredits.pages.auto_topup import auto_topup_section
 from aicredits.pages.plans import invoice_list, plan_section
 from aicredits.settings import get_settings
 from aicredits.state.credits import CreditsState
@@ -328,6 +329,7 @@ def credits() -> rx.Component:
             spacing="4",
             wrap="wrap",
         ),
+        auto_topup_section(),
         rx.heading("Usage, last 30 days", size="4"),
         _usage([m.id for m in settings.models]),
         rx.heading("History", size="4"),

@@ -119,6 +119,13 @@ def ensure_customer(db: Database, api: stripe_api.StripeApi, *, user_id: int, no
         )
 
 
+def ensure_stripe_customer(
+    db: Database, settings: Settings, *, user_id: int, now: datetime | None = None
+) -> str:
+    """The user's Stripe customer (made once and reused): auto top-up saves cards to it."""
+    return ensure_customer(db, stripe_client(settings), user_id=user_id, now=now or utcnow())
+
+
 def confirm_checkout(
     db: Database, settings: Settings, *, user_id: int, session_id: str, now: datetime | None = None
 ) -> Fulfilment:

@@ -98,6 +98,16 @@ def fulfil_checkout_session(
     return Fulfilment(FulfilmentStatus.CREDITED, purchase.credits, purchase.id, newly)
 
 
+def credit_paid_purchase(conn: Connection, purchase_id: int, now: datetime) -> bool:
+    """Credit a purchase paid without a Checkout Session (an auto top-up's off-session
+    payment), in the caller's transaction: the same grant, ledger key and settlement of any
+    earlier refund as a Checkout purchase. True if this call added the credits."""
+    purchase = lock_purchase(conn, purchase_id)
+    newly = purchase.fulfilled_at is None and _grant_purchase(conn, purchase, now)
+    refunds.settle_refunds(conn, purchase.id, now)
+    return newly
+
+
 def record_payment_failed(db: Database, session: CheckoutSession, now: datetime) -> bool:
     """A delayed payment failed: the purchase is marked failed, unless it was credited
     already (True if it was marked)."""

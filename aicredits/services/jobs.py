@@ -20,6 +20,7 @@ from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import StripeFailure
 from aicredits.services import (
     auth,
+    auto_topup,
     ledger,
     overage,
     receipts,
@@ -112,6 +113,29 @@ def _report_overage(db: Database, settings: Settings, now: datetime | None) -> i
     except StripeFailure as exc:
         logger.warning("reporting metered overage to Stripe failed: %s", exc)
         return 0
+
+
+def run_auto_topups(db: Database, settings: Settings, *, now: datetime | None = None) -> int:
+    """Start the auto top-ups that are due and finish those in flight, then send the emails
+    about failed ones. Returns how many top-ups it started."""
+
+    def job() -> int:
+        started = auto_topup.run_due(db, settings, now=now)
+        auto_topup.send_due_emails(db, settings, now=now)
+        return started
+
+    return _locked(db, "auto-top-up", job)
+
+
+async def top_up_forever(db: Database, settings: Settings, *, interval: float) -> None:
+    """Inside the app: look for accounts below their auto top-up threshold every `interval`
+    seconds until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await run_blocking(run_auto_topups, db, settings)
+        except Exception:
+            logger.exception("an auto top-up run failed")
 
 
 def run_all(db: Database, settings: Settings, *, now: datetime | None = None) -> JobReport:

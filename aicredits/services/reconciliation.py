@@ -35,9 +35,10 @@ from aicredits.adapters.stripe_api import (
     StripeApi,
     StripeFailure,
 )
+from aicredits.adapters.stripe_cards import SUCCEEDED, stripe_cards
 from aicredits.adapters.tables import purchases, reconciliation_runs, unmatched_payments, utcnow
 from aicredits.domain.money import format_money
-from aicredits.services import fulfilment, payment_trust
+from aicredits.services import auto_topup, fulfilment, payment_trust
 from aicredits.services.fulfilment import FulfilmentStatus
 from aicredits.services.payment_errors import UnknownCheckoutSession
 from aicredits.services.payment_trust import UnmatchedSession
@@ -166,6 +167,10 @@ def _check_sessions(
         row = PurchaseView.from_row(raw)
         if row.checkout_session_id in seen:
             continue
+        if row.checkout_session_id.startswith(auto_topup.KEY_PREFIX):
+            # An auto top-up: paid by an off-session PaymentIntent, not a Checkout Session.
+            _check_top_up(settings, row, report)
+            continue
         try:
             session = api.retrieve_checkout_session(row.checkout_session_id)
         except CheckoutSessionNotFound:
@@ -177,6 +182,36 @@ def _check_sessions(
             continue
         report.sessions_checked += 1
         _check_session_with_row(db, settings, row, session, report, now)
+
+
+def _check_top_up(settings: Settings, row: PurchaseView, report: ReconciliationReport) -> None:
+    """A credited auto top-up against its PaymentIntent at Stripe: succeeded, at its price."""
+    if not row.payment_intent_id:
+        report.discrepancies.append(
+            Discrepancy(CREDITED_NOT_PAID, row.checkout_session_id, "no PaymentIntent recorded")
+        )
+        return
+    payment = stripe_cards(settings.stripe_secret_key, settings.stripe_api_base).retrieve_payment(
+        row.payment_intent_id
+    )
+    report.sessions_checked += 1
+    if payment.outcome != SUCCEEDED:
+        report.discrepancies.append(
+            Discrepancy(
+                CREDITED_NOT_PAID,
+                row.checkout_session_id,
+                f"auto top-up credited, its PaymentIntent {payment.id} is {payment.outcome}",
+            )
+        )
+    elif (payment.amount, payment.currency) != (row.amount, row.currency.lower()):
+        report.discrepancies.append(
+            Discrepancy(
+                AMOUNT_MISMATCH,
+                row.checkout_session_id,
+                f"paid {format_money(payment.amount, payment.currency or 'usd')} at Stripe for"
+                f" an auto top-up of {format_money(row.amount, row.currency)}",
+            )
+        )
 
 
 def _check_session_with_row(

@@ -23,8 +23,16 @@ import sqlalchemy as sa
 from aicredits.adapters import stripe_api
 from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import InvalidSignature, MalformedEvent, WebhookEvent
+from aicredits.adapters.stripe_cards import parse_payment_intent
 from aicredits.adapters.tables import stripe_events, utcnow
-from aicredits.services import billing_events, fulfilment, payment_trust, refunds, thresholds
+from aicredits.services import (
+    auto_topup,
+    billing_events,
+    fulfilment,
+    payment_trust,
+    refunds,
+    thresholds,
+)
 from aicredits.services.fulfilment import Fulfilment, FulfilmentStatus
 from aicredits.services.payment_errors import UnknownCheckoutSession
 from aicredits.services.payment_trust import UnmatchedSession
@@ -91,7 +99,7 @@ def handle_webhook(
                 event_id=event.id, type=event.type, received_at=now, outcome=""
             )
         )
-    outcome = _dispatch(db, settings, event, now)
+    outcome = _auto_topup_outcome(db, settings, event, now) or _dispatch(db, settings, event, now)
     with db.transaction() as conn:
         conn.execute(
             sa.update(stripe_events)
@@ -132,6 +140,29 @@ def _check_shape(event: WebhookEvent) -> None:
         stripe_api.parse_dispute(event.object)
     elif event.type in billing_events.EVENT_TYPES:
         billing_events.check_shape(event.type, event.object)
+    elif event.type in _AUTO_TOPUP_EVENTS:
+        parse_payment_intent(event.object)
+
+
+# Auto top-up (services.auto_topup): its off-session PaymentIntents, and the Checkout
+# Sessions in mode setup that save a card. Everything else goes to _dispatch.
+_AUTO_TOPUP_EVENTS = frozenset({"payment_intent.succeeded", "payment_intent.payment_failed"})
+
+
+def _auto_topup_outcome(
+    db: Database, settings: Settings, event: WebhookEvent, now: datetime
+) -> _Outcome | None:
+    if event.type in _AUTO_TOPUP_EVENTS:
+        return _Outcome(
+            auto_topup.handle_payment_intent_event(
+                db, settings, event_type=event.type, obj=event.object, now=now
+            )
+        )
+    if event.type == "checkout.session.completed" and event.object.get("mode") == "setup":
+        return _Outcome(
+            auto_topup.record_card_setup(db, settings, session_object=event.object, now=now)
+        )
+    return None
 
 
 def _dispatch(db: Database, settings: Settings, event: WebhookEvent, now: datetime) -> _Outcome:

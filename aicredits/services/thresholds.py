@@ -3,7 +3,7 @@ let the user dismiss it, and email it from a background job when SMTP is configu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 from aicredits.adapters.db import Database, insert_ignoring_conflict, reading
 from aicredits.adapters.tables import (
     TOP_UP_PREDICATE,
+    auto_topup_settings,
     credit_accounts,
     ledger_entries,
     threshold_crossings,
@@ -129,6 +130,15 @@ class UsageStatus:
 
     level: Level | Literal[""]
     banner: Banner | None
+    # What went wrong with auto top-up (services.auto_topup), shown with the usage banner.
+    topup: TopUpNotice | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopUpNotice:
+    kind: str  # failed | action_required | disabled | cap_reached
+    text: str
+    pack_id: str
 
 
 def banner(target: Database | Connection, settings: Settings, *, user_id: int) -> Banner | None:
@@ -143,21 +153,35 @@ def banner(target: Database | Connection, settings: Settings, *, user_id: int) -
 
 
 def status(target: Database | Connection, settings: Settings, *, user_id: int) -> UsageStatus:
-    """The usage level and the banner, in one read (see `banner`)."""
+    """The usage level and the banner, in one read (see `banner`), and auto top-up's notice."""
     with reading(target, snapshot=True) as conn:
-        current = current_allowance(conn, user_id=user_id)
-        if current.entry_id is None:
-            return UsageStatus("", None)  # nothing was ever given: the chat's error explains
-        reached = crossed(current, settings.threshold_percents)
-        if not reached:
-            return UsageStatus("", None)
-        dismissed = conn.execute(
-            sa.select(sa.func.max(threshold_crossings.c.threshold)).where(
-                threshold_crossings.c.user_id == user_id,
-                threshold_crossings.c.allowance_entry_id == current.entry_id,
-                threshold_crossings.c.dismissed_at.is_not(None),
-            )
-        ).scalar()
+        usage = _usage_status(conn, settings, user_id=user_id)
+        notice = conn.execute(
+            sa.select(
+                auto_topup_settings.c.notice_kind,
+                auto_topup_settings.c.notice,
+                auto_topup_settings.c.pack_id,
+            ).where(auto_topup_settings.c.user_id == user_id, auto_topup_settings.c.notice != "")
+        ).first()
+    if notice is None:
+        return usage
+    return replace(usage, topup=TopUpNotice(notice.notice_kind, notice.notice, notice.pack_id))
+
+
+def _usage_status(conn: Connection, settings: Settings, *, user_id: int) -> UsageStatus:
+    current = current_allowance(conn, user_id=user_id)
+    if current.entry_id is None:
+        return UsageStatus("", None)  # nothing was ever given: the chat's error explains
+    reached = crossed(current, settings.threshold_percents)
+    if not reached:
+        return UsageStatus("", None)
+    dismissed = conn.execute(
+        sa.select(sa.func.max(threshold_crossings.c.threshold)).where(
+            threshold_crossings.c.user_id == user_id,
+            threshold_crossings.c.allowance_entry_id == current.entry_id,
+            threshold_crossings.c.dismissed_at.is_not(None),
+        )
+    ).scalar()
     reached_level = level(max(reached))
     # Dismissing a banner dismisses every threshold up to its own (see `dismiss`).
     open_thresholds = [t for t in reached if dismissed is None or t > dismissed]

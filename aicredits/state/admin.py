@@ -20,7 +20,7 @@ import reflex as rx
 from reflex_base.event import EventSpec
 
 from aicredits.domain.errors import AICreditsError
-from aicredits.services import admin_actions, admin_payments, admin_views, pricing
+from aicredits.services import admin_actions, admin_payments, admin_views, auto_topup, pricing
 from aicredits.services.admin_actions import ActionResult, AdminActor
 from aicredits.services.admin_views import UserDetail
 from aicredits.services.auth import CurrentUser
@@ -169,6 +169,9 @@ class AdminUserAccountState(AdminPageState):
     flags: list[dict[str, str]] = []
     expiring: list[dict[str, str]] = []
     user_audit: list[dict[str, str]] = []
+    # Auto top-up: the user's settings, and their recent top-ups.
+    topup_settings: list[dict[str, str]] = []
+    topup_history: list[dict[str, str]] = []
 
     def _show_detail(self, detail: UserDetail) -> None:
         self.target = admin_rows.user_row(detail.user)
@@ -184,6 +187,7 @@ class AdminUserAccountState(AdminPageState):
         self.target = {}
         self.ledger, self.holds, self.purchases, self.usage = [], [], [], []
         self.flags, self.expiring, self.user_audit = [], [], []
+        self.topup_settings, self.topup_history = [], []
 
     @rx.event
     @admin_only
@@ -198,6 +202,11 @@ class AdminUserAccountState(AdminPageState):
             self._fail(exc)
             return None
         self._show_detail(detail)
+        topups = await run_blocking(
+            auto_topup.view, get_database(), get_settings(), user_id=detail.user.id
+        )
+        self.topup_settings = admin_rows.auto_topup_rows(topups)
+        self.topup_history = [admin_rows.topup_row(line) for line in topups.history]
         return None
 
     async def _credit_action(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from aicredits.domain import spikes
-from aicredits.domain.money import format_money
+from aicredits.domain.money import format_money, grouped
 from aicredits.services.admin_payments import UnmatchedView
 from aicredits.services.admin_views import (
     AuditRow,
@@ -21,6 +21,7 @@ from aicredits.services.admin_views import (
     UsageLine,
     UserSummary,
 )
+from aicredits.services.auto_topup import AutoTopUpView, TopUpLine
 from aicredits.services.pricing import ModelPrices, PriceVersionView
 from aicredits.services.purchases import PurchaseView
 from aicredits.services.reconciliation import Discrepancy, KeptRun
@@ -275,4 +276,38 @@ def unmatched_row(u: UnmatchedView) -> dict[str, str]:
             if u.cleared_at
             else ""
         ),
+    }
+
+
+def auto_topup_rows(view: AutoTopUpView) -> list[dict[str, str]]:
+    """A user's auto top-up settings as setting / value rows."""
+    card = (
+        f"{view.card_brand} •••• {view.card_last4}"
+        + (f" (expires {view.card_exp})" if view.card_exp else "")
+        + (" simulated" if view.card_simulated else "")
+        if view.has_card
+        else "none"
+    )
+    pairs = [
+        ("On", "yes" if view.enabled else "no"),
+        ("Threshold", f"{view.threshold:,} credits"),
+        ("Pack", view.pack_id),
+        ("Monthly limit", f"{view.monthly_cap} ({view.this_month} this month)"),
+        ("Card", card),
+        ("Failures in a row", str(view.consecutive_failures)),
+        ("Banner", view.notice or "none"),
+    ]
+    return [{"id": str(i), "setting": k, "value": v} for i, (k, v) in enumerate(pairs)]
+
+
+def topup_row(line: TopUpLine) -> dict[str, str]:
+    return {
+        "id": str(line.id),
+        "date": line.created_at.strftime("%Y-%m-%d %H:%M"),
+        "pack": line.pack_id,
+        "amount": line.amount,
+        "credits": grouped(line.credits),
+        "status": line.status,
+        "failure": line.failure,
+        "payment_intent": line.payment_intent_id or "",
     }

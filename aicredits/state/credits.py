@@ -35,7 +35,8 @@ def purchase_row(purchase: PurchaseView, labels: dict[str, str]) -> dict[str, st
     return {
         "id": str(purchase.id),
         "date": purchase.created_at.strftime("%Y-%m-%d %H:%M UTC"),
-        "pack": labels.get(purchase.pack_id, purchase.pack_id),
+        "pack": labels.get(purchase.pack_id, purchase.pack_id)
+        + (" (auto top-up)" if purchase.checkout_session_id.startswith("topup_") else ""),
         "amount": format_money(purchase.amount, purchase.currency),
         "credits": grouped(purchase.credits),
         "status": purchase.status_label,

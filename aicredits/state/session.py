@@ -15,7 +15,7 @@ from reflex_base.event import EventSpec
 
 from aicredits.domain.identity import safe_next_path
 from aicredits.domain.money import credits_text, grouped
-from aicredits.services import auth, cookies, ledger, thresholds, trials
+from aicredits.services import auth, auto_topup, cookies, ledger, thresholds, trials
 from aicredits.services.auth import CurrentUser
 from aicredits.services.runtime import get_database, run_blocking, start_event
 from aicredits.settings import get_settings
@@ -55,6 +55,11 @@ class SessionState(rx.State):
     banner_text: str = ""
     banner_threshold: int = 0
     banner_dismissible: bool = False
+    # Auto top-up's notice, beside the usage warning: "" (none), failed, action_required,
+    # disabled or cap_reached; the text; the pack to buy on Stripe's page.
+    topup_notice_kind: str = ""
+    topup_notice_text: str = ""
+    topup_notice_pack: str = ""
     # Why this account has no free trial, on /chat and /credits ("" when it has one, or has
     # had credits since).
     trial_notice: str = ""
@@ -128,6 +133,9 @@ class SessionState(rx.State):
         self.available_grouped = grouped(available)
         self.usage_level = usage.level
         self._show_banner(usage.banner)
+        self.topup_notice_kind = usage.topup.kind if usage.topup else ""
+        self.topup_notice_text = usage.topup.text if usage.topup else ""
+        self.topup_notice_pack = usage.topup.pack_id if usage.topup else ""
 
     @rx.event
     async def dismiss_banner(self) -> EventSpec | None:
@@ -141,6 +149,15 @@ class SessionState(rx.State):
             user_id=user.id,
             threshold=self.banner_threshold,
         )
+        await self._refresh_balance(user)
+        return None
+
+    @rx.event
+    async def dismiss_topup_notice(self) -> EventSpec | None:
+        user = await self._authenticate()
+        if user is None:
+            return self._to_login()
+        await run_blocking(auto_topup.dismiss_notice, get_database(), user_id=user.id)
         await self._refresh_balance(user)
         return None
 

@@ -11,6 +11,7 @@ checks the app's verification rather than agreeing with it by construction.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import itertools
@@ -83,6 +84,16 @@ class FakeStripe:
     refuse_sessions: bool = False
     # The most a list page holds, whatever `limit` asks (Stripe's own cap is 100).
     page_cap: int = 100
+    # Auto top-up: saved cards, setup intents, and off-session PaymentIntents. Each new
+    # PaymentIntent takes the first of `charge_outcomes` (then "succeeded"): "succeeded",
+    # "processing", or a decline code ("card_declined", "expired_card",
+    # "authentication_required"), answered as Stripe answers it (402 card_error).
+    payment_intents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    setup_intents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    detached: list[str] = field(default_factory=list)
+    charge_outcomes: list[str] = field(default_factory=list)
+    # Seconds each PaymentIntent creation takes (to widen races in tests).
+    charge_delay: float = 0.0
     _answers: dict[str, tuple[int, Any]] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -100,6 +111,12 @@ class FakeStripe:
                 Route("/v1/prices/{pid}", self._retrieve_price, methods=["GET"]),
                 Route("/v1/billing_portal/sessions", self._portal_session, methods=["POST"]),
                 Route("/v1/invoiceitems", self._invoice_item, methods=["POST"]),
+                Route("/v1/payment_intents", self._create_payment_intent, methods=["POST"]),
+                Route("/v1/payment_intents/{pid}", self._retrieve_payment_intent, methods=["GET"]),
+                Route("/v1/setup_intents/{sid}", self._retrieve_setup_intent, methods=["GET"]),
+                Route(
+                    "/v1/payment_methods/{pm}/detach", self._detach_payment_method, methods=["POST"]
+                ),
             ]
         )
 
@@ -150,6 +167,8 @@ class FakeStripe:
         def make(params: dict[str, Any]) -> tuple[int, Any]:
             if self.refuse_sessions:
                 return 400, {"error": {"type": "invalid_request_error", "message": "No."}}
+            if params.get("mode") == "setup":
+                return 200, self._setup_session(params)
             item = params["line_items"][0]
             if "price" in item:
                 amount, currency = self.prices[item["price"]]
@@ -280,6 +299,131 @@ class FakeStripe:
         }
         self.refunds.append(refund)
         return refund
+
+    def _setup_session(self, params: dict[str, Any]) -> dict[str, Any]:
+        sid = f"cs_test_setup{next(self._ids)}_{uuid.uuid4().hex[:12]}"
+        session = {
+            "id": sid,
+            "object": "checkout.session",
+            "customer": params.get("customer"),
+            "currency": params.get("currency"),
+            "metadata": params.get("metadata", {}),
+            "mode": "setup",
+            "payment_status": "no_payment_required",
+            "setup_intent": None,
+            "status": "open",
+            "success_url": params.get("success_url"),
+            "cancel_url": params.get("cancel_url"),
+            "url": f"https://checkout.stripe.test/c/setup/{sid}",
+            "livemode": False,
+        }
+        self.sessions[sid] = session
+        return session
+
+    def complete_setup(
+        self, session_id: str, *, brand: str = "visa", last4: str = "4242"
+    ) -> dict[str, Any]:
+        """The customer saves a card on the setup page: a SetupIntent with a card."""
+        session = self.sessions[session_id]
+        n = next(self._ids)
+        pm = f"pm_fake_{n}"
+        si = f"seti_fake_{n}"
+        self.setup_intents[si] = {
+            "id": si,
+            "object": "setup_intent",
+            "customer": session["customer"],
+            "status": "succeeded",
+            "usage": "off_session",
+            "payment_method": {
+                "id": pm,
+                "object": "payment_method",
+                "customer": session["customer"],
+                "type": "card",
+                "card": {"brand": brand, "last4": last4, "exp_month": 12, "exp_year": 2031},
+            },
+        }
+        session.update(status="complete", setup_intent=si)
+        return {k: v for k, v in session.items() if not k.startswith("_")}
+
+    async def _retrieve_setup_intent(self, request: Request) -> Response:
+        await self._record(request)
+        intent = self.setup_intents.get(request.path_params["sid"])
+        if intent is None:
+            return _error(404, "No such setup_intent")
+        return JSONResponse(intent)
+
+    async def _detach_payment_method(self, request: Request) -> Response:
+        await self._record(request)
+        pm = request.path_params["pm"]
+        self.detached.append(pm)
+        return JSONResponse({"id": pm, "object": "payment_method", "customer": None})
+
+    async def _create_payment_intent(self, request: Request) -> Response:
+        recorded = await self._record(request)
+        if self.charge_delay:
+            await asyncio.sleep(self.charge_delay)
+
+        def make(params: dict[str, Any]) -> tuple[int, Any]:
+            outcome = self.charge_outcomes.pop(0) if self.charge_outcomes else "succeeded"
+            n = next(self._ids)
+            pid = f"pi_fake_topup_{n}"
+            intent: dict[str, Any] = {
+                "id": pid,
+                "object": "payment_intent",
+                "amount": int(params["amount"]),
+                "currency": params["currency"],
+                "customer": params.get("customer"),
+                "payment_method": params.get("payment_method"),
+                "metadata": params.get("metadata", {}),
+                "off_session": params.get("off_session"),
+                "confirm": params.get("confirm"),
+                "status": "succeeded" if outcome == "succeeded" else outcome,
+                "latest_charge": None,
+                "last_payment_error": None,
+            }
+            if outcome == "succeeded":
+                intent["latest_charge"] = f"ch_fake_topup_{n}"
+            elif outcome != "processing":
+                error = {
+                    "type": "card_error",
+                    "code": "authentication_required"
+                    if outcome == "authentication_required"
+                    else ("expired_card" if outcome == "expired_card" else "card_declined"),
+                    "decline_code": outcome if outcome not in ("expired_card",) else None,
+                    "message": f"Your card was declined ({outcome}).",
+                }
+                intent.update(status="requires_payment_method", last_payment_error=error)
+                self.payment_intents[pid] = intent
+                return 402, {"error": {**error, "payment_intent": intent}}
+            self.payment_intents[pid] = intent
+            return 200, intent
+
+        return self._idempotent(recorded, make)
+
+    async def _retrieve_payment_intent(self, request: Request) -> Response:
+        recorded = await self._record(request)
+        intent = self.payment_intents.get(request.path_params["pid"])
+        if intent is None:
+            return _error(404, "No such payment_intent")
+        body = json.loads(json.dumps(intent))
+        if "latest_charge" in (recorded.params.get("expand") or []) and body["latest_charge"]:
+            ch = body["latest_charge"]
+            body["latest_charge"] = {
+                "id": ch,
+                "object": "charge",
+                "receipt_url": f"https://pay.stripe.test/receipts/{ch}",
+            }
+        return JSONResponse(body)
+
+    def settle_payment_intent(self, pid: str) -> dict[str, Any]:
+        """A processing PaymentIntent succeeds."""
+        intent = self.payment_intents[pid]
+        intent.update(status="succeeded", latest_charge=f"ch_{pid}")
+        return dict(intent)
+
+    def created_payment_intents(self) -> int:
+        """How many distinct PaymentIntents were made (a replayed key makes none)."""
+        return len(self.payment_intents)
 
     def pay(self, session_id: str, *, paid: bool = True) -> dict[str, Any]:
         """The customer completes the session (paid, or unpaid while a bank debit clears)."""

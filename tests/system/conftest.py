@@ -8,7 +8,7 @@ A module may set `WORKERS` (default 2) and `APP_ENV` (extra environment for the 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
@@ -27,7 +27,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
     """A failed test shows the end of its app's log: what the workers said is the first clue
     to a failure seen only in CI."""
     outcome: Any = yield  # pluggy sends the report's result in

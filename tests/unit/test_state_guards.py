@@ -120,6 +120,7 @@ def test_the_check_finds_handlers_that_check_the_user_by_hand() -> None:
     # The control for the test above: SessionState's handlers check in their bodies.
     assert unguarded_handlers(SessionState, Role.ADMIN) == [
         "dismiss_banner",
+        "dismiss_topup_notice",
         "load_visitor",
         "require_login",
     ]
