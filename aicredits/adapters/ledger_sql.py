@@ -21,7 +21,13 @@ import psycopg
 import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
-from aicredits.adapters.tables import credit_accounts, holds, ledger_entries, usage_events
+from aicredits.adapters.tables import (
+    TOP_UP_PREDICATE,
+    credit_accounts,
+    holds,
+    ledger_entries,
+    usage_events,
+)
 
 
 class _FifoLock:
@@ -89,6 +95,11 @@ class HoldPricing:
 class Settled:
     balance_after: int
     usage_event_id: int | None
+    # The entry that started the user's current allowance (its id and balance_after), read in
+    # the same statement, so the caller can tell whether a usage threshold may have been
+    # reached without another round trip (services.thresholds.may_need_recording).
+    top_up_id: int | None = None
+    top_up_balance_after: int = 0
 
 
 # --- Postgres ---------------------------------------------------------------------------------
@@ -111,6 +122,8 @@ RETURNING id
 # account, append the spend entry with the balance the account UPDATE returned.
 # {lapsed} is empty for the worker's own settle; the sweeper adds that the lease has lapsed,
 # so a hold whose worker renewed it meanwhile is left to that worker.
+# The last top-up (the current allowance's start: services.thresholds.last_top_up_query)
+# rides along in the final SELECT; it is not a change of the settle, only what it returns.
 _PG_SETTLE_WITH_USAGE = """
 WITH h AS (
     UPDATE holds
@@ -144,7 +157,12 @@ e AS (
     FROM h, a, u WHERE %(charged)s > 0
     RETURNING id
 )
-SELECT a.balance, u.id AS usage_id FROM a, u
+SELECT a.balance, u.id AS usage_id, top_up.id, top_up.balance_after FROM a CROSS JOIN u
+LEFT JOIN LATERAL (
+    SELECT t.id, t.balance_after FROM ledger_entries AS t
+    WHERE t.user_id = %(user_id)s AND __TOP_UP__
+    ORDER BY t.id DESC LIMIT 1
+) AS top_up ON true
 """
 
 _PG_SETTLE_WITHOUT_USAGE = """
@@ -170,9 +188,16 @@ e AS (
     FROM h, a WHERE %(charged)s > 0
     RETURNING id
 )
-SELECT a.balance, NULL AS usage_id FROM a
+SELECT a.balance, NULL AS usage_id, top_up.id, top_up.balance_after FROM a
+LEFT JOIN LATERAL (
+    SELECT t.id, t.balance_after FROM ledger_entries AS t
+    WHERE t.user_id = %(user_id)s AND __TOP_UP__
+    ORDER BY t.id DESC LIMIT 1
+) AS top_up ON true
 """
 _LAPSED = " AND expires_at <= %(now)s"
+_PG_SETTLE_WITH_USAGE = _PG_SETTLE_WITH_USAGE.replace("__TOP_UP__", TOP_UP_PREDICATE)
+_PG_SETTLE_WITHOUT_USAGE = _PG_SETTLE_WITHOUT_USAGE.replace("__TOP_UP__", TOP_UP_PREDICATE)
 PG_SETTLE_WITH_USAGE = _PG_SETTLE_WITH_USAGE.format(lapsed="")
 PG_SETTLE_WITHOUT_USAGE = _PG_SETTLE_WITHOUT_USAGE.format(lapsed="")
 PG_SETTLE_LAPSED_WITH_USAGE = _PG_SETTLE_WITH_USAGE.format(lapsed=_LAPSED)
@@ -280,6 +305,7 @@ def settle_hold(
     or, with `only_if_lapsed`, if its lease has not lapsed by `now`."""
     params: dict[str, Any] = {
         "hold_id": hold_id,
+        "user_id": user_id,
         "request_id": request_id,
         "amount": amount,
         "charged": charged,
@@ -310,7 +336,12 @@ def settle_hold(
         row = db.execute_one(sql, params)
     if row is None:
         return None
-    return Settled(balance_after=int(row[0]), usage_event_id=row[1])
+    return Settled(
+        balance_after=int(row[0]),
+        usage_event_id=row[1],
+        top_up_id=row[2],
+        top_up_balance_after=int(row[3] or 0),
+    )
 
 
 def _settle_sqlite(
@@ -379,4 +410,15 @@ def _settle_sqlite(
                     created_at=p["now"],
                 )
             )
-        return Settled(balance_after=int(balance), usage_event_id=usage_id)
+        top_up = conn.execute(
+            sa.select(ledger_entries.c.id, ledger_entries.c.balance_after)
+            .where(ledger_entries.c.user_id == user_id, sa.text(TOP_UP_PREDICATE))
+            .order_by(ledger_entries.c.id.desc())
+            .limit(1)
+        ).first()
+        return Settled(
+            balance_after=int(balance),
+            usage_event_id=usage_id,
+            top_up_id=top_up.id if top_up is not None else None,
+            top_up_balance_after=int(top_up.balance_after) if top_up is not None else 0,
+        )

@@ -436,7 +436,7 @@ class Turn:
             unbilled=settled.unbilled,
         )
         if settled.charged:
-            gateway.note_spend(self.hold.user_id)
+            gateway.note_spend(self.hold.user_id, settled)
         return self._result(
             reply,
             input_tokens,
@@ -641,9 +641,21 @@ class Gateway:
         await self.upstream.aclose()
         await self.limiter.aclose()
 
-    def note_spend(self, user_id: int) -> None:
+    def note_spend(self, user_id: int, settled: ledger.SettleResult | None = None) -> None:
         """Record usage-threshold crossings after a charge, off the request path: an API user
-        who never opens the site still gets the warning email."""
+        who never opens the site still gets the warning email. Given the settle's result, it
+        skips the work when that shows nothing to record (most charges)."""
+        if (
+            settled is not None
+            and settled.balance_after is not None
+            and not thresholds.may_need_recording(
+                self.settings,
+                balance=settled.balance_after,
+                top_up_id=settled.top_up_id,
+                top_up_balance_after=settled.top_up_balance_after,
+            )
+        ):
+            return
 
         async def record() -> None:
             try:

@@ -129,6 +129,10 @@ class SettleResult:
     applied: bool
     balance_after: int | None = None
     usage_event_id: int | None = None
+    # When applied: the entry that started the current allowance (id, balance_after), read
+    # by the settle itself; see services.thresholds.may_need_recording.
+    top_up_id: int | None = None
+    top_up_balance_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,6 +590,8 @@ def settle(
         applied=True,
         balance_after=settled.balance_after,
         usage_event_id=settled.usage_event_id,
+        top_up_id=settled.top_up_id,
+        top_up_balance_after=settled.top_up_balance_after,
     )
 
 
