@@ -11,7 +11,9 @@ and it runs one writer at a time anyway).
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,6 +68,21 @@ _GATES = [_FifoLock() for _ in range(256)]
 
 def _gate(user_id: int) -> _FifoLock:
     return _GATES[user_id % len(_GATES)]
+
+
+# The same gate for the statements sent from the event loop (reserve_hold_async,
+# settle_hold_async): asyncio's Lock is FIFO, and a waiter holds no thread.
+_ASYNC_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _async_gate(user_id: int) -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    gates = _ASYNC_GATES.get(loop)
+    if gates is None:
+        gates = _ASYNC_GATES[loop] = [asyncio.Lock() for _ in range(len(_GATES))]
+    return gates[user_id % len(gates)]
 
 
 class RequestIdTaken(Exception):
@@ -220,16 +237,7 @@ def reserve_hold(
     """Hold `amount` credits if the account has them available. Returns the hold id, or None
     when the account lacks the credits or does not exist (nothing changed either way).
     Raises RequestIdTaken when the request id already has a hold."""
-    params = {
-        "user_id": user_id,
-        "amount": amount,
-        "request_id": request_id,
-        "now": now,
-        "expires_at": expires_at,
-        "model": pricing.model if pricing else "",
-        "price_version_id": pricing.price_version_id if pricing else None,
-        "input_tokens": pricing.input_tokens if pricing else 0,
-    }
+    params = _reserve_params(user_id, amount, request_id, now, expires_at, pricing)
     if db.is_sqlite:
         try:
             return _reserve_sqlite(db, params)
@@ -243,6 +251,47 @@ def reserve_hold(
     except psycopg.errors.UniqueViolation as exc:
         raise RequestIdTaken(request_id) from exc
     return None if row is None else int(row[0])
+
+
+async def reserve_hold_async(
+    db: Database,
+    *,
+    user_id: int,
+    amount: int,
+    request_id: str,
+    now: datetime,
+    expires_at: datetime,
+    pricing: HoldPricing | None = None,
+) -> int | None:
+    """reserve_hold on Postgres without a thread (Database.execute_one_async): the same
+    statement, the same answers."""
+    params = _reserve_params(user_id, amount, request_id, now, expires_at, pricing)
+    try:
+        async with _async_gate(user_id):
+            row = await db.execute_one_async(PG_RESERVE, params)
+    except psycopg.errors.UniqueViolation as exc:
+        raise RequestIdTaken(request_id) from exc
+    return None if row is None else int(row[0])
+
+
+def _reserve_params(
+    user_id: int,
+    amount: int,
+    request_id: str,
+    now: datetime,
+    expires_at: datetime,
+    pricing: HoldPricing | None,
+) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "amount": amount,
+        "request_id": request_id,
+        "now": now,
+        "expires_at": expires_at,
+        "model": pricing.model if pricing else "",
+        "price_version_id": pricing.price_version_id if pricing else None,
+        "input_tokens": pricing.input_tokens if pricing else 0,
+    }
 
 
 class _Refused(Exception):
@@ -303,6 +352,68 @@ def settle_hold(
     """Move a pending hold to settled: charge `charged`, free the whole hold, record the usage
     event and the spend entry. Returns None (and changes nothing) if the hold is not pending,
     or, with `only_if_lapsed`, if its lease has not lapsed by `now`."""
+    params = _settle_params(
+        hold_id, user_id, request_id, amount, charged, unbilled, cost, usage, reason, now
+    )
+    if db.is_sqlite:
+        return _settle_sqlite(db, params, user_id, usage is not None, only_if_lapsed)
+    if only_if_lapsed:
+        sql = PG_SETTLE_LAPSED_WITH_USAGE if usage is not None else PG_SETTLE_LAPSED_WITHOUT_USAGE
+    else:
+        sql = PG_SETTLE_WITH_USAGE if usage is not None else PG_SETTLE_WITHOUT_USAGE
+    with _gate(user_id):
+        row = db.execute_one(sql, params)
+    return _settled(row)
+
+
+async def settle_hold_async(
+    db: Database,
+    *,
+    hold_id: int,
+    user_id: int,
+    request_id: str,
+    amount: int,
+    charged: int,
+    unbilled: int,
+    cost: int,
+    usage: UsageRow | None,
+    reason: str,
+    now: datetime,
+) -> Settled | None:
+    """settle_hold (a worker's own, not the sweeper's) on Postgres without a thread: the
+    same statement, the same answers."""
+    params = _settle_params(
+        hold_id, user_id, request_id, amount, charged, unbilled, cost, usage, reason, now
+    )
+    sql = PG_SETTLE_WITH_USAGE if usage is not None else PG_SETTLE_WITHOUT_USAGE
+    async with _async_gate(user_id):
+        row = await db.execute_one_async(sql, params)
+    return _settled(row)
+
+
+def _settled(row: tuple[Any, ...] | None) -> Settled | None:
+    if row is None:
+        return None
+    return Settled(
+        balance_after=int(row[0]),
+        usage_event_id=row[1],
+        top_up_id=row[2],
+        top_up_balance_after=int(row[3] or 0),
+    )
+
+
+def _settle_params(
+    hold_id: int,
+    user_id: int,
+    request_id: str,
+    amount: int,
+    charged: int,
+    unbilled: int,
+    cost: int,
+    usage: UsageRow | None,
+    reason: str,
+    now: datetime,
+) -> dict[str, Any]:
     params: dict[str, Any] = {
         "hold_id": hold_id,
         "user_id": user_id,
@@ -326,22 +437,7 @@ def settle_hold(
             estimated=usage.estimated,
             outcome=usage.outcome,
         )
-    if db.is_sqlite:
-        return _settle_sqlite(db, params, user_id, usage is not None, only_if_lapsed)
-    if only_if_lapsed:
-        sql = PG_SETTLE_LAPSED_WITH_USAGE if usage is not None else PG_SETTLE_LAPSED_WITHOUT_USAGE
-    else:
-        sql = PG_SETTLE_WITH_USAGE if usage is not None else PG_SETTLE_WITHOUT_USAGE
-    with _gate(user_id):
-        row = db.execute_one(sql, params)
-    if row is None:
-        return None
-    return Settled(
-        balance_after=int(row[0]),
-        usage_event_id=row[1],
-        top_up_id=row[2],
-        top_up_balance_after=int(row[3] or 0),
-    )
+    return params
 
 
 def _settle_sqlite(

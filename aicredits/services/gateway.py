@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy.engine import Connection
 
 from aicredits.adapters import metrics
-from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion
+from aicredits.adapters.blocking import run_blocking, run_blocking_to_completion, to_completion
 from aicredits.adapters.db import Database
 from aicredits.adapters.ledger_sql import HoldPricing
 from aicredits.adapters.ratelimit import RateLimiter, RateLimits, Slot, build_rate_limiter
@@ -422,8 +422,9 @@ class Turn:
             estimated=estimated,
             outcome=outcome,
         )
-        settled = await run_blocking_to_completion(
-            ledger.settle, gateway.db, hold=self.hold, actual_credits=cost, usage=record
+        # No thread on Postgres (one statement from the event loop), and never abandoned.
+        settled = await to_completion(
+            ledger.settle_async(gateway.db, hold=self.hold, actual_credits=cost, usage=record)
         )
         metrics.upstream_tokens(
             model=self.request.model, input_tokens=input_tokens, output_tokens=output_tokens
@@ -640,6 +641,8 @@ class Gateway:
     async def aclose(self) -> None:
         await self.upstream.aclose()
         await self.limiter.aclose()
+        if not self.db.is_sqlite:
+            await self.db.aclose_async()
 
     def note_spend(self, user_id: int, settled: ledger.SettleResult | None = None) -> None:
         """Record usage-threshold crossings after a charge, off the request path: an API user
@@ -725,8 +728,7 @@ class Gateway:
         it may reach the upstream."""
         slot = await self.limiter.acquire(user_id=user_id, ip=ip, request_id=request_id)
         try:
-            hold = await run_blocking(
-                ledger.reserve,
+            hold = await ledger.reserve_async(
                 self.db,
                 user_id=user_id,
                 credits=quote.credits,
