@@ -336,12 +336,15 @@ class Turn:
                 if (incremental or outcome == "completed")
                 else ReplyBuilder(self.request.n)
             )
+            # The rate-limit slot is freed while the settle runs rather than after it: the
+            # ledger never relies on the slot, and the caller waits one round trip less.
+            releasing = asyncio.ensure_future(self._slot.release())
             try:
                 self.result = await self._settle(outcome, delivered, usage, finish_reasons)
                 await self._finished(self.result)
             finally:
                 inflight.discard(self)
-                await self._slot.release()
+                await releasing
                 metrics.upstream_call(
                     model=self.request.model,
                     outcome=outcome,
