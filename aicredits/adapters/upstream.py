@@ -347,13 +347,21 @@ class Upstream:
         response = await self._call(request_id, lambda: self._open_chat(arguments, stream=True))
         usage: Usage | None = None
         reasons: dict[int, str] = {}
+        done = False
         try:
             async for line in response.aiter_lines():
+                if done:
+                    # Read on to the body's end (right after [DONE]), so the connection goes
+                    # back to the pool instead of being closed and opened again next call.
+                    if time.monotonic() - started > self.max_seconds:
+                        break
+                    continue
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    done = True
+                    continue
                 if time.monotonic() - started > self.max_seconds:
                     raise UpstreamError("the reply took too long", kind="deadline")
                 event = json.loads(data)
@@ -371,7 +379,8 @@ class Upstream:
         except UpstreamError:
             raise
         except (openai.APIError, httpx2.HTTPError) as error:
-            raise UpstreamError(BROKE_OFF, kind="connection") from error
+            if not done:  # after [DONE] the reply is whole: a broken tail changes nothing
+                raise UpstreamError(BROKE_OFF, kind="connection") from error
         except (ValueError, TypeError, AttributeError) as error:
             raise UpstreamError(MALFORMED, kind="malformed") from error
         finally:
