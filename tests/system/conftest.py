@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """A failed test shows the end of its app's log: what the workers said is the first clue
     to a failure seen only in CI."""
-    outcome = yield
+    outcome: Any = yield  # pluggy's Result (the hookwrapper protocol)
     report = outcome.get_result()
     app = getattr(item, "funcargs", {}).get("system_app")
     if report.failed and isinstance(app, RunningApp) and app.log.exists():
