@@ -211,33 +211,37 @@ class Database:
 
 
 class _AsyncPool:
-    """Idle autocommit AsyncConnections of one event loop, made on demand, at most MAX_IDLE
-    kept. No pre-ping (as the sync engine): a dropped connection fails one statement and is
+    """Autocommit AsyncConnections of one event loop: at most SIZE, made on demand and kept;
+    a caller waits (FIFO) for a free one beyond that, as with the sync engine's pool. No
+    pre-ping (as the sync engine): a dropped connection fails one statement and is
     discarded; the caller's error path handles that statement."""
 
-    MAX_IDLE = 16
+    SIZE = 15  # the sync engine's pool_size + max_overflow
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
         self._idle: list[psycopg.AsyncConnection[Any]] = []
-        self._closing: set[asyncio.Future[None]] = set()
+        self._slots = asyncio.Semaphore(self.SIZE)
 
     async def get(self) -> psycopg.AsyncConnection[Any]:
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed:
-                return conn
-        return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        await self._slots.acquire()
+        try:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    return conn
+            return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        except BaseException:
+            self._slots.release()
+            raise
 
     def put(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if len(self._idle) < self.MAX_IDLE and not conn.closed:
+        if not conn.closed:
             self._idle.append(conn)
-        else:
-            closing = asyncio.ensure_future(conn.close())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+        self._slots.release()
 
     async def discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._slots.release()
         with contextlib.suppress(Exception):  # it is being thrown away
             await asyncio.shield(conn.close())
 
