@@ -155,7 +155,11 @@ class Database:
         try:
             cursor = await conn.execute(sql, params)
             row = await cursor.fetchone() if cursor.description else None
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                # The server went away (a restart?): the idle ones are as dead as this one.
+                # As SQLAlchemy does for the sync pool, drop them all, not one per failure.
+                pool.invalidate_idle()
             await pool.discard(conn)
             raise
         pool.put(conn)
@@ -244,6 +248,12 @@ class _AsyncPool:
         self._slots.release()
         with contextlib.suppress(Exception):  # it is being thrown away
             await asyncio.shield(conn.close())
+
+    def invalidate_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()  # closes the socket now, without a round trip
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []

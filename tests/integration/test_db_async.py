@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import psycopg
 import pytest
 
 from aicredits.adapters.db import Database
@@ -56,3 +57,33 @@ def test_a_cancelled_statement_does_not_poison_the_pool(pg_url: str) -> None:
         assert asyncio.run(run()) == (2,)
     finally:
         db.dispose()
+
+
+def test_after_the_server_drops_its_connections_only_one_statement_fails(pg_url: str) -> None:
+    """As with a Postgres restart: the first statement on a dead connection fails (its
+    caller answers 503), and the pool drops every idle one with it, so the next succeed."""
+    db = Database(pg_url)
+    conninfo = pg_url.replace("postgresql+psycopg://", "postgresql://")
+
+    async def run() -> list[object]:
+        await asyncio.gather(*(db.execute_one_async("SELECT pg_sleep(0.05)", {}) for _ in range(5)))
+        with psycopg.connect(conninfo, autocommit=True) as admin:  # every other backend
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            )
+        outcomes: list[object] = []
+        for _ in range(5):
+            try:
+                outcomes.append(await db.execute_one_async("SELECT 1", {}))
+            except psycopg.OperationalError:
+                outcomes.append("failed")
+        await db.aclose_async()
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        db.dispose()
+    assert outcomes == ["failed"] + [(1,)] * 4
