@@ -9,7 +9,7 @@ JS_PATH = $$($(PY) scripts/js_runtime.py)
 REFLEX_ENV = REFLEX_USE_SYSTEM_BUN=1 REFLEX_TELEMETRY_ENABLED=false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run prod check-config migrate lint format test test-fast bench clean bench-scale bench-chat \
+.PHONY: help setup run prod check-config migrate lint format test test-fast bench clean bench-scale bench-chat bench-gateway \
 	image image-check
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make prod    production mode: refuse dev defaults, migrate, reflex run --env prod"
 	@echo "             (PROD_ARGS='--workers 4 --port 3000' or '--backend-only --backend-port 8000')"
 	@echo "make bench   measure the ledger against plain psycopg (needs Postgres)"
+	@echo "make bench-gateway  added latency: direct vs the LiteLLM proxy vs the prod app, interleaved"
 	@echo "make bench-scale  metered req/s and p99 of the prod app with 1, 2 and 4 workers"
 	@echo "make bench-chat   the chat in Chromium vs the /v1 API, then a 100-session soak"
 	@echo "make lint    ruff, mypy, the layer contract (import-linter), hadolint;  make format  apply ruff's formatting"
@@ -76,6 +77,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	bash scripts/services.sh
 	$(PY) bench/ledger.py
+
+# Starts its own Postgres cluster, Redis, fake upstream, the app in production mode and the
+# LiteLLM proxy (installed from PyPI into .bench/litellm-venv, never into .venv).
+bench-gateway: setup
+	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/gateway.py
 
 # Starts its own Postgres cluster, Redis, fake upstream and the app in production mode.
 bench-scale: setup

@@ -1,12 +1,23 @@
 #!/usr/bin/env python3
-"""Gateway overhead: the official openai client calling the fake upstream directly, and the
-same client calling it through our /v1 API (auth, rate limits, reserve, settle), in one run.
+"""Gateway overhead: the official openai client calling the fake upstream directly, through
+the LiteLLM proxy (the peer), and through aicredits' /v1 API in production mode, in one run.
 
-Three processes: the fake upstream (zero latency), our API (uvicorn, Postgres, Redis
-limits), and this client. Measured at the client, in interleaved rounds (direct, gateway,
-direct, gateway, ...) after a warm-up; each figure is the median of the round figures.
+Everything is private to the run (tests/system/harness.py): a Postgres cluster and a Redis
+on free ports, the fake upstream (no artificial delay), and the app the way production runs
+it, `python -m aicredits prod --backend-only --workers 1` (Granian, Postgres, Redis limits,
+API key, reserve, settle). The peer is the LiteLLM proxy with one worker and no database (so
+no metering at all), installed from PyPI into its own throwaway venv under `.bench/`, never
+into the project's; when that install fails the bench says so and runs without it.
 
-    python bench/gateway.py [--rounds 7] [--calls 40] [--seconds 5] [--no-redis]
+Measured at the client, in interleaved rounds (direct, LiteLLM, aicredits, direct, ...) after
+a warm-up, so a neighbour's load falls on every path alike; each figure is the median of the
+round figures. Then requests per second at a fixed concurrency for each path, and
+`verify-ledger` on the database afterwards.
+
+    python bench/gateway.py [--rounds 7] [--calls 40] [--seconds 5] [--concurrency 32]
+                            [--no-peer] [--workers 1]
+
+Prints numbers; asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -14,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,83 +34,129 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aicredits.adapters.db import Database  # noqa: E402
-from aicredits.adapters.migrations import upgrade_to_head  # noqa: E402
-from aicredits.services import api_keys, ledger, pricing, users  # noqa: E402
-from aicredits.settings import DEFAULT_MODELS  # noqa: E402
-
-ADMIN_URL = os.environ.get(
-    "AICREDITS_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+from aicredits.services.verify import verify_ledger  # noqa: E402
+from tests.system.harness import (  # noqa: E402
+    MODEL,
+    Services,
+    app_env,
+    free_port,
+    private_services,
+    provision,
+    running_app,
+    stop_process,
+    wait_until,
 )
-REDIS_URL = os.environ.get("AICREDITS_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-MODEL = DEFAULT_MODELS[0].id
+
 MESSAGES: Any = [{"role": "user", "content": "Say something short."}]
+WORK = ROOT / ".bench"
+PEER_VENV = WORK / "litellm-venv"
+PEER_PACKAGE = "litellm[proxy]"
+PEER_MASTER_KEY = "sk-bench-" + uuid.uuid4().hex
+USERS = 8  # the throughput run spreads its calls over these, so no single account is hot
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# --- the peer: LiteLLM's proxy in its own venv ----------------------------------------------
 
 
-def wait_for(url: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} did not start")
+def peer_python() -> Path | None:
+    """The throwaway venv's python with LiteLLM's proxy in it, installing it (from PyPI,
+    through pip) the first time. None, with the reason printed, if that fails."""
+    python = PEER_VENV / "bin" / "python"
+    litellm = PEER_VENV / "bin" / "litellm"
+    if litellm.exists():
+        return python
+    WORK.mkdir(exist_ok=True)
+    log = WORK / "litellm-install.log"
+    print(f"  installing {PEER_PACKAGE} into {PEER_VENV.relative_to(ROOT)} (log: {log.name})")
+    with log.open("w") as sink:
+        steps = [
+            [sys.executable, "-m", "venv", "--clear", str(PEER_VENV)],
+            [str(python), "-m", "pip", "install", "--quiet", PEER_PACKAGE],
+        ]
+        for step in steps:
+            if subprocess.run(step, stdout=sink, stderr=subprocess.STDOUT).returncode != 0:
+                print(f"  LiteLLM could not be installed ({' '.join(step[-2:])} failed); "
+                      "running without the peer column")  # fmt: skip
+                return None
+    return python if litellm.exists() else None
+
+
+def peer_version(python: Path) -> str:
+    out = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    return out.stdout.strip() or "?"
 
 
 @contextmanager
-def process(args: list[str], env: dict[str, str], ready: str) -> Iterator[None]:
-    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-    try:
-        wait_for(ready)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def serve_api() -> None:
-    """Child mode: our API routes alone, on uvicorn, configured from the environment."""
-    import uvicorn
-
-    from aicredits.api.routes import build_api
-    from aicredits.settings import get_settings
-
-    uvicorn.run(
-        build_api(get_settings()),
-        host="127.0.0.1",
-        port=int(os.environ["BENCH_API_PORT"]),
-        log_level="warning",
-        http="h11",
+def running_peer(python: Path, upstream_v1: str, log: Path) -> Iterator[str]:
+    """LiteLLM's proxy, one worker, no database, in front of the fake upstream."""
+    port = free_port()
+    config = log.with_suffix(".yaml")
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{MODEL}\n"
+        f"      api_base: {upstream_v1}\n"
+        "      api_key: sk-fake-bench\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+        "  drop_params: true\n"
     )
+    # No DATABASE_URL or REDIS_URL: LiteLLM with no database keeps no spend and no keys.
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    # Its clients authenticate with the master key (it refuses to start without one).
+    env.update(
+        LITELLM_MASTER_KEY=PEER_MASTER_KEY,
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        LITELLM_LOG="ERROR",
+        PYTHONUNBUFFERED="1",
+    )
+    command = [
+        str(python.parent / "litellm"), "--config", str(config), "--host", "127.0.0.1",
+        "--port", str(port), "--num_workers", "1",
+    ]  # fmt: skip
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(
+            command, cwd=WORK, env=env, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or _answers(f"{base}/health/liveliness"),
+            timeout=180,
+            interval=0.5,
+            what="LiteLLM's proxy",
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"LiteLLM exited early:\n{log.read_text()[-3000:]}")
+        yield base
+    finally:
+        stop_process(proc)
 
 
-@dataclass
-class Paths:
-    direct: openai.OpenAI
-    gateway: openai.OpenAI
-    direct_async: openai.AsyncOpenAI
-    gateway_async: openai.AsyncOpenAI
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code < 500
+    except httpx.TransportError:
+        return False
+
+
+# --- measuring --------------------------------------------------------------------------------
 
 
 def first_token(client: openai.OpenAI) -> float:
@@ -125,16 +184,17 @@ def pct(values: list[float], q: float) -> float:
 
 
 def interleaved(
-    paths: Paths, measure: Callable[[openai.OpenAI], float], rounds: int, calls: int
+    paths: dict[str, openai.OpenAI],
+    measure: Callable[[openai.OpenAI], float],
+    rounds: int,
+    calls: int,
 ) -> dict[str, dict[str, float]]:
-    for client in (paths.direct, paths.gateway):  # warm-up: connections, prepared statements
+    for client in paths.values():  # warm-up: connections, prepared statements, caches
         for _ in range(10):
             measure(client)
-    per_round: dict[str, dict[str, list[float]]] = {
-        name: {"p50": [], "p99": []} for name in ("direct", "gateway")
-    }
+    per_round: dict[str, dict[str, list[float]]] = {name: {"p50": [], "p99": []} for name in paths}
     for _ in range(rounds):
-        for name, client in (("direct", paths.direct), ("gateway", paths.gateway)):
+        for name, client in paths.items():
             samples = [measure(client) * 1000 for _ in range(calls)]
             per_round[name]["p50"].append(pct(samples, 0.5))
             per_round[name]["p99"].append(pct(samples, 0.99))
@@ -145,14 +205,15 @@ def interleaved(
 
 
 async def throughput(
-    client: openai.AsyncOpenAI, concurrency: int, seconds: float
-) -> tuple[float, float]:
+    clients: list[openai.AsyncOpenAI], concurrency: int, seconds: float
+) -> tuple[float, float, int]:
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + seconds
 
-    async def worker() -> None:
+    async def worker(n: int) -> None:
         nonlocal errors
+        client = clients[n % len(clients)]
         while time.perf_counter() < stop_at:
             start = time.perf_counter()
             try:
@@ -163,11 +224,104 @@ async def throughput(
             latencies.append(time.perf_counter() - start)
 
     began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
     elapsed = time.perf_counter() - began
-    if errors:
-        print(f"    ({errors} errors)")
-    return len(latencies) / elapsed, pct(latencies, 0.99) * 1000
+    return len(latencies) / elapsed, pct(latencies, 0.99) * 1000, errors
+
+
+def machine() -> str:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{platform.node()}, {os.cpu_count()} cores, {platform.machine()}; load {load}"
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, services: Services, peer: Path | None) -> int:
+    database_url = services.postgres.create_database(f"gw_{uuid.uuid4().hex[:6]}")
+    env = app_env(
+        services,
+        database_url,
+        # Production's timings, not the system tests' short ones.
+        HOLD_LEASE_SECONDS="30",
+        STREAM_CHECKPOINT_SECONDS="2",
+        HOLD_SWEEP_INTERVAL_SECONDS="5",
+        JOBS_INTERVAL_SECONDS="60",
+        UPSTREAM_MAX_SECONDS="300",
+        UPSTREAM_RETRIES="2",
+        RATE_LIMIT_USER_PER_MINUTE="10000000",
+        RATE_LIMIT_IP_PER_MINUTE="10000000",
+        RATE_LIMIT_CONCURRENT=str(max(64, args.concurrency)),
+    )
+    upstream_v1 = f"{services.upstream_url}/v1"
+    with running_app(env, workers=args.workers, log=services.base / "app.log") as app:
+        keys = [a.api_key for a in provision(env, [10**12] * USERS, label="gw")]
+        with contextmanager_or_none(
+            running_peer(peer, upstream_v1, services.base / "litellm.log") if peer else None
+        ) as peer_url:
+            urls = {"direct": (upstream_v1, ["sk-fake"])}
+            if peer_url:
+                urls["litellm"] = (f"{peer_url}/v1", [PEER_MASTER_KEY])
+            urls["aicredits"] = (f"{app.base_url}/v1", keys)
+            sync = {
+                name: openai.OpenAI(base_url=url, api_key=k[0], max_retries=0)
+                for name, (url, k) in urls.items()
+            }
+            peer_note = f"LiteLLM {peer_version(peer)}" if peer and peer_url else "no peer"
+            print(
+                f"gateway bench {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}\n"
+                f"  aicredits: prod --backend-only, {args.workers} worker(s), Postgres, Redis "
+                f"limits; peer: {peer_note}, 1 worker, no database\n"
+                f"  {args.rounds} interleaved rounds of {args.calls} calls per path, after a "
+                "warm-up; medians of the round figures (ms)\n"
+            )
+            header = f"  {'':<24} {'path':<10} {'p50':>7} {'p99':>7} {'added p50':>10} " \
+                     f"{'added p99':>10}"  # fmt: skip
+            print(header)
+            for label, measure in (
+                ("first streamed token", first_token),
+                ("whole non-streamed call", whole_call),
+            ):
+                r = interleaved(sync, measure, args.rounds, args.calls)
+                for name, stats in r.items():
+                    added = ""
+                    if name != "direct":
+                        a50 = stats["p50"] - r["direct"]["p50"]
+                        a99 = stats["p99"] - r["direct"]["p99"]
+                        added = f"{a50:+10.2f} {a99:+10.2f}"
+                    print(f"  {label:<24} {name:<10} {stats['p50']:7.2f} {stats['p99']:7.2f} "
+                          f"{added}")  # fmt: skip
+                    label = ""
+                if "litellm" in r:
+                    ours = {s: r["aicredits"][s] - r["direct"][s] for s in ("p50", "p99")}
+                    theirs = {s: r["litellm"][s] - r["direct"][s] for s in ("p50", "p99")}
+                    ratio = "  ".join(
+                        f"{s} {ours[s] / theirs[s]:.2f}" if theirs[s] > 0 else f"{s} -"
+                        for s in ("p50", "p99")
+                    )
+                    print(f"  {'':<24} aicredits added / LiteLLM added: {ratio}")
+            print()
+            for name, (url, k) in urls.items():
+                clients = [
+                    openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0) for key in k
+                ]
+                rps, p99, errors = asyncio.run(throughput(clients, args.concurrency, args.seconds))
+                print(f"  concurrency {args.concurrency}: {name:<10} {rps:7.0f} req/s   "
+                      f"p99 {p99:7.1f} ms   errors {errors}")  # fmt: skip
+    db = Database(database_url)
+    problems = verify_ledger(db)
+    db.dispose()
+    print(f"  verify-ledger after the run: {'clean' if not problems else problems[0]}")
+    return 0 if not problems else 1
+
+
+@contextmanager
+def contextmanager_or_none(cm: Any) -> Iterator[Any]:
+    if cm is None:
+        yield None
+    else:
+        with cm as value:
+            yield value
 
 
 def main() -> int:
@@ -176,88 +330,16 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=40, help="calls per path per round")
     parser.add_argument("--seconds", type=float, default=5.0, help="per throughput run")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--no-redis", action="store_true", help="in-process limits")
+    parser.add_argument("--workers", type=int, default=1, help="aicredits' worker processes")
+    parser.add_argument("--no-peer", action="store_true", help="skip LiteLLM")
     args = parser.parse_args()
-
-    name = f"aicredits_bench_gw_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    db_url = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    db_url = f"{db_url}/{name}"
-    try:
-        upgrade_to_head(db_url)
-        db = Database(db_url)
-        pricing.seed_prices(db, DEFAULT_MODELS)
-        user = users.create_user(db, email="bench@example.test", email_verified=True)
-        ledger.grant(db, user_id=user.id, credits=10**12, key="bench", reason="bench")
-        key = api_keys.create_api_key(db, user_id=user.id, name="bench").secret
-        db.dispose()
-
-        upstream_port, api_port = free_port(), free_port()
-        upstream = f"http://127.0.0.1:{upstream_port}"
-        api = f"http://127.0.0.1:{api_port}"
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "OPENAI_BASE_URL": f"{upstream}/v1",
-            "REDIS_URL": "" if args.no_redis else REDIS_URL,
-            "RATE_LIMIT_USER_PER_MINUTE": "10000000",
-            "RATE_LIMIT_IP_PER_MINUTE": "10000000",
-            "RATE_LIMIT_CONCURRENT": "1000",
-            "BENCH_API_PORT": str(api_port),
-        }
-        upstream_cmd = [
-            sys.executable, "-m", "aicredits", "fake-upstream", "--port", str(upstream_port),
-            "--reply-tokens", "20",
-        ]  # fmt: skip
-        api_cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-api"]
-        with (
-            process(upstream_cmd, env, f"{upstream}/_fake/stats"),
-            process(api_cmd, env, f"{api}/healthz"),
-        ):
-            paths = Paths(
-                direct=openai.OpenAI(base_url=f"{upstream}/v1", api_key="x", max_retries=0),
-                gateway=openai.OpenAI(base_url=f"{api}/v1", api_key=key, max_retries=0),
-                direct_async=openai.AsyncOpenAI(
-                    base_url=f"{upstream}/v1", api_key="x", max_retries=0
-                ),
-                gateway_async=openai.AsyncOpenAI(base_url=f"{api}/v1", api_key=key, max_retries=0),
-            )
-            limits = "in-process" if args.no_redis else "Redis"
-            print(
-                f"gateway bench: Postgres, {limits} limits; {args.rounds} interleaved rounds of "
-                f"{args.calls} calls per path; medians of the round figures (ms)"
-            )
-            for label, measure in (
-                ("first streamed token", first_token),
-                ("whole non-streamed call", whole_call),
-            ):
-                r = interleaved(paths, measure, args.rounds, args.calls)
-                added50 = r["gateway"]["p50"] - r["direct"]["p50"]
-                added99 = r["gateway"]["p99"] - r["direct"]["p99"]
-                direct, gateway = r["direct"], r["gateway"]
-                print(
-                    f"  {label:<24} direct p50 {direct['p50']:6.2f} p99 {direct['p99']:6.2f}"
-                    f" | gateway p50 {gateway['p50']:6.2f} p99 {gateway['p99']:6.2f}"
-                    f" | added p50 {added50:5.2f} p99 {added99:5.2f}"
-                )
-            results = {}
-            for label, client in (("direct", paths.direct_async), ("gateway", paths.gateway_async)):
-                results[label] = asyncio.run(throughput(client, args.concurrency, args.seconds))
-            for label, (rps, p99) in results.items():
-                where = f"concurrency {args.concurrency}: {label:<8}"
-                print(f"  {where} {rps:7.0f} req/s   p99 {p99:7.1f} ms")
-            ratio = results["gateway"][0] / results["direct"][0]
-            print(f"  gateway/direct throughput ratio {ratio:.2f}")
-            print("  goal: added at most 3 ms at p50 and 10 ms at p99 (concurrency 1)")
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    return 0
+    peer = None if args.no_peer else peer_python()
+    if shutil.which("pg_ctl") is None and not Path("/usr/lib/postgresql").exists():
+        print("Postgres binaries not found (the harness starts a private cluster)")
+        return 1
+    with private_services() as services:
+        return run(args, services, peer)
 
 
 if __name__ == "__main__":
-    if "--serve-api" in sys.argv:
-        serve_api()
-    else:
-        sys.exit(main())
+    raise SystemExit(main())

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -29,6 +29,17 @@ async def run_blocking_to_completion(fn: Callable[P, T], /, *args: P.args, **kwa
     """Like run_blocking, but a cancelled caller does not abandon the result half-way: the
     work always finishes in its thread (money must be settled even if the client left)."""
     task = asyncio.ensure_future(run_blocking(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
+
+
+async def to_completion(work: Coroutine[Any, Any, T]) -> T:
+    """Await `work` so that a cancelled caller does not abandon it half-way: it runs to its
+    end as its own task (the async path's run_blocking_to_completion)."""
+    task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:

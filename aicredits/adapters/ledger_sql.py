@@ -11,7 +11,9 @@ and it runs one writer at a time anyway).
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +23,13 @@ import psycopg
 import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
-from aicredits.adapters.tables import credit_accounts, holds, ledger_entries, usage_events
+from aicredits.adapters.tables import (
+    TOP_UP_PREDICATE,
+    credit_accounts,
+    holds,
+    ledger_entries,
+    usage_events,
+)
 
 
 class _FifoLock:
@@ -62,6 +70,21 @@ def _gate(user_id: int) -> _FifoLock:
     return _GATES[user_id % len(_GATES)]
 
 
+# The same gate for the statements sent from the event loop (reserve_hold_async,
+# settle_hold_async): asyncio's Lock is FIFO, and a waiter holds no thread.
+_ASYNC_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _async_gate(user_id: int) -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    gates = _ASYNC_GATES.get(loop)
+    if gates is None:
+        gates = _ASYNC_GATES[loop] = [asyncio.Lock() for _ in range(len(_GATES))]
+    return gates[user_id % len(gates)]
+
+
 class RequestIdTaken(Exception):
     """The request id already has a hold."""
 
@@ -89,6 +112,11 @@ class HoldPricing:
 class Settled:
     balance_after: int
     usage_event_id: int | None
+    # The entry that started the user's current allowance (its id and balance_after), read in
+    # the same statement, so the caller can tell whether a usage threshold may have been
+    # reached without another round trip (services.thresholds.may_need_recording).
+    top_up_id: int | None = None
+    top_up_balance_after: int = 0
 
 
 # --- Postgres ---------------------------------------------------------------------------------
@@ -111,6 +139,8 @@ RETURNING id
 # account, append the spend entry with the balance the account UPDATE returned.
 # {lapsed} is empty for the worker's own settle; the sweeper adds that the lease has lapsed,
 # so a hold whose worker renewed it meanwhile is left to that worker.
+# The last top-up (the current allowance's start: services.thresholds.last_top_up_query)
+# rides along in the final SELECT; it is not a change of the settle, only what it returns.
 _PG_SETTLE_WITH_USAGE = """
 WITH h AS (
     UPDATE holds
@@ -144,7 +174,12 @@ e AS (
     FROM h, a, u WHERE %(charged)s > 0
     RETURNING id
 )
-SELECT a.balance, u.id AS usage_id FROM a, u
+SELECT a.balance, u.id AS usage_id, top_up.id, top_up.balance_after FROM a CROSS JOIN u
+LEFT JOIN LATERAL (
+    SELECT t.id, t.balance_after FROM ledger_entries AS t
+    WHERE t.user_id = %(user_id)s AND __TOP_UP__
+    ORDER BY t.id DESC LIMIT 1
+) AS top_up ON true
 """
 
 _PG_SETTLE_WITHOUT_USAGE = """
@@ -170,9 +205,16 @@ e AS (
     FROM h, a WHERE %(charged)s > 0
     RETURNING id
 )
-SELECT a.balance, NULL AS usage_id FROM a
+SELECT a.balance, NULL AS usage_id, top_up.id, top_up.balance_after FROM a
+LEFT JOIN LATERAL (
+    SELECT t.id, t.balance_after FROM ledger_entries AS t
+    WHERE t.user_id = %(user_id)s AND __TOP_UP__
+    ORDER BY t.id DESC LIMIT 1
+) AS top_up ON true
 """
 _LAPSED = " AND expires_at <= %(now)s"
+_PG_SETTLE_WITH_USAGE = _PG_SETTLE_WITH_USAGE.replace("__TOP_UP__", TOP_UP_PREDICATE)
+_PG_SETTLE_WITHOUT_USAGE = _PG_SETTLE_WITHOUT_USAGE.replace("__TOP_UP__", TOP_UP_PREDICATE)
 PG_SETTLE_WITH_USAGE = _PG_SETTLE_WITH_USAGE.format(lapsed="")
 PG_SETTLE_WITHOUT_USAGE = _PG_SETTLE_WITHOUT_USAGE.format(lapsed="")
 PG_SETTLE_LAPSED_WITH_USAGE = _PG_SETTLE_WITH_USAGE.format(lapsed=_LAPSED)
@@ -195,16 +237,7 @@ def reserve_hold(
     """Hold `amount` credits if the account has them available. Returns the hold id, or None
     when the account lacks the credits or does not exist (nothing changed either way).
     Raises RequestIdTaken when the request id already has a hold."""
-    params = {
-        "user_id": user_id,
-        "amount": amount,
-        "request_id": request_id,
-        "now": now,
-        "expires_at": expires_at,
-        "model": pricing.model if pricing else "",
-        "price_version_id": pricing.price_version_id if pricing else None,
-        "input_tokens": pricing.input_tokens if pricing else 0,
-    }
+    params = _reserve_params(user_id, amount, request_id, now, expires_at, pricing)
     if db.is_sqlite:
         try:
             return _reserve_sqlite(db, params)
@@ -218,6 +251,47 @@ def reserve_hold(
     except psycopg.errors.UniqueViolation as exc:
         raise RequestIdTaken(request_id) from exc
     return None if row is None else int(row[0])
+
+
+async def reserve_hold_async(
+    db: Database,
+    *,
+    user_id: int,
+    amount: int,
+    request_id: str,
+    now: datetime,
+    expires_at: datetime,
+    pricing: HoldPricing | None = None,
+) -> int | None:
+    """reserve_hold on Postgres without a thread (Database.execute_one_async): the same
+    statement, the same answers."""
+    params = _reserve_params(user_id, amount, request_id, now, expires_at, pricing)
+    try:
+        async with _async_gate(user_id):
+            row = await db.execute_one_async(PG_RESERVE, params)
+    except psycopg.errors.UniqueViolation as exc:
+        raise RequestIdTaken(request_id) from exc
+    return None if row is None else int(row[0])
+
+
+def _reserve_params(
+    user_id: int,
+    amount: int,
+    request_id: str,
+    now: datetime,
+    expires_at: datetime,
+    pricing: HoldPricing | None,
+) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "amount": amount,
+        "request_id": request_id,
+        "now": now,
+        "expires_at": expires_at,
+        "model": pricing.model if pricing else "",
+        "price_version_id": pricing.price_version_id if pricing else None,
+        "input_tokens": pricing.input_tokens if pricing else 0,
+    }
 
 
 class _Refused(Exception):
@@ -278,8 +352,71 @@ def settle_hold(
     """Move a pending hold to settled: charge `charged`, free the whole hold, record the usage
     event and the spend entry. Returns None (and changes nothing) if the hold is not pending,
     or, with `only_if_lapsed`, if its lease has not lapsed by `now`."""
+    params = _settle_params(
+        hold_id, user_id, request_id, amount, charged, unbilled, cost, usage, reason, now
+    )
+    if db.is_sqlite:
+        return _settle_sqlite(db, params, user_id, usage is not None, only_if_lapsed)
+    if only_if_lapsed:
+        sql = PG_SETTLE_LAPSED_WITH_USAGE if usage is not None else PG_SETTLE_LAPSED_WITHOUT_USAGE
+    else:
+        sql = PG_SETTLE_WITH_USAGE if usage is not None else PG_SETTLE_WITHOUT_USAGE
+    with _gate(user_id):
+        row = db.execute_one(sql, params)
+    return _settled(row)
+
+
+async def settle_hold_async(
+    db: Database,
+    *,
+    hold_id: int,
+    user_id: int,
+    request_id: str,
+    amount: int,
+    charged: int,
+    unbilled: int,
+    cost: int,
+    usage: UsageRow | None,
+    reason: str,
+    now: datetime,
+) -> Settled | None:
+    """settle_hold (a worker's own, not the sweeper's) on Postgres without a thread: the
+    same statement, the same answers."""
+    params = _settle_params(
+        hold_id, user_id, request_id, amount, charged, unbilled, cost, usage, reason, now
+    )
+    sql = PG_SETTLE_WITH_USAGE if usage is not None else PG_SETTLE_WITHOUT_USAGE
+    async with _async_gate(user_id):
+        row = await db.execute_one_async(sql, params)
+    return _settled(row)
+
+
+def _settled(row: tuple[Any, ...] | None) -> Settled | None:
+    if row is None:
+        return None
+    return Settled(
+        balance_after=int(row[0]),
+        usage_event_id=row[1],
+        top_up_id=row[2],
+        top_up_balance_after=int(row[3] or 0),
+    )
+
+
+def _settle_params(
+    hold_id: int,
+    user_id: int,
+    request_id: str,
+    amount: int,
+    charged: int,
+    unbilled: int,
+    cost: int,
+    usage: UsageRow | None,
+    reason: str,
+    now: datetime,
+) -> dict[str, Any]:
     params: dict[str, Any] = {
         "hold_id": hold_id,
+        "user_id": user_id,
         "request_id": request_id,
         "amount": amount,
         "charged": charged,
@@ -300,17 +437,7 @@ def settle_hold(
             estimated=usage.estimated,
             outcome=usage.outcome,
         )
-    if db.is_sqlite:
-        return _settle_sqlite(db, params, user_id, usage is not None, only_if_lapsed)
-    if only_if_lapsed:
-        sql = PG_SETTLE_LAPSED_WITH_USAGE if usage is not None else PG_SETTLE_LAPSED_WITHOUT_USAGE
-    else:
-        sql = PG_SETTLE_WITH_USAGE if usage is not None else PG_SETTLE_WITHOUT_USAGE
-    with _gate(user_id):
-        row = db.execute_one(sql, params)
-    if row is None:
-        return None
-    return Settled(balance_after=int(row[0]), usage_event_id=row[1])
+    return params
 
 
 def _settle_sqlite(
@@ -379,4 +506,15 @@ def _settle_sqlite(
                     created_at=p["now"],
                 )
             )
-        return Settled(balance_after=int(balance), usage_event_id=usage_id)
+        top_up = conn.execute(
+            sa.select(ledger_entries.c.id, ledger_entries.c.balance_after)
+            .where(ledger_entries.c.user_id == user_id, sa.text(TOP_UP_PREDICATE))
+            .order_by(ledger_entries.c.id.desc())
+            .limit(1)
+        ).first()
+        return Settled(
+            balance_after=int(balance),
+            usage_event_id=usage_id,
+            top_up_id=top_up.id if top_up is not None else None,
+            top_up_balance_after=int(top_up.balance_after) if top_up is not None else 0,
+        )

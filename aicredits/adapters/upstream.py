@@ -137,8 +137,17 @@ def _message_delta(choice: Any) -> tuple[int, str | None, Delta]:
     return index, choice.get("finish_reason") or None, delta
 
 
-def _retry_after(error: openai.APIStatusError, attempt: int) -> float:
-    header = error.response.headers.get("retry-after") if error.response is not None else None
+class _StatusError(Exception):
+    """The upstream answered a chat request with an error status (our own HTTP client)."""
+
+    def __init__(self, status: int, headers: httpx2.Headers) -> None:
+        super().__init__(f"status {status}")
+        self.status_code = status
+        self.headers = headers
+
+
+def _retry_after(headers: Mapping[str, str] | None, attempt: int) -> float:
+    header = headers.get("retry-after") if headers is not None else None
     try:
         wait = float(header) if header else 0.0
     except ValueError:
@@ -161,14 +170,33 @@ class Upstream:
         self.base_url = base_url
         self.retries = retries
         self.max_seconds = max_seconds
+        timeout = httpx2.Timeout(read_timeout, connect=connect_timeout)
+        key = api_key or "no-key-needed"  # the local fake upstream takes any key
+        # Embeddings and the model list go through the SDK.
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
-            api_key=api_key or "no-key-needed",  # the local fake upstream takes any key
+            api_key=key,
             max_retries=0,  # retried here, and only before the first token
-            timeout=httpx2.Timeout(read_timeout, connect=connect_timeout),
+            timeout=timeout,
+        )
+        # Chat, the metered hot path, is one plain HTTP client: the request body is ours
+        # already (checked by the gateway) and the reply is decoded here, so the SDK's typing
+        # and transforms of every request would only cost time. Same wire as the SDK's:
+        # POST {base_url}/chat/completions, a Bearer key, a JSON body with extra_body's
+        # fields merged over ours.
+        self._chat_url = base_url.rstrip("/") + "/chat/completions"
+        self._http = httpx2.AsyncClient(
+            timeout=timeout,
+            headers={
+                "Authorization": f"Bearer {key}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+            limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=100),
         )
 
     async def aclose(self) -> None:
+        await self._http.aclose()
         await self._client.close()
 
     async def _call(self, request_id: str, make: Callable[[], Awaitable[T]]) -> T:
@@ -177,7 +205,7 @@ class Upstream:
         while True:
             try:
                 return await make()
-            except openai.APIStatusError as error:
+            except (openai.APIStatusError, _StatusError) as error:
                 retryable = error.status_code == 429 or error.status_code >= 500
                 if not retryable or attempt >= self.retries:
                     raise UpstreamError(
@@ -185,7 +213,12 @@ class Upstream:
                         kind="status",
                         status=error.status_code,
                     ) from error
-                wait = _retry_after(error, attempt)
+                headers = (
+                    error.headers
+                    if isinstance(error, _StatusError)
+                    else (error.response.headers if error.response is not None else None)
+                )
+                wait = _retry_after(headers, attempt)
                 logger.info(
                     "upstream %s for %s, retry %d in %.2fs",
                     error.status_code,
@@ -195,12 +228,41 @@ class Upstream:
                 )
                 await asyncio.sleep(wait)
                 attempt += 1
-            except openai.APITimeoutError as error:
+            except (openai.APITimeoutError, httpx2.TimeoutException) as error:
                 raise UpstreamError("the model provider timed out", kind="timeout") from error
-            except openai.APIConnectionError as error:
+            except (openai.APIConnectionError, httpx2.HTTPError) as error:
                 raise UpstreamError(
                     "the model provider could not be reached", kind="connection"
                 ) from error
+
+    def _chat_request(self, arguments: dict[str, Any], *, stream: bool) -> httpx2.Request:
+        body: dict[str, Any] = {
+            "model": arguments["model"],
+            "messages": arguments["messages"],
+            arguments["cap_field"]: arguments["max_tokens"],
+            "stream": stream,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        body.update(arguments["params"])  # as the SDK merges extra_body: over ours
+        return self._http.build_request(
+            "POST",
+            self._chat_url,
+            content=json.dumps(body, separators=(",", ":")).encode(),
+            headers=arguments["headers"],
+        )
+
+    async def _open_chat(self, arguments: dict[str, Any], *, stream: bool) -> httpx2.Response:
+        """Send one chat request (a fresh one per attempt); raise _StatusError on an error
+        status, with the response read and closed."""
+        response = await self._http.send(self._chat_request(arguments, stream=stream), stream=True)
+        if response.status_code >= 400:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            raise _StatusError(response.status_code, response.headers)
+        return response
 
     def _arguments(
         self,
@@ -215,10 +277,11 @@ class Upstream:
         return {
             "model": model,
             "messages": list(messages),
-            cap_field: max_tokens,
-            "extra_headers": {"X-Request-Id": request_id, **(headers or {})},
-            # As checked by the gateway, untouched by the SDK's own typing.
-            "extra_body": dict(params or {}),
+            "cap_field": cap_field,
+            "max_tokens": max_tokens,
+            "headers": {"X-Request-Id": request_id, **(headers or {})},
+            # As checked by the gateway, sent as they are.
+            "params": dict(params or {}),
         }
 
     async def complete(
@@ -237,12 +300,17 @@ class Upstream:
         arguments = self._arguments(
             model, messages, max_tokens, request_id, params, headers, cap_field
         )
-        completions: Any = self._client.chat.completions
-        raw = await self._call(
-            request_id, lambda: completions.with_raw_response.create(stream=False, **arguments)
-        )
+
+        async def send() -> bytes:
+            response = await self._open_chat(arguments, stream=False)
+            try:
+                return await response.aread()
+            finally:
+                await response.aclose()
+
+        content = await self._call(request_id, send)
         try:
-            body = json.loads(raw.http_response.content)
+            body = json.loads(content)
             choices = [_message_delta(choice) for choice in body["choices"]]
             if not choices:
                 raise ValueError("no choices")
@@ -275,28 +343,25 @@ class Upstream:
         arguments = self._arguments(
             model, messages, max_tokens, request_id, params, headers, cap_field
         )
-        completions: Any = self._client.chat.completions
-        opened: list[Any] = []
-
-        async def open_stream() -> Any:
-            # A fresh request per attempt: a retry cannot reuse the first one.
-            manager = completions.with_streaming_response.create(
-                stream=True, stream_options={"include_usage": True}, **arguments
-            )
-            response = await manager.__aenter__()
-            opened.append(manager)
-            return response
-
-        response = await self._call(request_id, open_stream)
+        # A fresh request per attempt: a retry cannot reuse the first one.
+        response = await self._call(request_id, lambda: self._open_chat(arguments, stream=True))
         usage: Usage | None = None
         reasons: dict[int, str] = {}
+        done = False
         try:
-            async for line in response.iter_lines():
+            async for line in response.aiter_lines():
+                if done:
+                    # Read on to the body's end (right after [DONE]), so the connection goes
+                    # back to the pool instead of being closed and opened again next call.
+                    if time.monotonic() - started > self.max_seconds:
+                        break
+                    continue
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    done = True
+                    continue
                 if time.monotonic() - started > self.max_seconds:
                     raise UpstreamError("the reply took too long", kind="deadline")
                 event = json.loads(data)
@@ -314,11 +379,12 @@ class Upstream:
         except UpstreamError:
             raise
         except (openai.APIError, httpx2.HTTPError) as error:
-            raise UpstreamError(BROKE_OFF, kind="connection") from error
+            if not done:  # after [DONE] the reply is whole: a broken tail changes nothing
+                raise UpstreamError(BROKE_OFF, kind="connection") from error
         except (ValueError, TypeError, AttributeError) as error:
             raise UpstreamError(MALFORMED, kind="malformed") from error
         finally:
-            await opened[-1].__aexit__(None, None, None)
+            await response.aclose()
         yield Finished(usage=usage, finish_reason=reasons.get(0), finish_reasons=reasons)
 
     async def embed(

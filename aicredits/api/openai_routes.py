@@ -168,7 +168,11 @@ class OpenAIRoutes:
                 "Missing API key: send 'Authorization: Bearer <key>'. Create a key at "
                 f"{self.settings.public_url}/keys"
             )
-        user = await run_blocking(api_keys.resolve_api_key, self.db, self.settings, key.strip())
+        key = key.strip()
+        # Resolved this past second in this worker: no database call, so no thread either.
+        user = api_keys.cached_user(self.db, key)
+        if user is None:
+            user = await run_blocking(api_keys.resolve_api_key, self.db, self.settings, key)
         if user is None:
             raise AuthenticationFailed("Invalid or revoked API key.")
         logs.set_user_id(user.id)

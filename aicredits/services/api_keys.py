@@ -5,7 +5,9 @@
   so the user can tell keys apart). A leaked database leaks no usable key.
 * A key works until it is revoked, by its user or by suspending the user (which revokes
   every key of theirs in the same transaction). Resolution checks the key, its revocation and
-  the user's suspension on every call, so revoking takes effect at once.
+  the user's suspension on every call, so revoking takes effect at once in the process that
+  revoked it. Each worker remembers a resolved key for at most KEY_CACHE_SECONDS (one
+  second), so it reaches every other worker within that second; see `cached_user`.
 * A user has at most MAX_ACTIVE_KEYS unrevoked keys; creating one locks the user's row, so
   two concurrent creates cannot both slip under the limit (nor past a suspension).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeGuard
@@ -40,6 +43,16 @@ _KEY_SHAPE = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{43}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The id column is a 32-bit INTEGER on Postgres: a larger number is no key, not a DB error.
 _MAX_ID = 2**31 - 1
+
+# A resolved key's user, remembered per process (and per database) for this long: the metered
+# path then skips a database round trip and a thread hop on nearly every call. Bounded, not
+# invalidated across processes: a revocation or suspension made elsewhere reaches this
+# worker when the entry lapses, within the second. One made in this process clears them at
+# once (after its commit; a call resolving at that very moment may still remember its user,
+# for at most the same second).
+KEY_CACHE_SECONDS = 1.0
+_KEY_CACHE_MAX = 10_000
+_key_cache: dict[tuple[str, str], tuple[float, CurrentUser]] = {}
 
 
 class UnknownApiKey(AICreditsError):
@@ -174,13 +187,20 @@ def revoke_api_key(
             .values(revoked_at=now or utcnow())
         )
         row = conn.execute(sa.select(*_VIEW_COLUMNS).where(mine)).first()
+    forget_cached_keys()
     if row is None:
         raise UnknownApiKey("There is no such API key.")
     return _view(row)
 
 
+def forget_cached_keys() -> None:
+    """Drop every remembered key of this process (after a revocation made here)."""
+    _key_cache.clear()
+
+
 def revoke_user_keys(conn: Connection, *, user_id: int, now: datetime) -> int:
     """Revoke every active key of a user inside the caller's transaction (for suspension)."""
+    forget_cached_keys()  # before the commit too: harmless, and nothing re-caches it after
     result = conn.execute(
         sa.update(api_keys)
         .where(api_keys.c.user_id == user_id, api_keys.c.revoked_at.is_(None))
@@ -192,17 +212,44 @@ def revoke_user_keys(conn: Connection, *, user_id: int, now: datetime) -> int:
 def revoke_all_api_keys(db: Database, *, user_id: int, now: datetime | None = None) -> int:
     """Revoke every active key of this user. Returns how many were active."""
     with db.transaction() as conn:
-        return revoke_user_keys(conn, user_id=user_id, now=now or utcnow())
+        revoked = revoke_user_keys(conn, user_id=user_id, now=now or utcnow())
+    forget_cached_keys()
+    return revoked
+
+
+def cached_user(db: Database, raw_key: str | None) -> CurrentUser | None:
+    """The user of a key this process resolved less than KEY_CACHE_SECONDS ago, else None.
+    No I/O, so the caller needs no thread; on None it calls resolve_api_key."""
+    if not is_well_formed(raw_key):
+        return None
+    entry = _key_cache.get((db.url, hash_token(raw_key)))
+    if entry is None or entry[0] <= time.monotonic():
+        return None
+    return entry[1]
+
+
+def _remember(db: Database, key_hash: str, user: CurrentUser, *, until: float) -> None:
+    if len(_key_cache) >= _KEY_CACHE_MAX:
+        now = time.monotonic()
+        for cache_key in [k for k, (until, _) in _key_cache.items() if until <= now]:
+            _key_cache.pop(cache_key, None)
+        if len(_key_cache) >= _KEY_CACHE_MAX:
+            _key_cache.clear()
+    _key_cache[(db.url, key_hash)] = (until, user)
 
 
 def resolve_api_key(
     db: Database, settings: Settings, raw_key: str | None, *, now: datetime | None = None
 ) -> CurrentUser | None:
     """The user a key acts for, or None if it is malformed, unknown, revoked, or its user is
-    suspended. Records its use at most every LAST_USED_GRANULARITY."""
+    suspended. Records its use at most every LAST_USED_GRANULARITY. Remembers the answer for
+    `cached_user` (only a user: an unknown or revoked key is looked up every time)."""
     if not is_well_formed(raw_key):
         return None
     now = now or utcnow()
+    key_hash = hash_token(raw_key)
+    # Read before the query: an entry is never younger than what it was read from.
+    cache_until = time.monotonic() + KEY_CACHE_SECONDS
     with db.read() as conn:
         row = conn.execute(
             sa.select(
@@ -216,7 +263,7 @@ def resolve_api_key(
             )
             .select_from(api_keys.join(users, users.c.id == api_keys.c.user_id))
             .where(
-                api_keys.c.key_hash == hash_token(raw_key),
+                api_keys.c.key_hash == key_hash,
                 api_keys.c.revoked_at.is_(None),
                 users.c.is_suspended.is_(False),
             )
@@ -236,7 +283,9 @@ def resolve_api_key(
                 .values(last_used_at=now)
             )
             conn.execute(sa.update(users).where(users.c.id == row.user_id).values(last_seen_at=now))
-    return _current_user(row, settings)
+    user = _current_user(row, settings)
+    _remember(db, key_hash, user, until=cache_until)
+    return user
 
 
 def _current_user(row: Row[*tuple[Any, ...]], settings: Settings) -> CurrentUser:

@@ -215,7 +215,7 @@ class EmbeddingCall:
             unbilled=settled.unbilled,
         )
         if settled.charged:
-            self._gateway.note_spend(self.hold.user_id)
+            self._gateway.note_spend(self.hold.user_id, settled)
         return EmbeddingResult(
             request_id=self.request_id,
             model=self.request.model,

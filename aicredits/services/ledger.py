@@ -22,12 +22,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from aicredits.adapters import ledger_sql
+from aicredits.adapters.blocking import run_blocking
 from aicredits.adapters.db import Database, insert_ignoring_conflict, reading, unit_of_work
 from aicredits.adapters.ledger_sql import HoldPricing
 from aicredits.adapters.tables import (
@@ -129,6 +130,10 @@ class SettleResult:
     applied: bool
     balance_after: int | None = None
     usage_event_id: int | None = None
+    # When applied: the entry that started the current allowance (id, balance_after), read
+    # by the settle itself; see services.thresholds.may_need_recording.
+    top_up_id: int | None = None
+    top_up_balance_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,45 +494,110 @@ def reserve(
     The hold lives for `lease` unless renewed (renew_leases, record_progress). `pricing` lets
     the sweeper charge a call whose worker died for what it had delivered; without it such a
     hold is only released."""
+    ask = _reservation(user_id, credits, request_id, lease, pricing, now)
+    try:
+        hold_id = ledger_sql.reserve_hold(db, **ask.statement())
+    except ledger_sql.RequestIdTaken:
+        return _replayed_hold(db, ask)
+    if hold_id is None:
+        _refuse(db, ask)
+    return ask.hold(hold_id)
+
+
+async def reserve_async(
+    db: Database,
+    *,
+    user_id: int,
+    credits: int,
+    request_id: str,
+    lease: timedelta = DEFAULT_HOLD_LEASE,
+    pricing: HoldPricing | None = None,
+    now: datetime | None = None,
+) -> HoldView:
+    """reserve() from the event loop: on Postgres its one statement goes out without a thread
+    (the metered path); a replay, a refusal and SQLite take the thread path as before."""
+    if db.is_sqlite:
+        return await run_blocking(
+            reserve, db, user_id=user_id, credits=credits, request_id=request_id, lease=lease,
+            pricing=pricing, now=now,
+        )  # fmt: skip
+    ask = _reservation(user_id, credits, request_id, lease, pricing, now)
+    try:
+        hold_id = await ledger_sql.reserve_hold_async(db, **ask.statement())
+    except ledger_sql.RequestIdTaken:
+        return await run_blocking(_replayed_hold, db, ask)
+    if hold_id is None:
+        await run_blocking(_refuse, db, ask)
+    assert hold_id is not None  # _refuse raised
+    return ask.hold(hold_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reservation:
+    user_id: int
+    credits: int
+    request_id: str
+    now: datetime
+    expires_at: datetime
+    pricing: HoldPricing | None
+
+    def statement(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "amount": self.credits,
+            "request_id": self.request_id,
+            "now": self.now,
+            "expires_at": self.expires_at,
+            "pricing": self.pricing,
+        }
+
+    def hold(self, hold_id: int) -> HoldView:
+        pricing = self.pricing
+        return HoldView(
+            id=hold_id,
+            user_id=self.user_id,
+            request_id=self.request_id,
+            amount=self.credits,
+            status=HoldStatus.PENDING.value,
+            charged=None,
+            unbilled=0,
+            expires_at=self.expires_at,
+            model=pricing.model if pricing else "",
+            price_version_id=pricing.price_version_id if pricing else None,
+            input_tokens=pricing.input_tokens if pricing else 0,
+        )
+
+
+def _reservation(
+    user_id: int,
+    credits: int,
+    request_id: str,
+    lease: timedelta,
+    pricing: HoldPricing | None,
+    now: datetime | None,
+) -> _Reservation:
     now = now or utcnow()
     require_non_negative(credits)
     request_id = require_key(request_id, "request id")
-    expires_at = now + lease
-    try:
-        hold_id = ledger_sql.reserve_hold(
-            db,
-            user_id=user_id,
-            amount=credits,
-            request_id=request_id,
-            now=now,
-            expires_at=expires_at,
-            pricing=pricing,
-        )
-    except ledger_sql.RequestIdTaken:
-        with db.read() as conn:
-            existing = _load_hold(conn, holds.c.request_id == request_id, replayed=True)
-        if existing.user_id != user_id or existing.amount != credits:
-            raise IdempotencyConflict(
-                f"request id {request_id!r} was already used for a different reservation"
-            ) from None
-        return existing
-    if hold_id is None:
-        with db.read() as conn:
-            current = _account_or_unknown(conn, user_id)
-        raise InsufficientCredits(available=current.balance - current.held, needed=credits)
-    return HoldView(
-        id=hold_id,
-        user_id=user_id,
-        request_id=request_id,
-        amount=credits,
-        status=HoldStatus.PENDING.value,
-        charged=None,
-        unbilled=0,
-        expires_at=expires_at,
-        model=pricing.model if pricing else "",
-        price_version_id=pricing.price_version_id if pricing else None,
-        input_tokens=pricing.input_tokens if pricing else 0,
-    )
+    return _Reservation(user_id, credits, request_id, now, now + lease, pricing)
+
+
+def _replayed_hold(db: Database, ask: _Reservation) -> HoldView:
+    """The hold an earlier call with this request id made (the same reservation), or
+    IdempotencyConflict."""
+    with db.read() as conn:
+        existing = _load_hold(conn, holds.c.request_id == ask.request_id, replayed=True)
+    if existing.user_id != ask.user_id or existing.amount != ask.credits:
+        raise IdempotencyConflict(
+            f"request id {ask.request_id!r} was already used for a different reservation"
+        ) from None
+    return existing
+
+
+def _refuse(db: Database, ask: _Reservation) -> NoReturn:
+    with db.read() as conn:
+        current = _account_or_unknown(conn, ask.user_id)
+    raise InsufficientCredits(available=current.balance - current.held, needed=ask.credits)
 
 
 def settle(
@@ -573,19 +643,63 @@ def settle(
         )
     if settled is None:  # already settled, released or expired, perhaps by a concurrent call
         return _settle_finished_hold(db, hold.id, actual_credits, usage, now)
+    return _applied(hold, split.charged, split.unbilled, settled)
+
+
+async def settle_async(
+    db: Database,
+    *,
+    hold: HoldView,
+    actual_credits: int,
+    usage: UsageRecord | None = None,
+    now: datetime | None = None,
+) -> SettleResult:
+    """settle() of a worker's own pending hold from the event loop: on Postgres its one
+    statement goes out without a thread (the metered path); a hold no longer pending and
+    SQLite take the thread path as before."""
+    if db.is_sqlite or hold.status != HoldStatus.PENDING:
+        return await run_blocking(
+            settle, db, hold=hold, actual_credits=actual_credits, usage=usage, now=now
+        )
+    now = now or utcnow()
+    require_non_negative(actual_credits, "actual credits")
+    split = split_settlement(hold_amount=hold.amount, actual=actual_credits)
+    settled = await ledger_sql.settle_hold_async(
+        db,
+        hold_id=hold.id,
+        user_id=hold.user_id,
+        request_id=hold.request_id,
+        amount=hold.amount,
+        charged=split.charged,
+        unbilled=split.unbilled,
+        cost=actual_credits,
+        usage=_usage_row(usage),
+        reason=f"{usage.model} call" if usage else "metered call",
+        now=now,
+    )
+    if settled is None:  # already settled, released or expired, perhaps by a concurrent call
+        return await run_blocking(_settle_finished_hold, db, hold.id, actual_credits, usage, now)
+    return _applied(hold, split.charged, split.unbilled, settled)
+
+
+def _applied(
+    hold: HoldView, charged: int, unbilled: int, settled: ledger_sql.Settled
+) -> SettleResult:
     return SettleResult(
         hold=replace(
             hold,
             status=HoldStatus.SETTLED.value,
-            charged=split.charged,
-            unbilled=split.unbilled,
+            charged=charged,
+            unbilled=unbilled,
             replayed=False,
         ),
-        charged=split.charged,
-        unbilled=split.unbilled,
+        charged=charged,
+        unbilled=unbilled,
         applied=True,
         balance_after=settled.balance_after,
         usage_event_id=settled.usage_event_id,
+        top_up_id=settled.top_up_id,
+        top_up_balance_after=settled.top_up_balance_after,
     )
 
 

@@ -73,6 +73,25 @@ def current_allowance(target: Database | Connection, *, user_id: int) -> Allowan
     )
 
 
+def may_need_recording(
+    settings: Settings,
+    *,
+    balance: int,
+    top_up_id: int | None,
+    top_up_balance_after: int,
+) -> bool:
+    """Whether record_crossings could record anything after a charge, judged from what the
+    settle itself returned (no round trip): False when no threshold is reached in this
+    allowance, as after most charges. (Once one is reached, every charge checks again: the
+    record is idempotent, and the next threshold may be reached.)"""
+    current = allowance(
+        top_up_entry_id=top_up_id,
+        size_after_top_up=top_up_balance_after if top_up_id is not None else 0,
+        balance=balance,
+    )
+    return bool(crossed(current, settings.threshold_percents))
+
+
 def record_crossings(
     db: Database, settings: Settings, *, user_id: int, now: datetime | None = None
 ) -> list[int]:

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 from aicredits.adapters.db import Database, unit_of_work
 from aicredits.adapters.tables import auth_sessions, credit_accounts, users, utcnow
 from aicredits.domain.errors import InvalidRequest, UnknownUser
-from aicredits.services.api_keys import revoke_user_keys
+from aicredits.services.api_keys import forget_cached_keys, revoke_user_keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +83,5 @@ def set_suspended(target: Database | Connection, *, user_id: int, suspended: boo
                 .values(revoked_at=now)
             )
             revoke_user_keys(conn, user_id=user_id, now=now)
+    if suspended:
+        forget_cached_keys()  # again after the commit: see api_keys.KEY_CACHE_SECONDS

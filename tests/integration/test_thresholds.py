@@ -278,3 +278,32 @@ def test_credits_that_expire_are_warned_of_by_the_jobs(
     assert (report.credits_expired, report.emails_sent) == (90, 3)
     assert rows(db, user) == [(50, False), (80, False), (100, False)]
     assert sum("used 100% of your current credits" in m for m in sink.messages) == 1
+
+
+def test_the_settle_tells_the_gateway_when_a_crossing_may_need_recording(db: Database) -> None:
+    """The settle returns the current allowance's top-up with the balance (one statement), so
+    the gateway skips record_crossings after the charges below every threshold; the others
+    still get there."""
+    user = make_user(db, credits=100)
+
+    def charge(credits: int) -> bool:
+        hold = ledger.reserve(db, user_id=user, credits=credits, request_id=new_key("r"))
+        settled = ledger.settle(db, hold=hold, actual_credits=credits)
+        assert settled.balance_after is not None
+        current = thresholds.current_allowance(db, user_id=user)
+        assert settled.top_up_id == current.entry_id  # what the settle read is the allowance
+        return thresholds.may_need_recording(
+            SETTINGS,
+            balance=settled.balance_after,
+            top_up_id=settled.top_up_id,
+            top_up_balance_after=settled.top_up_balance_after,
+        )
+
+    assert charge(49) is False
+    assert charge(1) is True  # 50% reached
+    assert thresholds.record_crossings(db, SETTINGS, user_id=user) == [50]
+    assert charge(30) is True  # still past 50%: checked again (and 80% is reached now)
+    assert thresholds.record_crossings(db, SETTINGS, user_id=user) == [80]
+    ledger.grant(db, user_id=user, credits=1_000, key=new_key(), reason="bought")
+    assert charge(1) is False  # a new allowance, barely used
+    assert rows(db, user) == [(50, False), (80, False)]

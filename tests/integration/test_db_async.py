@@ -1,0 +1,89 @@
+"""Database.execute_one_async, the metered path's statements without a thread (Postgres):
+many at once share a bounded pool, and a statement cancelled mid-way leaves no broken
+connection behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import psycopg
+import pytest
+
+from aicredits.adapters.db import Database
+
+pytestmark = pytest.mark.postgres
+
+
+def test_more_statements_at_once_than_connections_all_complete(pg_url: str) -> None:
+    db = Database(pg_url)
+
+    async def run() -> list[int]:
+        rows = await asyncio.gather(
+            *(
+                db.execute_one_async("SELECT %(n)s::int, pg_sleep(0.01)", {"n": n})
+                for n in range(60)
+            )
+        )
+        try:
+            return [row[0] for row in rows if row is not None]
+        finally:
+            await db.aclose_async()
+
+    try:
+        assert asyncio.run(run()) == list(range(60))
+    finally:
+        db.dispose()
+
+
+def test_a_cancelled_statement_does_not_poison_the_pool(pg_url: str) -> None:
+    db = Database(pg_url)
+
+    async def run() -> tuple[int, ...] | None:
+        slow = asyncio.ensure_future(db.execute_one_async("SELECT pg_sleep(5)", {}))
+        await asyncio.sleep(0.2)  # sent, and running on the server
+        slow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await slow
+        # Every connection of the pool is still usable (none is left mid-statement).
+        rows = await asyncio.gather(*(db.execute_one_async("SELECT 1", {}) for _ in range(30)))
+        try:
+            assert all(row == (1,) for row in rows)
+            return await db.execute_one_async("SELECT 2", {})
+        finally:
+            await db.aclose_async()
+
+    try:
+        assert asyncio.run(run()) == (2,)
+    finally:
+        db.dispose()
+
+
+def test_after_the_server_drops_its_connections_only_one_statement_fails(pg_url: str) -> None:
+    """As with a Postgres restart: the first statement on a dead connection fails (its
+    caller answers 503), and the pool drops every idle one with it, so the next succeed."""
+    db = Database(pg_url)
+    conninfo = pg_url.replace("postgresql+psycopg://", "postgresql://")
+
+    async def run() -> list[object]:
+        await asyncio.gather(*(db.execute_one_async("SELECT pg_sleep(0.05)", {}) for _ in range(5)))
+        with psycopg.connect(conninfo, autocommit=True) as admin:  # every other backend
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            )
+        outcomes: list[object] = []
+        for _ in range(5):
+            try:
+                outcomes.append(await db.execute_one_async("SELECT 1", {}))
+            except psycopg.OperationalError:
+                outcomes.append("failed")
+        await db.aclose_async()
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        db.dispose()
+    assert outcomes == ["failed"] + [(1,)] * 4
