@@ -62,16 +62,19 @@ def test_a_cancelled_statement_does_not_poison_the_pool(pg_url: str) -> None:
 def test_after_the_server_drops_its_connections_only_one_statement_fails(pg_url: str) -> None:
     """As with a Postgres restart: the first statement on a dead connection fails (its
     caller answers 503), and the pool drops every idle one with it, so the next succeed."""
-    db = Database(pg_url)
+    # Its connections are named, so that only they are dropped: the run's other tests share
+    # this database, and their pooled connections must live on.
+    name = "aicredits-test-dropped"
+    db = Database(f"{pg_url}?application_name={name}")
     conninfo = pg_url.replace("postgresql+psycopg://", "postgresql://")
 
     async def run() -> list[object]:
         await asyncio.gather(*(db.execute_one_async("SELECT pg_sleep(0.05)", {}) for _ in range(5)))
-        with psycopg.connect(conninfo, autocommit=True) as admin:  # every other backend
+        with psycopg.connect(conninfo, autocommit=True) as admin:
             admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND backend_type = 'client backend'"
+                "WHERE datname = current_database() AND application_name = %s",
+                (name,),
             )
         outcomes: list[object] = []
         for _ in range(5):
