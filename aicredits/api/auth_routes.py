@@ -60,9 +60,10 @@ SIGN_IN_STATUS: dict[type[auth.SignInError], int] = {
 def error_page(settings: Settings, *, title: str, message: str, status: int) -> HTMLResponse:
     """A small self-contained page: the callback runs outside the Reflex frontend."""
     login = html.escape(f"{settings.public_url}/login")
+    icon = html.escape(f"{settings.public_url}/favicon.ico")
     body = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>{html.escape(title)} · aicredits</title>
+<title>{html.escape(title)} · aicredits</title><link rel="icon" href="{icon}">
 <style>body{{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
 color:#1c2024}}a{{color:#0d74ce}}.box{{border:1px solid #e0e1e6;border-radius:8px;padding:1.5rem}}
 </style></head><body><div class="box" role="alert"><h1>{html.escape(title)}</h1>

@@ -110,9 +110,10 @@ def _to_sign_in(settings: Settings) -> Response:
 def _page(settings: Settings, *, title: str, body: str, status: int = 200) -> HTMLResponse:
     """A small self-contained page, like the sign-in error page: it runs outside Reflex."""
     back = html.escape(f"{settings.public_url}/credits")
+    icon = html.escape(f"{settings.public_url}/favicon.ico")
     document = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>{html.escape(title)} · aicredits</title>
+<title>{html.escape(title)} · aicredits</title><link rel="icon" href="{icon}">
 <style>body{{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
 color:#1c2024}}a{{color:#0d74ce}}.box{{border:1px solid #e0e1e6;border-radius:8px;padding:1.5rem}}
 .sim{{background:#fff4d5;border:2px dashed #ab6400;color:#4f3422;padding:.75rem 1rem;

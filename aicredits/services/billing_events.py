@@ -290,6 +290,15 @@ def apply_invoice_paid(
         )
         if grant.credits <= 0 or grant.expires_at is None:
             return Applied("no_credits" if lines else "unknown_plan", user_id)
+        renewal = grant.period_start is not None and invoice.subscription_id is not None
+        if renewal:
+            _end_earlier_periods(conn, invoice, grant)
+    if renewal:
+        # The previous period's rest leaves first, with its `expiry` entry, so the new
+        # period's grant starts the allowance the usage warnings count against (an expiry
+        # after it would read as credits used).
+        ledger.expire_due_grants(db, now=now)
+    with db.transaction() as conn:
         entry = ledger.grant(
             conn,
             user_id=user_id,
@@ -308,10 +317,6 @@ def apply_invoice_paid(
         )
         if grant.period_start is not None:
             _grant_credit_line(conn, settings, invoice, plan_id, grant, user_id=user_id, now=now)
-            if invoice.subscription_id:
-                _end_earlier_periods(conn, invoice, grant)
-    # The previous period's rest leaves now, with its `expiry` entry.
-    ledger.expire_due_grants(db, now=now)
     return Applied("already_granted" if entry.replayed else "granted", user_id)
 
 

@@ -21,7 +21,15 @@ import sqlalchemy as sa
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import credit_lots, invoices, ledger_entries, subscriptions
 from aicredits.domain.errors import InsufficientCredits
-from aicredits.services import checkout, jobs, ledger, overage, receipts, stripe_webhook
+from aicredits.services import (
+    checkout,
+    jobs,
+    ledger,
+    overage,
+    receipts,
+    stripe_webhook,
+    thresholds,
+)
 from aicredits.services.plans import current_subscription
 from aicredits.services.subscriptions import list_invoices, plan_usage
 from aicredits.services.verify import verify_ledger
@@ -328,6 +336,10 @@ def test_renewal_grants_the_new_period_and_expires_the_old_periods_rest(
     usage = plan_usage(shop.db, shop.settings, user_id=sub.user_id)
     assert usage is not None
     assert (usage.included, usage.remaining, usage.period_end) == (TEAM, TEAM, at(t2))
+    # The old rest left before the new grant: the usage warnings count the new period from
+    # zero, not the expiry as credits used.
+    allowance = thresholds.current_allowance(shop.db, user_id=sub.user_id)
+    assert (allowance.size, allowance.used) == (1_000 + TEAM, 0)
     assert verify_ledger(shop.db) == []
 
 
