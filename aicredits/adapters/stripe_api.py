@@ -145,7 +145,7 @@ class CheckoutRequest:
 # --- parsing Stripe's JSON ------------------------------------------------------------------
 
 
-def _str(obj: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
+def read_str(obj: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
     value = obj.get(key)
     if isinstance(value, Mapping):  # an expanded object: its id is what we keep
         value = value.get("id")
@@ -158,7 +158,7 @@ def _str(obj: Mapping[str, Any], key: str, *, required: bool = False) -> str | N
     return value
 
 
-def _int(obj: Mapping[str, Any], key: str, *, required: bool = False) -> int | None:
+def read_int(obj: Mapping[str, Any], key: str, *, required: bool = False) -> int | None:
     value = obj.get(key)
     if value is None:
         if required:
@@ -178,61 +178,61 @@ def parse_checkout_session(obj: Mapping[str, Any]) -> CheckoutSession:
     if isinstance(intent, Mapping):  # retrieved with expand=payment_intent.latest_charge
         charge = intent.get("latest_charge")
         if isinstance(charge, Mapping):
-            charge_id = _str(charge, "id")
-            receipt_url = _str_url(charge.get("receipt_url"))
+            charge_id = read_str(charge, "id")
+            receipt_url = read_url(charge.get("receipt_url"))
         elif isinstance(charge, str):
             charge_id = charge
     return CheckoutSession(
-        id=_str(obj, "id", required=True) or "",
-        payment_status=_str(obj, "payment_status") or "unpaid",
-        status=_str(obj, "status"),
-        amount_total=_int(obj, "amount_total"),
-        currency=(_str(obj, "currency") or "").lower() or None,
-        client_reference_id=_str(obj, "client_reference_id"),
+        id=read_str(obj, "id", required=True) or "",
+        payment_status=read_str(obj, "payment_status") or "unpaid",
+        status=read_str(obj, "status"),
+        amount_total=read_int(obj, "amount_total"),
+        currency=(read_str(obj, "currency") or "").lower() or None,
+        client_reference_id=read_str(obj, "client_reference_id"),
         metadata={str(k): str(v) for k, v in raw_meta.items()},
-        payment_intent_id=_str(obj, "payment_intent"),
-        customer_id=_str(obj, "customer"),
+        payment_intent_id=read_str(obj, "payment_intent"),
+        customer_id=read_str(obj, "customer"),
         charge_id=charge_id,
         receipt_url=receipt_url,
-        url=_str_url(obj.get("url")),
-        mode=_str(obj, "mode"),
-        created=_int(obj, "created"),
+        url=read_url(obj.get("url")),
+        mode=read_str(obj, "mode"),
+        created=read_int(obj, "created"),
     )
 
 
-def _str_url(value: object) -> str | None:
+def read_url(value: object) -> str | None:
     return value if isinstance(value, str) and value.startswith("https://") else None
 
 
 def parse_charge(obj: Mapping[str, Any]) -> Charge:
     return Charge(
-        id=_str(obj, "id", required=True) or "",
-        payment_intent_id=_str(obj, "payment_intent"),
-        amount=_int(obj, "amount", required=True) or 0,
-        amount_refunded=_int(obj, "amount_refunded", required=True) or 0,
-        receipt_url=_str_url(obj.get("receipt_url")),
+        id=read_str(obj, "id", required=True) or "",
+        payment_intent_id=read_str(obj, "payment_intent"),
+        amount=read_int(obj, "amount", required=True) or 0,
+        amount_refunded=read_int(obj, "amount_refunded", required=True) or 0,
+        receipt_url=read_url(obj.get("receipt_url")),
     )
 
 
 def parse_refund(obj: Mapping[str, Any]) -> Refund:
     return Refund(
-        id=_str(obj, "id", required=True) or "",
-        charge_id=_str(obj, "charge"),
-        payment_intent_id=_str(obj, "payment_intent"),
-        amount=_int(obj, "amount", required=True) or 0,
-        currency=(_str(obj, "currency") or "").lower(),
-        status=_str(obj, "status") or "",
+        id=read_str(obj, "id", required=True) or "",
+        charge_id=read_str(obj, "charge"),
+        payment_intent_id=read_str(obj, "payment_intent"),
+        amount=read_int(obj, "amount", required=True) or 0,
+        currency=(read_str(obj, "currency") or "").lower(),
+        status=read_str(obj, "status") or "",
     )
 
 
 def parse_dispute(obj: Mapping[str, Any]) -> Dispute:
     return Dispute(
-        id=_str(obj, "id", required=True) or "",
-        charge_id=_str(obj, "charge"),
-        payment_intent_id=_str(obj, "payment_intent"),
-        amount=_int(obj, "amount") or 0,
-        currency=(_str(obj, "currency") or "").lower(),
-        reason=(_str(obj, "reason") or "unspecified")[:100],
+        id=read_str(obj, "id", required=True) or "",
+        charge_id=read_str(obj, "charge"),
+        payment_intent_id=read_str(obj, "payment_intent"),
+        amount=read_int(obj, "amount") or 0,
+        currency=(read_str(obj, "currency") or "").lower(),
+        reason=(read_str(obj, "reason") or "unspecified")[:100],
     )
 
 
@@ -251,8 +251,8 @@ def parse_event(body: str) -> WebhookEvent:
         raise MalformedEvent("the event has no type or no data.object")
     if len(event_type) > 100:
         raise MalformedEvent("the event type is too long")
-    event_id = _str(data, "id", required=True) or ""
-    created = _int(data, "created") or 0
+    event_id = read_str(data, "id", required=True) or ""
+    created = read_int(data, "created") or 0
     return WebhookEvent(id=event_id, type=event_type, object=obj, body=body, created=created)
 
 
@@ -371,7 +371,7 @@ class StripeApi:
                 {"idempotency_key": idempotency_key},
             )
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
         return str(customer.id)
 
     def create_checkout_session(
@@ -383,7 +383,7 @@ class StripeApi:
                 {"idempotency_key": idempotency_key},
             )
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
         parsed = _parse_sdk_session(session)
         if not parsed.url:
             raise StripeFailure("Stripe returned a Checkout Session without a URL")
@@ -399,9 +399,9 @@ class StripeApi:
         except stripe.InvalidRequestError as exc:
             if exc.http_status == 404:
                 raise CheckoutSessionNotFound(session_id) from exc
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
         return _parse_sdk_session(session)
 
     def retrieve_price(self, price_id: str) -> tuple[int, str]:
@@ -409,7 +409,7 @@ class StripeApi:
         try:
             price = self._client.v1.prices.retrieve(price_id)
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
         amount = price.unit_amount
         if not isinstance(amount, int):
             raise StripeFailure(f"the Price {price_id} has no fixed unit amount")
@@ -425,7 +425,7 @@ class StripeApi:
             for session in listed.auto_paging_iter():
                 yield _parse_sdk_session(session)
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
 
     def list_refunds(self, *, created_from: int) -> Iterator[Refund]:
         """Every refund created since `created_from` (Unix time), newest first."""
@@ -439,7 +439,7 @@ class StripeApi:
                 except MalformedEvent as exc:
                     raise StripeFailure(f"Stripe returned an unreadable refund: {exc}") from exc
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
 
 
 def _parse_sdk_session(session: Any) -> CheckoutSession:
@@ -449,7 +449,7 @@ def _parse_sdk_session(session: Any) -> CheckoutSession:
         raise StripeFailure(f"Stripe returned an unreadable Checkout Session: {exc}") from exc
 
 
-def _explain(exc: stripe.StripeError) -> str:
+def explain_error(exc: stripe.StripeError) -> str:
     return exc.user_message or type(exc).__name__
 
 

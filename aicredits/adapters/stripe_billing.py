@@ -19,9 +19,9 @@ from aicredits.adapters.stripe_api import (
     MalformedEvent,
     StripeApi,
     StripeFailure,
-    _int,
-    _str,
-    _str_url,
+    read_int,
+    read_str,
+    read_url,
 )
 from aicredits.domain.checkout_marker import METADATA_KEY as MARKER_METADATA_KEY
 
@@ -90,15 +90,16 @@ def parse_subscription(obj: Mapping[str, Any]) -> SubscriptionObject:
     items = _items(obj, "items")
     first = items[0] if items else {}
     price = first.get("price")
-    price_id = _str(first, "price") if isinstance(price, Mapping | str) else None
+    price_id = read_str(first, "price") if isinstance(price, Mapping | str) else None
     return SubscriptionObject(
-        id=_str(obj, "id", required=True) or "",
-        customer_id=_str(obj, "customer", required=True) or "",
-        status=(_str(obj, "status") or "incomplete")[:32],
+        id=read_str(obj, "id", required=True) or "",
+        customer_id=read_str(obj, "customer", required=True) or "",
+        status=(read_str(obj, "status") or "incomplete")[:32],
         price_id=price_id,
-        current_period_start=_int(first, "current_period_start")
-        or _int(obj, "current_period_start"),
-        current_period_end=_int(first, "current_period_end") or _int(obj, "current_period_end"),
+        current_period_start=read_int(first, "current_period_start")
+        or read_int(obj, "current_period_start"),
+        current_period_end=read_int(first, "current_period_end")
+        or read_int(obj, "current_period_end"),
         cancel_at_period_end=obj.get("cancel_at_period_end") is True,
         metadata=_metadata(obj.get("metadata")),
     )
@@ -107,9 +108,9 @@ def parse_subscription(obj: Mapping[str, Any]) -> SubscriptionObject:
 def _line_price(line: Mapping[str, Any]) -> str | None:
     details = _mapping(_mapping(line, "pricing"), "price_details")
     if details:
-        return _str(details, "price")
+        return read_str(details, "price")
     if isinstance(line.get("price"), Mapping | str):
-        return _str(line, "price")
+        return read_str(line, "price")
     return None
 
 
@@ -134,28 +135,28 @@ def parse_invoice(obj: Mapping[str, Any]) -> InvoiceObject:
     details = _mapping(_mapping(obj, "parent"), "subscription_details") or _mapping(
         obj, "subscription_details"
     )
-    subscription_id = _str(details, "subscription") or _str(obj, "subscription")
+    subscription_id = read_str(details, "subscription") or read_str(obj, "subscription")
     lines = tuple(
         InvoiceLine(
             price_id=_line_price(line),
             amount=_signed_int(line, "amount"),
-            period_start=_int(_mapping(line, "period"), "start"),
-            period_end=_int(_mapping(line, "period"), "end"),
+            period_start=read_int(_mapping(line, "period"), "start"),
+            period_end=read_int(_mapping(line, "period"), "end"),
             proration=_line_proration(line),
         )
         for line in _items(obj, "lines")
     )
     return InvoiceObject(
-        id=_str(obj, "id", required=True) or "",
-        customer_id=_str(obj, "customer", required=True) or "",
+        id=read_str(obj, "id", required=True) or "",
+        customer_id=read_str(obj, "customer", required=True) or "",
         subscription_id=subscription_id,
-        billing_reason=(_str(obj, "billing_reason") or "")[:40],
-        status=(_str(obj, "status") or "")[:16],
-        amount_paid=_int(obj, "amount_paid") or 0,
-        amount_due=_int(obj, "amount_due") or 0,
-        currency=(_str(obj, "currency") or "").lower()[:8],
-        hosted_invoice_url=_str_url(obj.get("hosted_invoice_url")),
-        invoice_pdf=_str_url(obj.get("invoice_pdf")),
+        billing_reason=(read_str(obj, "billing_reason") or "")[:40],
+        status=(read_str(obj, "status") or "")[:16],
+        amount_paid=read_int(obj, "amount_paid") or 0,
+        amount_due=read_int(obj, "amount_due") or 0,
+        currency=(read_str(obj, "currency") or "").lower()[:8],
+        hosted_invoice_url=read_url(obj.get("hosted_invoice_url")),
+        invoice_pdf=read_url(obj.get("invoice_pdf")),
         lines=lines,
         subscription_metadata=_metadata(details.get("metadata")),
     )
@@ -205,7 +206,7 @@ def create_subscription_checkout(
         )
     except stripe.StripeError as exc:
         raise StripeFailure(exc.user_message or type(exc).__name__) from exc
-    url = _str_url(session.to_dict().get("url"))
+    url = read_url(session.to_dict().get("url"))
     if not url:
         raise StripeFailure("Stripe returned a Checkout Session without a URL")
     return url
@@ -219,7 +220,7 @@ def create_portal_session(api: StripeApi, *, customer_id: str, return_url: str) 
         )
     except stripe.StripeError as exc:
         raise StripeFailure(exc.user_message or type(exc).__name__) from exc
-    url = _str_url(session.to_dict().get("url"))
+    url = read_url(session.to_dict().get("url"))
     if not url:
         raise StripeFailure("Stripe returned a portal session without a URL")
     return url

@@ -28,9 +28,10 @@ from aicredits.adapters.stripe_api import (
     CreatedSession,
     MalformedEvent,
     StripeFailure,
-    _int,
-    _str,
-    _str_url,
+    explain_error,
+    read_int,
+    read_str,
+    read_url,
 )
 
 # What a PaymentIntent's status means for a top-up.
@@ -79,7 +80,7 @@ class OffSessionRequest:
 
 
 def parse_payment_intent(obj: Mapping[str, Any]) -> OffSessionPayment:
-    status = _str(obj, "status") or ""
+    status = read_str(obj, "status") or ""
     error = obj.get("last_payment_error")
     code = message = ""
     if isinstance(error, Mapping):
@@ -96,16 +97,16 @@ def parse_payment_intent(obj: Mapping[str, Any]) -> OffSessionPayment:
     charge_id = receipt_url = None
     latest = obj.get("latest_charge")
     if isinstance(latest, Mapping):
-        charge_id = _str(latest, "id")
-        receipt_url = _str_url(latest.get("receipt_url"))
+        charge_id = read_str(latest, "id")
+        receipt_url = read_url(latest.get("receipt_url"))
     elif isinstance(latest, str):
         charge_id = latest
     return OffSessionPayment(
-        id=_str(obj, "id", required=True) or "",
+        id=read_str(obj, "id", required=True) or "",
         outcome=outcome,
-        amount=_int(obj, "amount") or 0,
-        currency=(_str(obj, "currency") or "").lower(),
-        customer_id=_str(obj, "customer"),
+        amount=read_int(obj, "amount") or 0,
+        currency=(read_str(obj, "currency") or "").lower(),
+        customer_id=read_str(obj, "customer"),
         charge_id=charge_id,
         receipt_url=receipt_url,
         failure_code=code,
@@ -123,8 +124,8 @@ def parse_setup_card(obj: Mapping[str, Any]) -> SavedCard:
         raise MalformedEvent("the payment method is not a card")
     month, year = card.get("exp_month"), card.get("exp_year")
     return SavedCard(
-        payment_method_id=_str(method, "id", required=True) or "",
-        customer_id=_str(obj, "customer") or _str(method, "customer"),
+        payment_method_id=read_str(method, "id", required=True) or "",
+        customer_id=read_str(obj, "customer") or read_str(method, "customer"),
         brand=str(card.get("brand") or "card")[:20],
         last4=str(card.get("last4") or "")[:4],
         exp=f"{int(month):02d}/{int(year)}"
@@ -143,10 +144,10 @@ class SetupSession:
 
 def parse_setup_session(obj: Mapping[str, Any]) -> SetupSession:
     return SetupSession(
-        id=_str(obj, "id", required=True) or "",
-        status=_str(obj, "status"),
-        customer_id=_str(obj, "customer"),
-        setup_intent_id=_str(obj, "setup_intent"),
+        id=read_str(obj, "id", required=True) or "",
+        status=read_str(obj, "status"),
+        customer_id=read_str(obj, "customer"),
+        setup_intent_id=read_str(obj, "setup_intent"),
     )
 
 
@@ -187,8 +188,8 @@ class StripeCards:
                 {"idempotency_key": idempotency_key},
             )
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
-        url = _str_url(session.url)
+            raise StripeFailure(explain_error(exc)) from exc
+        url = read_url(session.url)
         if not url:
             raise StripeFailure("Stripe returned a setup session without a URL")
         return CreatedSession(id=str(session.id), url=url, amount_total=None, currency=currency)
@@ -197,7 +198,7 @@ class StripeCards:
         try:
             session = self._client.v1.checkout.sessions.retrieve(session_id)
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
         return parse_setup_session(session.to_dict())
 
     def retrieve_setup_card(self, setup_intent_id: str) -> SavedCard:
@@ -206,7 +207,7 @@ class StripeCards:
                 setup_intent_id, {"expand": ["payment_method"]}
             )
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
         try:
             return parse_setup_card(intent.to_dict())
         except MalformedEvent as exc:
@@ -218,7 +219,7 @@ class StripeCards:
         except stripe.InvalidRequestError:
             return  # already detached, or gone: either way it is no longer saved
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
 
     def charge_off_session(
         self, request: OffSessionRequest, *, idempotency_key: str
@@ -245,7 +246,7 @@ class StripeCards:
         except stripe.CardError as exc:
             return _declined(exc)
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
         return _parse_sdk_intent(intent.to_dict())
 
     def retrieve_payment(self, payment_intent_id: str) -> OffSessionPayment:
@@ -254,7 +255,7 @@ class StripeCards:
                 payment_intent_id, {"expand": ["latest_charge"]}
             )
         except stripe.StripeError as exc:
-            raise StripeFailure(_explain(exc)) from exc
+            raise StripeFailure(explain_error(exc)) from exc
         return _parse_sdk_intent(intent.to_dict())
 
 
@@ -286,10 +287,6 @@ def _parse_sdk_intent(obj: Mapping[str, Any]) -> OffSessionPayment:
         return parse_payment_intent(obj)
     except MalformedEvent as exc:
         raise StripeFailure(f"Stripe returned an unreadable payment intent: {exc}") from exc
-
-
-def _explain(exc: stripe.StripeError) -> str:
-    return exc.user_message or type(exc).__name__
 
 
 @lru_cache(maxsize=4)
