@@ -303,6 +303,29 @@ def scroll_region(child: rx.Component, *, label: str, **props: Any) -> rx.Compon
     )
 
 
+def list_table(
+    rows: Any,
+    headers: list[str],
+    render_row: Any,
+    *,
+    table_id: str,
+    label: str,
+    empty: rx.Component | None = None,
+) -> rx.Component:
+    """A list of rows (a list Var) as a table in its own scroll region, with its column
+    headers; `empty` (if given) stands in when there are no rows."""
+    table = scroll_region(
+        rx.table.root(
+            rx.table.header(rx.table.row(*[rx.table.column_header_cell(h) for h in headers])),
+            rx.table.body(rx.foreach(rows, render_row)),
+            id=table_id,
+            width="100%",
+        ),
+        label=label,
+    )
+    return rx.cond(rows.length() > 0, table, empty if empty is not None else rx.fragment())
+
+
 def labelled(label: str, control: rx.Component, **props: Any) -> rx.Component:
     """A form control with its visible label, tied to it (the label wraps it)."""
     return rx.el.label(

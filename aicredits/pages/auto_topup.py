@@ -6,7 +6,7 @@ from typing import Any
 
 import reflex as rx
 
-from aicredits.components.layout import scroll_region
+from aicredits.components.layout import list_table
 from aicredits.state.auto_topup import AutoTopUpState
 from aicredits.state.credits import CreditsState
 
@@ -123,26 +123,12 @@ def _history_row(row: Any) -> rx.Component:
 
 
 def _history() -> rx.Component:
-    return rx.cond(
-        AutoTopUpState.topup_history.length() > 0,  # type: ignore[attr-defined]
-        scroll_region(
-            rx.table.root(
-                rx.table.header(
-                    rx.table.row(
-                        rx.table.column_header_cell("Date"),
-                        rx.table.column_header_cell("Pack"),
-                        rx.table.column_header_cell("Amount"),
-                        rx.table.column_header_cell("Credits"),
-                        rx.table.column_header_cell("Status"),
-                        rx.table.column_header_cell("Why"),
-                    )
-                ),
-                rx.table.body(rx.foreach(AutoTopUpState.topup_history, _history_row)),
-                id="topup-history",
-                width="100%",
-            ),
-            label="Auto top-ups",
-        ),
+    return list_table(
+        AutoTopUpState.topup_history,
+        ["Date", "Pack", "Amount", "Credits", "Status", "Why"],
+        _history_row,
+        table_id="topup-history",
+        label="Auto top-ups",
     )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import reflex as rx
 
-from aicredits.components.layout import PostForm, page, scroll_region, trial_notice
+from aicredits.components.layout import PostForm, list_table, page, scroll_region, trial_notice
 from aicredits.pages.auto_topup import auto_topup_section
 from aicredits.pages.plans import invoice_list, plan_section
 from aicredits.settings import get_settings
@@ -63,29 +63,13 @@ def _history_row(row: Any) -> rx.Component:
 
 
 def _history() -> rx.Component:
-    return rx.cond(
-        CreditsState.purchases.length() > 0,  # type: ignore[attr-defined]
-        scroll_region(
-            rx.table.root(
-                rx.table.header(
-                    rx.table.row(
-                        rx.table.column_header_cell("Date"),
-                        rx.table.column_header_cell("Pack"),
-                        rx.table.column_header_cell("Paid"),
-                        rx.table.column_header_cell("Credits"),
-                        rx.table.column_header_cell("Status"),
-                        rx.table.column_header_cell("Receipt"),
-                    )
-                ),
-                rx.table.body(rx.foreach(CreditsState.purchases, _history_row)),
-                id="purchase-history",
-                width="100%",
-                max_width="100%",
-                overflow_x="auto",
-            ),
-            label="Purchases",
-        ),
-        rx.text("No purchases yet.", id="purchase-history-empty", color_scheme="gray"),
+    return list_table(
+        CreditsState.purchases,
+        ["Date", "Pack", "Paid", "Credits", "Status", "Receipt"],
+        _history_row,
+        table_id="purchase-history",
+        label="Purchases",
+        empty=rx.text("No purchases yet.", id="purchase-history-empty", color_scheme="gray"),
     )
 
 

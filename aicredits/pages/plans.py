@@ -8,7 +8,7 @@ from typing import Any
 
 import reflex as rx
 
-from aicredits.components.layout import PostForm, scroll_region
+from aicredits.components.layout import PostForm, list_table
 from aicredits.state.credits import CreditsState
 from aicredits.state.plans import PlanState
 
@@ -165,27 +165,11 @@ def _invoice_row(row: Any) -> rx.Component:
 
 
 def invoice_list() -> rx.Component:
-    return rx.cond(
-        PlanState.invoices.length() > 0,  # type: ignore[attr-defined]
-        scroll_region(
-            rx.table.root(
-                rx.table.header(
-                    rx.table.row(
-                        rx.table.column_header_cell("Date"),
-                        rx.table.column_header_cell("Plan"),
-                        rx.table.column_header_cell("Paid"),
-                        rx.table.column_header_cell("Credits"),
-                        rx.table.column_header_cell("Status"),
-                        rx.table.column_header_cell("Invoice"),
-                    )
-                ),
-                rx.table.body(rx.foreach(PlanState.invoices, _invoice_row)),
-                id="invoice-list",
-                width="100%",
-                max_width="100%",
-                overflow_x="auto",
-            ),
-            label="Invoices",
-        ),
-        rx.text("No invoices yet.", id="invoice-list-empty", color_scheme="gray"),
+    return list_table(
+        PlanState.invoices,
+        ["Date", "Plan", "Paid", "Credits", "Status", "Invoice"],
+        _invoice_row,
+        table_id="invoice-list",
+        label="Invoices",
+        empty=rx.text("No invoices yet.", id="invoice-list-empty", color_scheme="gray"),
     )
