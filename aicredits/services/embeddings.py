@@ -34,8 +34,6 @@ from aicredits.services.gateway import (
     ProgressSink,
     ServerRestarting,
     UpstreamFailed,
-    idempotent_hold_key,
-    new_request_id,
 )
 from aicredits.services.ledger import HoldView, UsageRecord
 from aicredits.services.pricing import Quote
@@ -239,12 +237,7 @@ async def start_embeddings(
     idempotency_key: str | None = None,
 ) -> EmbeddingCall:
     """Validate, check the limits and reserve the input. Nothing is sent upstream."""
-    if gateway.inflight.draining:
-        raise ServerRestarting(
-            "The server is restarting and takes no new calls; try again in a few seconds."
-        )
-    request_id = request_id or new_request_id()
-    hold_key = idempotent_hold_key(user_id, idempotency_key) or request_id
+    request_id, hold_key = gateway.admit(user_id, request_id, idempotency_key)
     spec = gateway.settings.embedding_model_spec(request.model)
     if spec is None:
         raise UnknownModel(f"embedding model {request.model!r} is not offered here")

@@ -686,12 +686,7 @@ class Gateway:
         idempotency_key: str | None = None,
     ) -> Turn:
         """Validate, check the limits and reserve the worst case. Nothing is sent upstream."""
-        if self.inflight.draining:
-            raise ServerRestarting(
-                "The server is restarting and takes no new calls; try again in a few seconds."
-            )
-        request_id = request_id or new_request_id()
-        hold_key = idempotent_hold_key(user_id, idempotency_key) or request_id
+        request_id, hold_key = self.admit(user_id, request_id, idempotency_key)
         spec = self.settings.model_spec(request.model)
         if spec is None:
             raise UnknownModel(f"model {request.model!r} is not offered here")
@@ -711,6 +706,17 @@ class Gateway:
             slot=slot,
             max_tokens=quote.max_output_tokens,
         )
+
+    def admit(
+        self, user_id: int, request_id: str | None, idempotency_key: str | None
+    ) -> tuple[str, str]:
+        """A new metered call's request id and its hold's key; none while the server drains."""
+        if self.inflight.draining:
+            raise ServerRestarting(
+                "The server is restarting and takes no new calls; try again in a few seconds."
+            )
+        request_id = request_id or new_request_id()
+        return request_id, idempotent_hold_key(user_id, idempotency_key) or request_id
 
     async def price(self, model: str) -> pricing.Price:
         price = pricing.cached_price(self.db, model=model)
