@@ -50,6 +50,7 @@ from aicredits.domain.errors import (
 )
 from aicredits.domain.reply import ReplyBuilder, ReplyChoice
 from aicredits.services import ledger, pricing, subscriptions, thresholds
+from aicredits.services.admission import Admission
 from aicredits.services.ledger import HoldView, UsageRecord
 from aicredits.services.pricing import Quote
 from aicredits.settings import ModelSpec, Settings
@@ -635,12 +636,16 @@ class Gateway:
         self.settings = settings
         self.upstream = upstream
         self.limiter = limiter
+        self.admission = Admission(limiter, self._release_hold)
         self.inflight = InFlight(
             db,
             lease_seconds=settings.hold_lease_seconds,
             checkpoint_seconds=settings.stream_checkpoint_seconds,
         )
         self._background: set[asyncio.Task[None]] = set()
+
+    async def _release_hold(self, hold: HoldView) -> None:
+        await run_blocking_to_completion(ledger.release, self.db, hold_id=hold.id)
 
     async def aclose(self) -> None:
         await self.upstream.aclose()
@@ -740,34 +745,34 @@ class Gateway:
             await run_blocking(
                 subscriptions.check_plan_usable, self.db, self.settings, user_id=user_id
             )
-        slot = await self.limiter.acquire(user_id=user_id, ip=ip, request_id=request_id)
         try:
-            hold = await ledger.reserve_async(
-                self.db,
+            slot, hold = await self.admission.admit(
                 user_id=user_id,
-                credits=quote.credits,
-                request_id=hold_key,
-                lease=timedelta(seconds=self.settings.hold_lease_seconds),
-                pricing=HoldPricing(
-                    model=model,
-                    price_version_id=quote.price.version_id,
-                    input_tokens=quote.prompt_tokens,
+                ip=ip,
+                request_id=request_id,
+                keyed=hold_key != request_id,
+                reserve=lambda: ledger.reserve_async(
+                    self.db,
+                    user_id=user_id,
+                    credits=quote.credits,
+                    request_id=hold_key,
+                    lease=timedelta(seconds=self.settings.hold_lease_seconds),
+                    pricing=HoldPricing(
+                        model=model,
+                        price_version_id=quote.price.version_id,
+                        input_tokens=quote.prompt_tokens,
+                    ),
                 ),
             )
         except IdempotencyConflict:
             # Another worst case: another request. (The ledger's message names the hold's
             # key, which the client never sees.)
-            await slot.release()
             raise IdempotencyConflict(KEY_REUSED) from None
         except InsufficientCredits as refused:
-            await slot.release()
             # A plan user is told their plan and its reset date (quota_exceeded).
             raise await run_blocking(
                 subscriptions.quota_error, self.db, self.settings, user_id=user_id, refused=refused
             ) from None
-        except BaseException:
-            await slot.release()
-            raise
         if hold.replayed:
             await slot.release()
             # Another model or prompt size is another request, even at the same worst case.
