@@ -9,6 +9,7 @@ provider failure before any output is still a plain 502 rather than a broken str
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from aicredits.adapters import logs
 from aicredits.domain.chat import ChatRequest, parse_chat_request
@@ -295,11 +297,39 @@ class OpenAIRoutes:
             first = None
         except (UpstreamFailed, ServerRestarting) as exc:
             return self._error(exc, request_id)
-        return StreamingResponse(
+        return EventStream(
             _sse(chat, turn, first, replies),
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"},
         )
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse without anyio's task group, which costs a streamed reply's first
+    token about 0.2 ms: the events are sent from the request's own task while one plain
+    asyncio task waits for the client to leave, and then cancels the sending (as
+    Starlette's own does, so the turn settles for what was delivered)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sending = asyncio.current_task()
+        assert sending is not None
+        left = False
+
+        async def listen() -> None:
+            nonlocal left
+            await self.listen_for_disconnect(receive)
+            left = True
+            sending.cancel()
+
+        listener = asyncio.ensure_future(listen())
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            sending.uncancel()  # the client left: the response is over, not the server
+        finally:
+            listener.cancel()
 
 
 def _request_id() -> str:

@@ -70,6 +70,32 @@ def read_events(response: Any) -> tuple[int, list[dict[str, Any]], bool]:
     return tokens, errors, done
 
 
+def test_a_client_that_leaves_an_api_stream_stops_it_at_once_and_pays_for_what_it_got(
+    system_app: RunningApp, app_db: Database
+) -> None:
+    """Not a stop, but the same path under Granian: the event stream hears the client leave
+    (api/openai_routes.EventStream) and the turn settles for what was delivered, without
+    waiting for the 10 s reply to end."""
+    (user,) = provision(system_app.env, [1_000], label="client-leaves")
+    conn, response = open_stream(system_app, user.api_key, f"go slowly {SLOW}")
+    request_id = response.getheader("x-request-id")
+    for _ in range(3):
+        assert response.readline().startswith(b"data: ")
+        response.readline()  # the blank line after each event
+    left_at = time.monotonic()
+    conn.close()
+
+    def settled() -> bool:
+        return holds_by_request(app_db, [request_id])[request_id].status == "settled"
+
+    wait_until(settled, timeout=8, what="the left stream settled")
+    assert time.monotonic() - left_at < 5
+    (event,) = usage_by_request(app_db, [request_id])[request_id]
+    assert event.outcome == "stopped"
+    assert 3 <= event.charged < 40
+    assert_ledger_sound(app_db)
+
+
 def test_a_stopped_worker_cuts_an_api_stream_with_an_error_event_and_charges_what_it_sent(
     system_app: RunningApp, app_db: Database
 ) -> None:
