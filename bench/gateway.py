@@ -9,9 +9,10 @@ API key, reserve, settle). The peer is the LiteLLM proxy with one worker and no 
 no metering at all), installed from PyPI into its own throwaway venv under `.bench/`, never
 into the project's; when that install fails the bench says so and runs without it.
 
-Measured at the client, in interleaved rounds (direct, LiteLLM, aicredits, direct, ...) after
-a warm-up, so a neighbour's load falls on every path alike; each figure is the median of the
-round figures. Then requests per second at a fixed concurrency for each path, and
+Measured at the client, in interleaved rounds after a warm-up, so a neighbour's load falls on
+every path alike: each round starts with the next path in turn, and each path's calls start
+after a short quiet (QUIET_SECONDS), so one server's leftover work is not charged to the path
+measured after it. Each figure is the median of the round figures. Then requests per second at a fixed concurrency for each path, and
 `verify-ledger` on the database afterwards.
 
     python bench/gateway.py [--rounds 7] [--calls 40] [--seconds 5] [--concurrency 32]
@@ -63,6 +64,7 @@ WORK = ROOT / ".bench"
 PEER_VENV = WORK / "litellm-venv"
 PEER_PACKAGE = "litellm[proxy]"
 PEER_MASTER_KEY = "sk-bench-" + uuid.uuid4().hex
+QUIET_SECONDS = 0.3  # before each path's calls in a round
 USERS = 8  # the throughput run spreads its calls over these, so no single account is hot
 
 
@@ -193,8 +195,14 @@ def interleaved(
         for _ in range(10):
             measure(client)
     per_round: dict[str, dict[str, list[float]]] = {name: {"p50": [], "p99": []} for name in paths}
-    for _ in range(rounds):
-        for name, client in paths.items():
+    names = list(paths)
+    for n in range(rounds):
+        # Each round starts with another path, and each path's calls start on a quiet
+        # machine: a server's work left over after its last reply (LiteLLM's logging
+        # callbacks, our spend notes) is not charged to the path measured after it.
+        for name in names[n % len(names) :] + names[: n % len(names)]:
+            client = paths[name]
+            time.sleep(QUIET_SECONDS)
             samples = [measure(client) * 1000 for _ in range(calls)]
             per_round[name]["p50"].append(pct(samples, 0.5))
             per_round[name]["p99"].append(pct(samples, 0.99))
@@ -226,6 +234,8 @@ async def throughput(
     began = time.perf_counter()
     await asyncio.gather(*(worker(n) for n in range(concurrency)))
     elapsed = time.perf_counter() - began
+    for client in clients:  # in this event loop, which closes after the run
+        await client.close()
     return len(latencies) / elapsed, pct(latencies, 0.99) * 1000, errors
 
 
