@@ -12,8 +12,8 @@ into the project's; when that install fails the bench says so and runs without i
 Measured at the client, in interleaved rounds after a warm-up, so a neighbour's load falls on
 every path alike: each round starts with the next path in turn, and each path's calls start
 after a short quiet (QUIET_SECONDS), so one server's leftover work is not charged to the path
-measured after it. Each figure is the median of the round figures. Then requests per second at a fixed concurrency for each path, and
-`verify-ledger` on the database afterwards.
+measured after it. Each figure is the median of the round figures. Then requests per second
+at a fixed concurrency for each path, and `verify-ledger` on the database afterwards.
 
     python bench/gateway.py [--rounds 7] [--calls 40] [--seconds 5] [--concurrency 32]
                             [--no-peer] [--workers 1]
