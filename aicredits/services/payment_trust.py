@@ -187,8 +187,10 @@ def record_unmatched(
     event_id: str | None = None,
     now: datetime,
 ) -> bool:
-    """Keep a refused payment for an admin (once per session), log a WARNING and count it.
-    True when this call recorded it."""
+    """Keep a refused payment for an admin, log a WARNING and count it: once per session,
+    however often it comes back (Stripe's retries, each daily reconciliation while it is
+    open: on a Stripe account shared with other products, their paid sessions). True when
+    this call recorded it."""
     session = refused.session
     with db.transaction() as conn:
         inserted = conn.execute(
@@ -202,7 +204,12 @@ def record_unmatched(
                 source=source[:20],
                 created_at=now,
             )
-        ).rowcount
+            # Not rowcount: Postgres reports -1 for an INSERT ... ON CONFLICT DO NOTHING here.
+            .returning(unmatched_payments.c.id)
+        ).first()
+    if inserted is None:
+        logger.debug("unmatched payment %s seen again (%s)", session.id, source)
+        return False
     logger.warning(
         "unmatched payment: checkout session %s (event %s, %s %s) credited nothing: %s (%s)",
         session.id,
@@ -213,4 +220,4 @@ def record_unmatched(
         refused.message,
     )
     metrics.unmatched_payment(reason=refused.reason, source=source)
-    return bool(inserted)
+    return True

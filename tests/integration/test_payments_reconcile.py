@@ -11,10 +11,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from aicredits import cli
 from aicredits.adapters.db import Database
-from aicredits.adapters.tables import ledger_entries, reconciliation_runs, utcnow
+from aicredits.adapters.tables import (
+    ledger_entries,
+    reconciliation_runs,
+    unmatched_payments,
+    utcnow,
+)
 from aicredits.services import jobs, reconciliation
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
@@ -214,3 +220,32 @@ def _count(db: Database, table: sa.Table, *where: Any) -> int:
         return int(
             conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()
         )
+
+
+def test_a_foreign_payment_is_logged_and_counted_once_however_often_it_is_seen(
+    shop: Shop,
+    fake: FakeStripe,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Stripe account shared with another product: its paid sessions are not ours. Each is
+    recorded, logged and counted once; later runs only list it while it is open."""
+    uid = make_user(shop.db)
+    foreign = fake.add_session(fs.checkout_session("cs_test_other_product", user_id=uid))
+    counted = _metric(reason="no_marker")
+    with caplog.at_level("WARNING", logger="aicredits.services.payment_trust"):
+        for _ in range(3):
+            code, out = run(capsys, "--since", "1d")
+            assert code == cli.EXIT_BROKEN
+            assert f"{reconciliation.UNMATCHED_PAYMENT}: {foreign['id']}" in out
+    warnings = [r for r in caplog.records if "unmatched payment" in r.getMessage()]
+    assert len(warnings) == 1
+    assert _metric(reason="no_marker") == counted + 1
+    assert _count(shop.db, unmatched_payments) == 1
+
+
+def _metric(*, reason: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "aicredits_unmatched_payments_total", {"reason": reason, "source": "reconcile"}
+    )
+    return value or 0.0
