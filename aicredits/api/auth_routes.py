@@ -8,14 +8,13 @@ POST /auth/logout               revoke the session on the server and clear the c
 
 from __future__ import annotations
 
-import html
 import logging
-from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from aicredits.api.small_pages import message_page
 from aicredits.domain.errors import answer_for
 from aicredits.services import auth, cookies
 from aicredits.services.runtime import get_database
@@ -58,18 +57,11 @@ SIGN_IN_STATUS: dict[type[auth.SignInError], int] = {
 
 
 def error_page(settings: Settings, *, title: str, message: str, status: int) -> HTMLResponse:
-    """A small self-contained page: the callback runs outside the Reflex frontend."""
-    login = html.escape(f"{settings.public_url}/login")
-    icon = html.escape(f"{settings.public_url}/favicon.ico")
-    body = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>{html.escape(title)} · aicredits</title><link rel="icon" href="{icon}">
-<style>body{{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
-color:#1c2024}}a{{color:#0d74ce}}.box{{border:1px solid #e0e1e6;border-radius:8px;padding:1.5rem}}
-</style></head><body><div class="box" role="alert"><h1>{html.escape(title)}</h1>
-<p id="error-message">{html.escape(message)}</p>
-<p><a href="{login}">Back to sign-in</a></p></div></body></html>"""
-    return HTMLResponse(body, status_code=status)
+    """The callback runs outside the Reflex frontend: a small page of its own."""
+    return message_page(
+        settings, title=title, message=message, status=status, back_path="/login",
+        back_label="Back to sign-in",
+    )  # fmt: skip
 
 
 async def to_sign_in_page(_request: Request) -> Response:
@@ -147,10 +139,6 @@ async def logout(request: Request) -> Response:
     response = RedirectResponse(settings.public_url + "/", status_code=303)
     _clear_cookie(response, settings, cookies.SESSION)
     return response
-
-
-def login_page_url(settings: Settings, next_path: str) -> str:
-    return f"{settings.public_url}/login?next={quote(next_path, safe='/')}"
 
 
 routes = [

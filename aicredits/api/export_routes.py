@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from aicredits.api.auth_routes import login_page_url
 from aicredits.api.session import signed_in_user
+from aicredits.api.small_pages import to_sign_in
 from aicredits.services import dashboard
 from aicredits.services.runtime import get_database
 from aicredits.settings import get_settings
@@ -19,7 +19,7 @@ async def export_csv(request: Request) -> Response:
     settings = get_settings()
     user = await signed_in_user(request, settings)
     if user is None:
-        return RedirectResponse(login_page_url(settings, "/credits"), status_code=303)
+        return to_sign_in(settings)
     rows: Iterator[str] = dashboard.export_csv(get_database(), user_id=user.id)
     return StreamingResponse(
         rows,  # a sync iterator: Starlette runs it in a thread, off the event loop

@@ -26,7 +26,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from aicredits.api.session import signed_in_user
-from aicredits.api.stripe_routes import _error_page, _page, _to_sign_in
+from aicredits.api.small_pages import payment_error_page, small_page, to_sign_in
 from aicredits.devtools import simulated_billing
 from aicredits.domain.money import format_money
 from aicredits.services import subscriptions
@@ -52,12 +52,12 @@ async def _redirecting(request: Request, action: Callable[..., str], **kw: Any) 
     settings = get_settings()
     user = await signed_in_user(request, settings)
     if user is None:
-        return _to_sign_in(settings)
+        return to_sign_in(settings)
     try:
         url = await run_blocking(action, get_database(), settings, user_id=user.id, **kw)
     except PaymentError as exc:
         logger.info("billing refused for user %s: %s", user.id, exc.code)
-        return _error_page(settings, exc)
+        return payment_error_page(settings, exc)
     return RedirectResponse(url, status_code=303)
 
 
@@ -74,11 +74,11 @@ async def simulated_subscribe_page(request: Request) -> Response:
     settings = get_settings()
     user = await signed_in_user(request, settings)
     if user is None:
-        return _to_sign_in(settings)
+        return to_sign_in(settings)
     try:
         plan = simulated_billing.simulated_plan(settings, request.path_params["plan_id"])
     except PaymentError as exc:
-        return _error_page(settings, exc)
+        return payment_error_page(settings, exc)
     price = html.escape(format_money(plan.amount, plan.currency))
     action = html.escape(f"{settings.api_url}/billing/simulated/subscribe/{plan.id}")
     body = f"""{SIMULATED_BANNER}
@@ -90,7 +90,7 @@ a month</p>
 webhook, exactly as Stripe would, and nothing is charged anywhere.</p>
 <form method="post" action="{action}"><button class="pay" id="simulated-subscribe"
 type="submit">Subscribe for {price} a month</button></form>"""
-    return _page(settings, title="Simulated subscription checkout", body=body)
+    return small_page(settings, title="Simulated subscription checkout", body=body)
 
 
 def _done(action: Callable[..., None]) -> Callable[..., str]:
@@ -111,11 +111,11 @@ async def simulated_portal_page(request: Request) -> Response:
     settings = get_settings()
     user = await signed_in_user(request, settings)
     if user is None:
-        return _to_sign_in(settings)
+        return to_sign_in(settings)
     try:
         simulated_billing.simulated_portal_url(settings)
     except PaymentError as exc:
-        return _error_page(settings, exc)
+        return payment_error_page(settings, exc)
     sub = await run_blocking(current_subscription, get_database(), user_id=user.id)
     base = html.escape(f"{settings.api_url}/billing/simulated")
     if sub is None or not sub.simulated:
@@ -150,7 +150,7 @@ type="submit">Simulate next month</button></form>"""
 <p>No Stripe key is configured, so this page stands in for Stripe's Customer Portal. Each
 button sends signed events to this site's webhook, exactly as Stripe would.</p>
 {actions}"""
-    return _page(settings, title="Simulated billing portal", body=body)
+    return small_page(settings, title="Simulated billing portal", body=body)
 
 
 async def simulated_change(request: Request) -> Response:

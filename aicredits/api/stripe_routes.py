@@ -22,19 +22,14 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from aicredits.adapters import metrics
-from aicredits.api.auth_routes import login_page_url
 from aicredits.api.session import signed_in_user
+from aicredits.api.small_pages import error_status, payment_error_page, small_page, to_sign_in
 from aicredits.devtools import simulated_checkout as simulated
-from aicredits.domain.errors import AICreditsError
 from aicredits.domain.money import format_money
 from aicredits.services import checkout, stripe_webhook
 from aicredits.services.packs import pack_label
 from aicredits.services.payment_errors import (
-    CheckoutFailed,
     PaymentError,
-    PaymentsUnavailable,
-    UnknownCheckoutSession,
-    UnknownPack,
 )
 from aicredits.services.purchases import PurchaseView
 from aicredits.services.runtime import get_database, run_blocking, run_blocking_to_completion
@@ -46,22 +41,6 @@ logger = logging.getLogger(__name__)
 
 # Stripe's events are a few kilobytes; anything far larger is not one.
 MAX_WEBHOOK_BYTES = 1_000_000
-
-# The status each service error is answered with here; its message is the error's own. An
-# error not named takes the status of its nearest named base class.
-ERROR_STATUS: dict[type[AICreditsError], int] = {
-    InvalidSignature: 400,
-    MalformedEvent: 400,
-    PaymentError: 400,
-    UnknownPack: 400,
-    UnknownCheckoutSession: 404,
-    CheckoutFailed: 502,
-    PaymentsUnavailable: 503,
-}
-
-
-def error_status(exc: AICreditsError) -> int:
-    return next(ERROR_STATUS[kind] for kind in type(exc).__mro__ if kind in ERROR_STATUS)
 
 
 async def webhook(request: Request) -> Response:
@@ -103,41 +82,11 @@ def _json_error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def _to_sign_in(settings: Settings) -> Response:
-    return RedirectResponse(login_page_url(settings, "/credits"), status_code=303)
-
-
-def _page(settings: Settings, *, title: str, body: str, status: int = 200) -> HTMLResponse:
-    """A small self-contained page, like the sign-in error page: it runs outside Reflex."""
-    back = html.escape(f"{settings.public_url}/credits")
-    icon = html.escape(f"{settings.public_url}/favicon.ico")
-    document = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>{html.escape(title)} · aicredits</title><link rel="icon" href="{icon}">
-<style>body{{font-family:system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
-color:#1c2024}}a{{color:#0d74ce}}.box{{border:1px solid #e0e1e6;border-radius:8px;padding:1.5rem}}
-.sim{{background:#fff4d5;border:2px dashed #ab6400;color:#4f3422;padding:.75rem 1rem;
-border-radius:6px;font-weight:700;letter-spacing:.02em}}
-button{{font-size:1rem;padding:.6rem 1.4rem;border-radius:6px;border:1px solid #8b8d98;
-cursor:pointer;margin-right:.75rem}}.pay{{background:#0d74ce;color:#fff;border-color:#0d74ce}}
-form{{display:inline}}</style></head><body><div class="box">{body}
-<p><a href="{back}">Back to credits</a></p></div></body></html>"""
-    return HTMLResponse(document, status_code=status)
-
-
-def _error_page(settings: Settings, exc: PaymentError) -> HTMLResponse:
-    body = (
-        f"<h1>{html.escape('Checkout unavailable')}</h1>"
-        f'<p id="error-message" role="alert">{html.escape(exc.message)}</p>'
-    )
-    return _page(settings, title="Checkout unavailable", body=body, status=error_status(exc))
-
-
 async def checkout_start(request: Request) -> Response:
     settings = get_settings()
     user = await signed_in_user(request, settings)
     if user is None:
-        return _to_sign_in(settings)
+        return to_sign_in(settings)
     form = await request.form()
     pack = form.get("pack")
     try:
@@ -150,7 +99,7 @@ async def checkout_start(request: Request) -> Response:
         )
     except PaymentError as exc:
         logger.info("checkout refused for user %s: %s", user.id, exc.code)
-        return _error_page(settings, exc)
+        return payment_error_page(settings, exc)
     return RedirectResponse(url, status_code=303)
 
 
@@ -177,14 +126,14 @@ def _simulated_page(settings: Settings, purchase: PurchaseView) -> HTMLResponse:
 and nothing is charged anywhere.</p>
 <p><small>Session <code>{sid}</code></small></p>
 {actions}"""
-    return _page(settings, title="Simulated checkout", body=body)
+    return small_page(settings, title="Simulated checkout", body=body)
 
 
 async def simulated_checkout(request: Request) -> Response:
     settings = get_settings()
     user = await signed_in_user(request, settings)
     if user is None:
-        return _to_sign_in(settings)
+        return to_sign_in(settings)
     try:
         purchase = await run_blocking(
             simulated.simulated_checkout,
@@ -194,7 +143,7 @@ async def simulated_checkout(request: Request) -> Response:
             session_id=request.path_params["session_id"],
         )
     except PaymentError as exc:
-        return _error_page(settings, exc)
+        return payment_error_page(settings, exc)
     return _simulated_page(settings, purchase)
 
 
@@ -210,7 +159,7 @@ async def _simulated_action(request: Request, action: simulated.SimulatedAction)
     settings = get_settings()
     user = await signed_in_user(request, settings)
     if user is None:
-        return _to_sign_in(settings)
+        return to_sign_in(settings)
     try:
         url = await run_blocking(
             action,
@@ -220,7 +169,7 @@ async def _simulated_action(request: Request, action: simulated.SimulatedAction)
             session_id=request.path_params["session_id"],
         )
     except PaymentError as exc:
-        return _error_page(settings, exc)
+        return payment_error_page(settings, exc)
     return RedirectResponse(url, status_code=303)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aicredits.api.stripe_routes import error_status
+from aicredits.api.small_pages import error_status
 from aicredits.domain.errors import AICreditsError
 from aicredits.services.payment_errors import (
     CheckoutFailed,
