@@ -32,6 +32,19 @@ def address_bucket(address: str | None) -> str:
     return str(ip)
 
 
+def is_loopback(address: str | None) -> bool:
+    """Whether `address` is this machine's own (127.0.0.0/8, ::1, or IPv4-mapped loopback)."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 def trial_day(moment: datetime) -> date:
     """The UTC day a sign-up counts in."""
     return moment.astimezone(UTC).date()

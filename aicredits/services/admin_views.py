@@ -566,10 +566,13 @@ def trial_limit_rule(settings: Settings) -> str:
     limit = settings.trials_per_address_per_day
     if limit <= 0:
         return "Free trials are not limited per address (TRIALS_PER_ADDRESS_PER_DAY is 0)."
-    return (
+    rule = (
         f"At most {limit:,} new accounts a day from one address (an IPv6 /64) get the free "
         "trial; later ones that day are created without it and told why."
     )
+    if settings.environment == "dev":
+        rule += " In development, sign-ups from this machine itself are not counted."
+    return rule
 
 
 def spike_alerts(

@@ -38,6 +38,7 @@ from aicredits.adapters.tables import (
 )
 from aicredits.domain.errors import AICreditsError, IdempotencyConflict
 from aicredits.domain.identity import is_admin, normalise_email, safe_next_path
+from aicredits.domain.trials import is_loopback
 from aicredits.services import ledger, trials
 from aicredits.services.token_hashing import hash_token
 from aicredits.settings import Settings
@@ -221,7 +222,7 @@ async def finish_login(
         identity=identity,
         now=now,
         client_address=client_address,
-        trial_limit=trial_limit(settings),
+        trial_limit=trial_limit(settings, client_address),
     )
     ensure_trial_grant(db, settings, user_id=user_id, now=now)
     token = create_session(
@@ -273,10 +274,15 @@ def _claim_attempt(
 # --- accounts -------------------------------------------------------------------------------
 
 
-def trial_limit(settings: Settings) -> int:
+def trial_limit(settings: Settings, client_address: str | None = None) -> int:
     """New accounts with a trial per address per day; 0 when nothing is limited (no limit
-    set, or no trial to give)."""
-    return settings.trials_per_address_per_day if settings.free_trial_credits > 0 else 0
+    set, no trial to give, or in development a sign-up from this machine itself: there every
+    account a developer makes comes from 127.0.0.1)."""
+    if settings.free_trial_credits <= 0:
+        return 0
+    if settings.environment == "dev" and is_loopback(client_address):
+        return 0
+    return settings.trials_per_address_per_day
 
 
 def sign_in_identity(

@@ -117,8 +117,6 @@ def app(tmp_path_factory: pytest.TempPathFactory, idp: str, upstream: str) -> It
         # The launcher's own defaults, spelled out because the tests rely on them.
         "ADMIN_EMAILS": "admin@example.test",
         "FREE_TRIAL_CREDITS": str(TRIAL_CREDITS),
-        # Every browser test signs up from this machine, and each expects its trial.
-        "TRIALS_PER_ADDRESS_PER_DAY": "0",
         "REFLEX_USE_SYSTEM_BUN": "1",
         "REFLEX_TELEMETRY_ENABLED": "false",
         "PYTHONUNBUFFERED": "1",

@@ -50,7 +50,7 @@ def sign_in(
         identity=who or identity(),
         now=now,
         client_address=address,
-        trial_limit=auth.trial_limit(settings),
+        trial_limit=auth.trial_limit(settings, address),
     )
     auth.ensure_trial_grant(db, settings, user_id=user_id, now=now)
     return user_id
@@ -237,3 +237,26 @@ def test_sign_ups_at_the_same_moment_from_one_address_get_exactly_the_limit(
         ).scalar_one()
     assert (withheld, grants) == (7, 3)
     assert verify_ledger(db) == []
+
+
+def test_in_development_sign_ups_from_this_machine_are_not_limited(db: Database) -> None:
+    """`make run`: every account a developer makes comes from 127.0.0.1 (or ::1)."""
+    settings = Settings(
+        _env_file=None, environment="dev", free_trial_credits=TRIAL, trials_per_address_per_day=1
+    )
+    for address in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "127.0.0.1", "127.0.0.1"):
+        user = sign_in(db, settings, address)
+        assert balance(db, user) == TRIAL, address
+    # Other addresses still count, in development too.
+    assert balance(db, sign_in(db, settings, HOME)) == TRIAL
+    assert balance(db, sign_in(db, settings, HOME)) == 0
+
+
+def test_in_production_this_machines_address_is_limited_like_any_other(db: Database) -> None:
+    """Behind a proxy that is not trusted, every client looks like 127.0.0.1: the limit must
+    not open up for all of them."""
+    settings = Settings(
+        _env_file=None, environment="prod", free_trial_credits=TRIAL, trials_per_address_per_day=1
+    )
+    assert auth.trial_limit(settings, "127.0.0.1") == 1
+    assert auth.trial_limit(settings.model_copy(update={"environment": "dev"}), "127.0.0.1") == 0
