@@ -194,7 +194,8 @@ def record_unmatched(
     session = refused.session
     with db.transaction() as conn:
         inserted = conn.execute(
-            db.insert_ignoring_conflict(unmatched_payments, index="checkout_session_id").values(
+            db.insert_ignoring_conflict(unmatched_payments, index="checkout_session_id")
+            .values(
                 checkout_session_id=session.id[:255],
                 event_id=event_id,
                 amount=session.amount_total,
