@@ -19,11 +19,8 @@ IPV6_PREFIX = 64
 def address_bucket(address: str | None) -> str:
     """What a sign-up from `address` counts against: an IPv4 address as is (also when it
     arrives IPv4-mapped), an IPv6 address's /64 network, or the unknown bucket."""
-    if not address:
-        return UNKNOWN_ADDRESS
-    try:
-        ip = ipaddress.ip_address(address.strip())
-    except ValueError:
+    ip = _parsed(address)
+    if ip is None:
         return UNKNOWN_ADDRESS
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
@@ -34,15 +31,19 @@ def address_bucket(address: str | None) -> str:
 
 def is_loopback(address: str | None) -> bool:
     """Whether `address` is this machine's own (127.0.0.0/8, ::1, or IPv4-mapped loopback)."""
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address.strip())
-    except ValueError:
-        return False
+    ip = _parsed(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip.is_loopback
+    return ip is not None and ip.is_loopback
+
+
+def _parsed(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not address:
+        return None
+    try:
+        return ipaddress.ip_address(address.strip())
+    except ValueError:
+        return None
 
 
 def trial_day(moment: datetime) -> date:
