@@ -209,9 +209,16 @@ class Database:
                     conn.commit()
 
     def dispose(self) -> None:
+        """Close every idle connection: the engines' pools, and the async connections of
+        every event loop, also of loops that are gone (a stopped server's), which nothing
+        else would close before the process ends."""
         self.engine.dispose()
         if self._autocommit_engine is not None:
             self._autocommit_engine.dispose()
+        pools = list(self._async_pools.values())
+        self._async_pools = weakref.WeakKeyDictionary()
+        for pool in pools:
+            pool.invalidate_idle()
 
 
 class _AsyncPool:

@@ -13,7 +13,7 @@ import openai
 import sqlalchemy as sa
 from openai.types.chat import ChatCompletionMessageParam
 
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import Database, database_for
 from aicredits.adapters.tables import holds, usage_events
 from aicredits.api.routes import build_api
 from aicredits.devtools.fake_upstream import FakeUpstreamConfig
@@ -145,3 +145,7 @@ def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
         # A hold never ends below the usage: the worst case reserved bounded every call.
         assert rig.unbilled_calls() == []
         db.dispose()
+        # The app's own Database (one per URL, cached), whose server has stopped: its
+        # connections would stay open until the process ends, and the suite's share of
+        # Postgres' 100 connections ran out.
+        database_for(db_url).dispose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import psycopg
 import pytest
@@ -90,3 +91,37 @@ def test_after_the_server_drops_its_connections_only_one_statement_fails(pg_url:
     finally:
         db.dispose()
     assert outcomes == ["failed"] + [(1,)] * 4
+
+
+def test_dispose_closes_the_async_connections_of_a_loop_that_is_gone(pg_url: str) -> None:
+    """A stopped server's event loop never closes its pool; dispose() must, or every such
+    server keeps its connections until the process ends. (Named connections: the run's
+    other tests share this database.)"""
+    name = "aicredits-test-gone-loop"
+    db = Database(f"{pg_url}?application_name={name}")
+    conninfo = pg_url.replace("postgresql+psycopg://", "postgresql://")
+
+    def backends() -> int:
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = %s",
+                (name,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def use() -> None:
+        await asyncio.gather(*(db.execute_one_async("SELECT pg_sleep(0.05)", {}) for _ in range(4)))
+
+    # A server's loop that has stopped but is still referenced (as a stopped server's is):
+    # closed, yet its pool lives on, and nothing closed it.
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(use())
+    loop.close()
+    assert backends() == 4
+    db.dispose()
+    deadline = time.monotonic() + 5
+    while backends() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert backends() == 0
+    assert loop.is_closed()  # (kept referenced until here)
