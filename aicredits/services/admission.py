@@ -81,11 +81,15 @@ class Admission:
         ledger's. Whatever was taken for a refused call is given back."""
         overlap = self.overlaps(user_id, keyed=keyed)
         self._active[user_id] += 1
+
+        def acquire() -> Awaitable[Slot]:
+            return self.limiter.acquire(user_id=user_id, ip=ip, request_id=request_id)
+
         try:
             if overlap:
-                slot, hold = await self._together(user_id, ip, request_id, reserve)
+                slot, hold = await self._together(acquire, reserve)
             else:
-                slot, hold = await self._in_turn(user_id, ip, request_id, reserve)
+                slot, hold = await self._in_turn(acquire, reserve)
         except BaseException as exc:
             self._done(user_id)
             if isinstance(exc, RateLimited):
@@ -96,13 +100,9 @@ class Admission:
         return _CountedSlot(slot, lambda: self._done(user_id)), hold
 
     async def _in_turn(
-        self,
-        user_id: int,
-        ip: str | None,
-        request_id: str,
-        reserve: Callable[[], Awaitable[HoldView]],
+        self, acquire: Callable[[], Awaitable[Slot]], reserve: Callable[[], Awaitable[HoldView]]
     ) -> tuple[Slot, HoldView]:
-        slot = await self.limiter.acquire(user_id=user_id, ip=ip, request_id=request_id)
+        slot = await acquire()
         try:
             return slot, await reserve()
         except BaseException:
@@ -110,15 +110,9 @@ class Admission:
             raise
 
     async def _together(
-        self,
-        user_id: int,
-        ip: str | None,
-        request_id: str,
-        reserve: Callable[[], Awaitable[HoldView]],
+        self, acquire: Callable[[], Awaitable[Slot]], reserve: Callable[[], Awaitable[HoldView]]
     ) -> tuple[Slot, HoldView]:
-        acquiring = asyncio.ensure_future(
-            self.limiter.acquire(user_id=user_id, ip=ip, request_id=request_id)
-        )
+        acquiring = asyncio.ensure_future(acquire())
         reserving = asyncio.ensure_future(reserve())
         both = asyncio.ensure_future(self._settle_pair(acquiring, reserving))
         try:
