@@ -198,7 +198,7 @@ class Upstream:
         # and transforms of every request would only cost time. Same wire as the SDK's:
         # POST {base_url}/chat/completions, a Bearer key, a JSON body with extra_body's
         # fields merged over ours. It is aiohttp (a C HTTP parser): against the local fake
-        # upstream it takes 0.7 ms for a call httpx takes 1.2 ms for (docs/performance.md).
+        # upstream a whole call takes 1.0 ms here, 1.5 ms through httpx (docs/performance.md).
         self._chat_url = base_url.rstrip("/") + "/chat/completions"
         self._chat_headers = {
             "Authorization": f"Bearer {key}",
