@@ -37,6 +37,10 @@ _user_id: ContextVar[int | None] = ContextVar("aicredits_user_id", default=None)
 _client_ip: ContextVar[str | None] = ContextVar("aicredits_client_ip", default=None)
 # True when the request id was made here (so it is unique and safe to reuse as a key).
 _generated: ContextVar[bool] = ContextVar("aicredits_request_id_generated", default=False)
+# What a route adds to its request's access line ("model demo-model").
+_detail: ContextVar[str | None] = ContextVar("aicredits_request_detail", default=None)
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
 
 
 def new_request_id() -> str:
@@ -77,6 +81,16 @@ def set_user_id(user_id: int | None) -> None:
     _user_id.set(user_id)
 
 
+def set_detail(detail: str) -> None:
+    """What this request's access line adds after its status and time ("model demo-model"):
+    one line per API call says who called which model, how it ended and how long it took."""
+    _detail.set(detail)
+
+
+def current_detail() -> str | None:
+    return _detail.get()
+
+
 def set_request_id(request_id: str, *, generated: bool = True) -> None:
     _request_id.set(request_id)
     _generated.set(generated)
@@ -108,10 +122,12 @@ def request_scope(
         _user_id.set(user_id),
         _generated.set(generated),
         _client_ip.set(client_ip),
+        _detail.set(None),
     )
     try:
         yield
     finally:
+        _detail.reset(tokens[5])
         _client_ip.reset(tokens[4])
         _generated.reset(tokens[3])
         _user_id.reset(tokens[2])
@@ -148,7 +164,7 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _ENCODER.encode(entry)
 
 
 class TextFormatter(logging.Formatter):
@@ -176,6 +192,13 @@ def configure_logging(settings: Settings) -> None:
     handler.setFormatter(JsonFormatter() if settings.json_logs else TextFormatter())
     root.addHandler(handler)
     root.setLevel(settings.log_level)
+    # No formatter here shows the caller's file and line, the thread or the process, and
+    # finding them is most of the cost of a record (every API call writes one): Python's
+    # logging HOWTO, "Optimization", turns them off like this.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # HTTP clients log every request they make at INFO: the upstream and Redis calls would
     # drown the app's own lines. Their warnings still come through.
     for name in CHATTY_LOGGERS:

@@ -98,7 +98,11 @@ class RequestContextMiddleware:
                 elapsed = time.perf_counter() - started
                 metrics.observe_http(route=route, method=method, status=status, seconds=elapsed)
                 if route != OTHER and not route.startswith(REFLEX_PREFIXES):
-                    logger.info("%s %s %d %.1f ms", method, _path_of(scope), status, elapsed * 1000)
+                    detail = logs.current_detail()
+                    logger.info(
+                        "%s %s %d %.1f ms%s", method, _path_of(scope), status, elapsed * 1000,
+                        f" {detail}" if detail else "",
+                    )  # fmt: skip
 
 
 class MetricsRoute:

@@ -247,6 +247,7 @@ class OpenAIRoutes:
             embedding = parse_embedding_request(
                 body, models=[m.id for m in self.settings.embedding_models]
             )
+            logs.set_detail(f"model {embedding.model}")
             call = await start_embeddings(
                 self.gateway(),
                 user_id=user.id,
@@ -257,7 +258,6 @@ class OpenAIRoutes:
             )
         except AICreditsError as exc:
             return self._error(exc, request_id)
-        logger.info("embeddings %s user %s model %s", request_id, user.id, embedding.model)
         try:
             result = await call.run()
         except (UpstreamFailed, ServerRestarting) as exc:
@@ -273,6 +273,8 @@ class OpenAIRoutes:
             user = await self._user(request)
             body = await self._body(request)
             chat = parse_chat_request(body, models=[m.id for m in self.settings.models])
+            # The request's access line names the model: one line per call, after it ends.
+            logs.set_detail(f"model {chat.model}")
             turn = await self.gateway().start(
                 user_id=user.id,
                 request=chat,
@@ -282,7 +284,6 @@ class OpenAIRoutes:
             )
         except AICreditsError as exc:
             return self._error(exc, request_id)
-        logger.info("chat %s user %s model %s", request_id, user.id, chat.model)
         headers = {"x-request-id": request_id}
         if not chat.stream:
             try:

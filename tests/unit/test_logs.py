@@ -30,6 +30,9 @@ def captured() -> Iterator[tuple[logging.Logger, io.StringIO]]:
         logger.removeHandler(handler)
 
 
+RECORD_FLAGS = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+
+
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
@@ -55,6 +58,19 @@ def test_a_line_is_one_json_object_with_every_field(
     # The scope ended: nothing of that request leaks into later lines.
     assert (outside["request_id"], outside["user_id"], outside["route"]) == (None, None, None)
     assert "exception" not in outside
+
+
+def test_a_routes_detail_belongs_to_its_request(
+    captured: tuple[logging.Logger, io.StringIO],
+) -> None:
+    with logs.request_scope(request_id="req_1", route="/v1/chat/completions", generated=True):
+        assert logs.current_detail() is None
+        logs.set_detail("model demo-model")
+        assert logs.current_detail() == "model demo-model"
+        with logs.request_scope(request_id="req_2", route="/v1/models", generated=True):
+            assert logs.current_detail() is None
+        assert logs.current_detail() == "model demo-model"
+    assert logs.current_detail() is None
 
 
 def test_an_exception_is_in_the_line_as_text(captured: tuple[logging.Logger, io.StringIO]) -> None:
@@ -139,6 +155,7 @@ def test_configure_logging_picks_the_format(
     root = logging.getLogger()
     before = (list(root.handlers), root.level)
     chatty = {name: logging.getLogger(name).level for name in logs.CHATTY_LOGGERS}
+    record_flags = {name: getattr(logging, name) for name in RECORD_FLAGS}
     settings = Settings(_env_file=None, AICREDITS_ENV=env, log_format=fmt, log_level="warning")
     try:
         logs.configure_logging(settings)
@@ -154,6 +171,13 @@ def test_configure_logging_picks_the_format(
         root.setLevel(before[1])
         for name, level in chatty.items():
             logging.getLogger(name).setLevel(level)
+        configured = {name: getattr(logging, name) for name in RECORD_FLAGS}
+        for name, value in record_flags.items():
+            setattr(logging, name, value)
+    # What no formatter of ours shows is not looked up for every record.
+    assert configured == dict.fromkeys(RECORD_FLAGS, None) | {
+        "logThreads": False, "logProcesses": False, "logMultiprocessing": False,
+    }  # fmt: skip
     written = [line for line in capsys.readouterr().err.splitlines() if "configure" in line]
     assert len(written) == 2
     if json_lines:
