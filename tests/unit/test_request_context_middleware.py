@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from aicredits.adapters import logs
+from aicredits.adapters import logs, metrics
 from aicredits.api.observability import RequestContextMiddleware
 
 logger = logging.getLogger("aicredits.test.middleware")
@@ -69,6 +69,7 @@ def parsed(stream: io.StringIO) -> list[dict[str, Any]]:
 
 
 def http_count(route: str, status: str, method: str = "GET") -> float:
+    metrics.flush()  # the counts tallied so far, in the registry
     value = REGISTRY.get_sample_value(
         "aicredits_http_requests_total", {"route": route, "method": method, "status": status}
     )
