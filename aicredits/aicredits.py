@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import reflex as rx
+from starlette.types import ASGIApp
 
 from aicredits.adapters import stop_signals
 from aicredits.adapters.db import get_database
@@ -38,7 +39,18 @@ logger = logging.getLogger(__name__)
 configure_logging(get_settings())
 # In production, a development default (Dev sign-in, simulated checkout...) stops the start.
 refuse_unless_ready(get_settings())
-app = rx.App(api_transformer=api_transformers(get_settings()), stylesheets=["/app.css"])
+_api, _secured = api_transformers(get_settings())
+
+
+class _App(rx.App):
+    """Reflex's app, served behind our front door (api/front_door.py): the /v1 API skips
+    the layer Reflex wraps around everything it serves."""
+
+    def __call__(self) -> ASGIApp:
+        return _secured.front_door(super().__call__())
+
+
+app = _App(api_transformer=[_api, _secured], stylesheets=["/app.css"])
 
 
 async def _periodic_jobs() -> None:

@@ -134,6 +134,12 @@ def error_body(
     return answer.status, {"error": body}, headers
 
 
+CHAT_PATH = "/v1/chat/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
+MODELS_PATH = "/v1/models"
+API_PATHS = frozenset({CHAT_PATH, EMBEDDINGS_PATH, MODELS_PATH})
+
+
 class OpenAIRoutes:
     """The routes. Their gateway (HTTP and Redis clients) is made on first use, inside the
     event loop that serves the requests, and shared with the chat page."""
@@ -151,9 +157,9 @@ class OpenAIRoutes:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
-            Route("/v1/models", self.models, methods=["GET"]),
+            Route(CHAT_PATH, self.chat_completions, methods=["POST"]),
+            Route(EMBEDDINGS_PATH, self.embeddings, methods=["POST"]),
+            Route(MODELS_PATH, self.models, methods=["GET"]),
         ]
 
     def _error(self, exc: AICreditsError, request_id: str) -> JSONResponse:

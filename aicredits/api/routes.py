@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import psycopg
 import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from aicredits.api import auth_routes, export_routes, plan_routes, stripe_routes
+from aicredits.api.front_door import FrontDoor
 from aicredits.api.health_routes import readyz_route
 from aicredits.api.observability import MetricsRoute, RequestContextMiddleware
-from aicredits.api.openai_routes import OpenAIRoutes
+from aicredits.api.openai_routes import API_PATHS, OpenAIRoutes
 from aicredits.api.proxies import behind_proxies
 from aicredits.api.security import SecurityMiddleware
 from aicredits.settings import Settings
@@ -66,7 +67,37 @@ def build_api(settings: Settings) -> Starlette:
     )
 
 
-def api_transformers(settings: Settings) -> Sequence[Starlette | Callable[[ASGIApp], ASGIApp]]:
+class Secured:
+    """The last transformer: our middleware around everything (below). Keeps what it built,
+    the app the front door sends the API's routes to (api/front_door.py)."""
+
+    def __init__(self, settings: Settings, routes: Sequence[BaseRoute]) -> None:
+        self.settings = settings
+        self.routes = routes
+        self.app: ASGIApp | None = None
+
+    def __call__(self, app: ASGIApp) -> ASGIApp:
+        settings = self.settings
+        checked = SecurityMiddleware(
+            app,
+            allowed_origins=settings.allowed_origins,
+            cookie_route_prefixes=COOKIE_ROUTES,
+            hsts=settings.https,
+        )
+        observed = RequestContextMiddleware(checked, routes=self.routes)
+        self.app = behind_proxies(observed, settings.trusted_proxies)
+        return self.app
+
+    def front_door(self, reflex: ASGIApp) -> ASGIApp:
+        """`reflex` (what Reflex built around everything), with the OpenAI-compatible API's
+        routes sent straight to what this transformer built."""
+        if self.app is None:
+            raise RuntimeError("Reflex has not applied the api transformers yet")
+        paths = [r.path for r in self.routes if isinstance(r, Route) and r.path in API_PATHS]
+        return FrontDoor(reflex, self.app, paths=paths)
+
+
+def api_transformers(settings: Settings) -> tuple[Starlette, Secured]:
     """Our routes first (Reflex mounts itself inside them), then the security middleware
     around everything, the websocket included, then the request context (request id, route,
     user and client for the logs; HTTP metrics), so it sees the security refusals too, and
@@ -75,15 +106,4 @@ def api_transformers(settings: Settings) -> Sequence[Starlette | Callable[[ASGIA
 
     api = build_api(settings)
     routes = list(api.routes)  # ours, before Reflex mounts itself inside
-
-    def secure(app: ASGIApp) -> ASGIApp:
-        checked = SecurityMiddleware(
-            app,
-            allowed_origins=settings.allowed_origins,
-            cookie_route_prefixes=COOKIE_ROUTES,
-            hsts=settings.https,
-        )
-        observed = RequestContextMiddleware(checked, routes=routes)
-        return behind_proxies(observed, settings.trusted_proxies)
-
-    return [api, secure]
+    return api, Secured(settings, routes)
