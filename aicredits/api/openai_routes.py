@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -431,6 +431,22 @@ def _chunk_choice(delta: Delta, first: bool) -> dict[str, Any]:
     return choice
 
 
+# The events' JSON: compact, one encoder for every event.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def sse_events(base: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
+    """`payload` -> the event `data: {**base, **payload}` (payload's keys are not base's).
+    The part of base, the same in each of a reply's events, is encoded once."""
+    head = "data: " + _COMPACT.encode(base)[:-1]
+
+    def event(payload: dict[str, Any]) -> str:
+        tail = _COMPACT.encode(payload)
+        return f"{head},{tail[1:]}\n\n" if len(tail) > 2 else f"{head}}}\n\n"
+
+    return event
+
+
 async def _sse(
     chat: ChatRequest, turn: Turn, first: Delta | None, rest: AsyncGenerator[Delta, None]
 ) -> AsyncIterator[str]:
@@ -441,8 +457,7 @@ async def _sse(
         "model": chat.model,
     }
 
-    def event(payload: dict[str, Any]) -> str:
-        return f"data: {json.dumps({**base, **payload}, separators=(',', ':'))}\n\n"
+    event = sse_events(base)
 
     started: set[int] = set()
 

@@ -54,10 +54,11 @@ def build_api(settings: Settings) -> Starlette:
     openai_api = OpenAIRoutes(settings)
     return Starlette(
         routes=[
+            # First: every metered call is one of these, and routes are tried in order.
+            *openai_api.routes(),
             Route("/healthz", healthz, methods=["GET"]),
             readyz_route(settings),
             *auth_routes.routes,
-            *openai_api.routes(),
             *stripe_routes.routes,
             *plan_routes.routes,
             *export_routes.routes,
