@@ -16,7 +16,12 @@ measured after it. Each figure is the median of the round figures. Then requests
 at a fixed concurrency for each path, and `verify-ledger` on the database afterwards.
 
     python bench/gateway.py [--rounds 7] [--calls 40] [--seconds 5] [--concurrency 32]
-                            [--no-peer] [--workers 1]
+                            [--no-peer] [--workers 1] [--against REV]
+
+--against REV adds a path: the app as it was at git revision REV (checked out into a
+worktree under .bench/, run with this venv, on its own database), measured in the same
+interleaved rounds. On a noisy machine that is the way to tell what a change did: two runs
+minutes apart differ by more than most changes do.
 
 Prints numbers; asserts nothing about time.
 """
@@ -45,6 +50,7 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import tests.system.harness as harness  # noqa: E402
 from aicredits.adapters.db import Database  # noqa: E402
 from aicredits.services.verify import verify_ledger  # noqa: E402
 from tests.system.harness import (  # noqa: E402
@@ -158,6 +164,38 @@ def _answers(url: str) -> bool:
         return False
 
 
+# --- an earlier revision of the app, for --against ----------------------------------------
+
+
+def revision_tree(rev: str) -> tuple[Path, str]:
+    """A worktree of `rev` under .bench/ (made once), using this venv; and its short hash."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    tree = WORK / f"rev-{sha[:12]}"
+    if not (tree / "aicredits").exists():
+        WORK.mkdir(exist_ok=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--force", "--detach", str(tree), sha],
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+    venv = tree / ".venv"
+    if not venv.exists():
+        venv.symlink_to(ROOT / ".venv")
+    return tree, sha[:9]
+
+
+@contextmanager
+def app_from(tree: Path) -> Iterator[None]:
+    """The harness starts (and provisions) the app of `tree` instead of this checkout's."""
+    root, harness.ROOT = harness.ROOT, tree
+    try:
+        yield
+    finally:
+        harness.ROOT = root
+
+
 # --- measuring --------------------------------------------------------------------------------
 
 
@@ -247,9 +285,8 @@ def machine() -> str:
 # --- the run ----------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, services: Services, peer: Path | None) -> int:
-    database_url = services.postgres.create_database(f"gw_{uuid.uuid4().hex[:6]}")
-    env = app_env(
+def bench_env(services: Services, database_url: str, args: argparse.Namespace) -> dict[str, str]:
+    return app_env(
         services,
         database_url,
         # Production's timings, not the system tests' short ones.
@@ -263,8 +300,34 @@ def run(args: argparse.Namespace, services: Services, peer: Path | None) -> int:
         RATE_LIMIT_IP_PER_MINUTE="10000000",
         RATE_LIMIT_CONCURRENT=str(max(64, args.concurrency)),
     )
+
+
+@contextmanager
+def running_revision(
+    rev: str, services: Services, args: argparse.Namespace
+) -> Iterator[tuple[str, str, list[str], str]]:
+    """The app at `rev`, on its own database: (path name, /v1 URL, API keys, database URL)."""
+    tree, short = revision_tree(rev)
+    database_url = services.postgres.create_database(f"gw_rev_{uuid.uuid4().hex[:6]}")
+    env = bench_env(services, database_url, args)
+    with app_from(tree):
+        app = running_app(env, workers=args.workers, log=services.base / f"app-{short}.log")
+        with app as running:
+            keys = [a.api_key for a in provision(env, [10**12] * USERS, label="gw")]
+            harness.ROOT = ROOT  # started: the rest of the run is this checkout's
+            yield f"@{short}", f"{running.base_url}/v1", keys, database_url
+
+
+def run(args: argparse.Namespace, services: Services, peer: Path | None) -> int:
+    database_url = services.postgres.create_database(f"gw_{uuid.uuid4().hex[:6]}")
+    env = bench_env(services, database_url, args)
     upstream_v1 = f"{services.upstream_url}/v1"
-    with running_app(env, workers=args.workers, log=services.base / "app.log") as app:
+    with (
+        running_app(env, workers=args.workers, log=services.base / "app.log") as app,
+        contextmanager_or_none(
+            running_revision(args.against, services, args) if args.against else None
+        ) as earlier,
+    ):
         keys = [a.api_key for a in provision(env, [10**12] * USERS, label="gw")]
         with contextmanager_or_none(
             running_peer(peer, upstream_v1, services.base / "litellm.log") if peer else None
@@ -273,6 +336,8 @@ def run(args: argparse.Namespace, services: Services, peer: Path | None) -> int:
             if peer_url:
                 urls["litellm"] = (f"{peer_url}/v1", [PEER_MASTER_KEY])
             urls["aicredits"] = (f"{app.base_url}/v1", keys)
+            if earlier:
+                urls[earlier[0]] = (earlier[1], earlier[2])
             sync = {
                 name: openai.OpenAI(base_url=url, api_key=k[0], max_retries=0)
                 for name, (url, k) in urls.items()
@@ -310,6 +375,12 @@ def run(args: argparse.Namespace, services: Services, peer: Path | None) -> int:
                         for s in ("p50", "p99")
                     )
                     print(f"  {'':<24} aicredits added / LiteLLM added: {ratio}")
+                if earlier:
+                    was = earlier[0]
+                    change = "  ".join(
+                        f"{s} {r['aicredits'][s] - r[was][s]:+.2f} ms" for s in ("p50", "p99")
+                    )
+                    print(f"  {'':<24} aicredits against {was}: {change}")
             print()
             for name, (url, k) in urls.items():
                 clients = [
@@ -318,9 +389,11 @@ def run(args: argparse.Namespace, services: Services, peer: Path | None) -> int:
                 rps, p99, errors = asyncio.run(throughput(clients, args.concurrency, args.seconds))
                 print(f"  concurrency {args.concurrency}: {name:<10} {rps:7.0f} req/s   "
                       f"p99 {p99:7.1f} ms   errors {errors}")  # fmt: skip
-    db = Database(database_url)
-    problems = verify_ledger(db)
-    db.dispose()
+    problems = []
+    for url in [database_url] + ([earlier[3]] if earlier else []):
+        db = Database(url)
+        problems += verify_ledger(db)
+        db.dispose()
     print(f"  verify-ledger after the run: {'clean' if not problems else problems[0]}")
     return 0 if not problems else 1
 
@@ -342,6 +415,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="aicredits' worker processes")
     parser.add_argument("--no-peer", action="store_true", help="skip LiteLLM")
+    parser.add_argument(
+        "--against", metavar="REV", help="also run the app of this git revision, interleaved"
+    )
     args = parser.parse_args()
     peer = None if args.no_peer else peer_python()
     if shutil.which("pg_ctl") is None and not Path("/usr/lib/postgresql").exists():
