@@ -80,8 +80,10 @@ bench: $(STAMP)
 
 # Starts its own Postgres cluster, Redis, fake upstream, the app in production mode and the
 # LiteLLM proxy (installed from PyPI into .bench/litellm-venv, never into .venv).
+# BENCH_ARGS, e.g. "--against HEAD~3": the app of that revision measured beside this one.
+BENCH_ARGS ?=
 bench-gateway: setup
-	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/gateway.py
+	PATH="$(JS_PATH):$$PATH" $(REFLEX_ENV) $(PY) bench/gateway.py $(BENCH_ARGS)
 
 # Starts its own Postgres cluster, Redis, fake upstream and the app in production mode.
 bench-scale: setup
