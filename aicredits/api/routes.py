@@ -94,8 +94,7 @@ class Secured:
         routes sent straight to what this transformer built."""
         if self.app is None:
             raise RuntimeError("Reflex has not applied the api transformers yet")
-        paths = [r.path for r in self.routes if isinstance(r, Route) and r.path in API_PATHS]
-        return FrontDoor(reflex, self.app, paths=paths)
+        return FrontDoor(reflex, self.app, paths=API_PATHS)
 
 
 def api_transformers(settings: Settings) -> tuple[Starlette, Secured]:
