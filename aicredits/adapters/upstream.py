@@ -227,6 +227,10 @@ class Upstream:
                 timeout=self._chat_timeout,
                 # Not trust_env: it looks the proxy up again on every request (0.6 ms).
                 auto_decompress=True,
+                # No cookies kept: every user's calls share this client, and a cookie the
+                # provider's edge sets on one user's reply must not ride along on the next
+                # user's call. The key is the only credential.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

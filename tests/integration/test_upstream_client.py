@@ -21,6 +21,8 @@ MESSAGES = [{"role": "user", "content": "Say something short."}]
 
 # The client ports the fake was called from: one port, one connection.
 PORTS: list[int] = []
+# The Cookie header of each call the fake was sent (b"" without one).
+COOKIES: list[bytes] = []
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,16 @@ def fake() -> Iterator[str]:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("client"):
             PORTS.append(scope["client"][1])
-        await inner(scope, receive, send)
+            COOKIES.append(dict(scope["headers"]).get(b"cookie", b""))
+
+        async def send_with_cookie(message: Any) -> None:
+            # As a provider's edge does (a load balancer's affinity, a bot check's cookie).
+            if message["type"] == "http.response.start":
+                cookie = (b"set-cookie", b"edge=user-a; Path=/; HttpOnly")
+                message = {**message, "headers": [*message.get("headers", []), cookie]}
+            await send(message)
+
+        await inner(scope, receive, send_with_cookie)
 
     with serve_asgi(app, ready_path="/_fake/stats") as base:
         yield base
@@ -97,6 +108,26 @@ def test_a_streamed_reply_reuses_its_connection_for_the_next(fake: str) -> None:
         assert isinstance(events[-1], Finished) and events[-1].usage is not None
         assert "".join(e.text for e in events if isinstance(e, Delta))
     assert len(PORTS) == 3 and len(set(PORTS)) == 1, PORTS
+
+
+def test_a_cookie_the_provider_sets_is_not_sent_with_later_calls(fake: str) -> None:
+    """Every user's calls go through one client: what the provider set on one reply must
+    not reach it again with another user's call. (By name, as a provider is reached: a
+    client keeps no cookie of a bare IP address anyway.)"""
+    client = upstream(fake.replace("127.0.0.1", "localhost"))
+
+    async def run() -> None:
+        try:
+            for n in range(3):
+                await client.complete(
+                    model="demo-model", messages=MESSAGES, max_tokens=50, request_id=f"req_c{n}"
+                )
+        finally:
+            await client.aclose()
+
+    COOKIES.clear()
+    asyncio.run(run())
+    assert COOKIES == [b"", b"", b""]
 
 
 def test_a_provider_that_does_not_answer_in_time_is_a_timeout(fake: str) -> None:
