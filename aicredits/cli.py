@@ -16,7 +16,7 @@ from aicredits.adapters.db import Database
 from aicredits.adapters.stripe_api import StripeFailure
 from aicredits.adapters.tables import utcnow
 from aicredits.domain.errors import AICreditsError
-from aicredits.services import jobs, ledger, reconciliation, schema, users
+from aicredits.services import jobs, ledger, reconciliation, schema, trials, users
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
 
@@ -243,7 +243,9 @@ def _run_jobs(db: Database) -> int:
         f"sent {report.emails_sent} threshold emails; "
         f"reported {report.spikes_reported} spending spikes "
         f"({report.spike_emails_sent} emails to admins); "
-        f"forgot {report.sign_ins_forgotten} old sign-in attempts"
+        f"forgot {report.sign_ins_forgotten} old sign-in attempts and "
+        f"{report.trial_addresses_forgotten} trial counts of addresses "
+        f"older than {trials.ADDRESS_DAYS_KEPT} days"
     )
     return EXIT_OK
 

@@ -1,10 +1,10 @@
 """The periodic jobs: settle holds whose worker died (every few seconds, so a crash strands
 credits for seconds), and, less often, expire due grants, send threshold emails, forget old
-sign-in attempts, report spending spikes to the admins, and once a day reconcile the
-payments with Stripe (services.reconciliation). Every worker runs
-the schedule; a Postgres advisory lock per job lets exactly one of them do each run, and
-every piece of work inside is also claimed by a conditional update (or a unique key), so a
-run repeated or raced changes nothing twice."""
+sign-in attempts and the trial counts of addresses past their 30 days, report spending
+spikes to the admins, and once a day reconcile the payments with Stripe
+(services.reconciliation). Every worker runs the schedule; a Postgres advisory lock per job
+lets exactly one of them do each run, and every piece of work inside is also claimed by a
+conditional update (or a unique key), so a run repeated or raced changes nothing twice."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from aicredits.services import (
     recovery,
     spike_reports,
     thresholds,
+    trials,
 )
 from aicredits.settings import Settings
 
@@ -44,6 +45,7 @@ class JobReport:
     spike_emails_sent: int = 0
     payment_discrepancies: int = 0
     overage_reported: int = 0
+    trial_addresses_forgotten: int = 0
 
 
 def _locked(db: Database, name: str, job: Callable[[], int]) -> int:
@@ -152,6 +154,9 @@ def run_all(db: Database, settings: Settings, *, now: datetime | None = None) ->
     sign_ins_forgotten = _locked(
         db, "forget-sign-ins", lambda: auth.forget_old_login_attempts(db, now=now)
     )
+    addresses_forgotten = _locked(
+        db, "forget-trial-addresses", lambda: trials.forget_old_addresses(db, now=now)
+    )
     spikes, spike_emails = _report_spikes(db, settings, now)
     discrepancies = _locked(
         db, "reconcile-payments", lambda: _reconcile_payments(db, settings, now)
@@ -166,6 +171,7 @@ def run_all(db: Database, settings: Settings, *, now: datetime | None = None) ->
         spikes_reported=spikes,
         spike_emails_sent=spike_emails,
         payment_discrepancies=discrepancies,
+        trial_addresses_forgotten=addresses_forgotten,
     )
 
 

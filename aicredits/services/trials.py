@@ -6,6 +6,10 @@ a crash afterwards is repaired by the next sign-in's `ensure_trial_grant`, which
 trial to an account that was not refused it and never to one that was. Only the sign-in
 that creates an account counts; signing in again, or linking a second provider, does not.
 
+A client address is personal data: its daily counts are kept for ADDRESS_DAYS_KEPT days,
+as far back as the admin overview lists them, and then deleted by the periodic jobs
+(`forget_old_addresses`). Only the current day's count decides a trial.
+
 The claim is an insert of the (address, day) row that ignores a conflict, then one
 conditional `UPDATE ... SET granted = granted + 1 WHERE ... AND granted < :limit`. On
 Postgres the second of two concurrent claims waits on the first's row lock and re-checks
@@ -16,7 +20,7 @@ more than the limit pass, whatever the number of workers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -24,6 +28,10 @@ from sqlalchemy.engine import Connection
 from aicredits.adapters.db import Database, reading
 from aicredits.adapters.tables import ledger_entries, trial_addresses, users, utcnow
 from aicredits.domain.trials import address_bucket, trial_day, withheld_trial_notice
+
+# Days an address's daily trial counts are kept: the admin overview's window
+# (admin_views.overview) reaches this far back.
+ADDRESS_DAYS_KEPT = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,15 @@ def claim_trial(
         .returning(trial_addresses.c.granted)
     ).one()
     return TrialClaim(address=address, granted=False, others=int(refused.granted))
+
+
+def forget_old_addresses(db: Database, *, now: datetime | None = None) -> int:
+    """Delete the addresses' daily counts older than ADDRESS_DAYS_KEPT days (a periodic
+    job). Returns how many (address, day) rows went."""
+    cutoff = trial_day((now or utcnow()) - timedelta(days=ADDRESS_DAYS_KEPT))
+    with db.transaction() as conn:
+        result = conn.execute(sa.delete(trial_addresses).where(trial_addresses.c.day < cutoff))
+    return int(result.rowcount)
 
 
 def trial_notice(

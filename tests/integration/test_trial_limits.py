@@ -4,6 +4,7 @@ a lost trial, the notice, and sign-ups at the same moment from one address."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 import uuid
 from datetime import date, datetime, timedelta
@@ -15,7 +16,7 @@ from aicredits.adapters.db import Database
 from aicredits.adapters.oauth import ProviderIdentity
 from aicredits.adapters.tables import ledger_entries, trial_addresses, users, utcnow
 from aicredits.domain.trials import UNKNOWN_ADDRESS
-from aicredits.services import auth, ledger, trials
+from aicredits.services import admin_views, auth, jobs, ledger, trials
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import Settings
 
@@ -260,3 +261,27 @@ def test_in_production_this_machines_address_is_limited_like_any_other(db: Datab
     )
     assert auth.trial_limit(settings, "127.0.0.1") == 1
     assert auth.trial_limit(settings.model_copy(update={"environment": "dev"}), "127.0.0.1") == 0
+
+
+def test_counts_per_address_are_forgotten_after_the_admin_overviews_window(
+    db: Database,
+) -> None:
+    settings = config(limit=1)
+    now = utcnow()
+    kept_days = trials.ADDRESS_DAYS_KEPT
+    old, edge = now - timedelta(days=kept_days + 1), now - timedelta(days=kept_days)
+    for moment in (old, edge, now):
+        sign_in(db, settings, HOME, now=moment)
+    refused_today = sign_in(db, settings, HOME, now=now)
+    report = jobs.run_all(db, settings, now=now)
+    assert report.trial_addresses_forgotten == 1
+    assert counts(db, HOME, old.date()) is None
+    assert counts(db, HOME, edge.date()) == (1, 0)  # still inside the overview's window
+    assert counts(db, HOME, now.date()) == (1, 1)
+    # Today's limit still holds, and the refused account is still told why.
+    assert balance(db, sign_in(db, settings, HOME, now=now)) == 0
+    assert trials.trial_notice(db, user_id=refused_today, now=now) is not None
+    assert jobs.run_all(db, settings, now=now).trial_addresses_forgotten == 0
+    # The overview never looks further back than the counts are kept.
+    window = inspect.signature(admin_views.overview).parameters["days"].default
+    assert window <= kept_days
