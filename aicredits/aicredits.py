@@ -77,7 +77,8 @@ async def _drain_on_shutdown() -> AsyncIterator[None]:
     """On SIGTERM or SIGINT (a deploy, a reload, Ctrl-C) replies in flight get the grace
     period, then are cut and settled for what they delivered (services.gateway). Started
     by the signal itself, since Granian runs the lifespan's shutdown only once every
-    connection has closed; the lifespan's end drains too, for servers that get there."""
+    connection has closed; the lifespan's end drains too, for servers that get there, and
+    then closes the gateways' connections."""
     loop = asyncio.get_running_loop()
     grace = get_settings().drain_grace
     draining: list[asyncio.Task[int]] = []
@@ -90,6 +91,7 @@ async def _drain_on_shutdown() -> AsyncIterator[None]:
         )
     yield
     await asyncio.gather(gateway.drain_all(grace), *draining, return_exceptions=True)
+    await gateway.close_all()
 
 
 app.register_lifespan_task(_periodic_jobs)

@@ -647,7 +647,12 @@ class Gateway:
     async def _release_hold(self, hold: HoldView) -> None:
         await run_blocking_to_completion(ledger.release, self.db, hold_id=hold.id)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, background_wait: float = 5.0) -> None:
+        """Close the gateway's connections, once its calls are over (the app's shutdown,
+        after the drain): the spend notes still being written get `background_wait` seconds
+        first, and the rate limiter sends the slot releases it still owes."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=background_wait)
         await self.upstream.aclose()
         await self.limiter.aclose()
         if not self.db.is_sqlite:
@@ -856,6 +861,19 @@ async def drain_all(grace: float) -> int:
     gateways = list(_shared.get(loop, {}).values())
     cut = await asyncio.gather(*(g.inflight.drain(grace) for g in gateways))
     return sum(cut)
+
+
+async def close_all() -> None:
+    """Close every gateway of the running event loop (the app's shutdown, after drain_all):
+    the upstream's, Redis's and this loop's Postgres connections end cleanly rather than
+    being dropped with the process. A gateway asked for after this is a new one, and takes
+    no calls (the loop is draining)."""
+    loop = asyncio.get_running_loop()
+    gateways = list(_shared.pop(loop, {}).values())
+    closed = await asyncio.gather(*(g.aclose() for g in gateways), return_exceptions=True)
+    for error in closed:
+        if isinstance(error, Exception):
+            logger.warning("closing a gateway failed: %s: %s", type(error).__name__, error)
 
 
 def build_gateway(settings: Settings, db: Database) -> Gateway:

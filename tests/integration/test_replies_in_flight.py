@@ -34,6 +34,9 @@ from aicredits.services.gateway import (
     ServerRestarting,
     Turn,
     build_gateway,
+    close_all,
+    drain_all,
+    shared_gateway,
 )
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import DEFAULT_EMBEDDING_MODELS, Settings
@@ -274,6 +277,34 @@ def test_a_drain_lets_a_short_reply_finish_and_refuses_new_calls(
 
     assert asyncio.run(run()) == "completed"
     assert verify_ledger(db) == []
+
+
+def test_the_apps_shutdown_drains_then_closes_the_gateways_connections(
+    db: Database, settings: Settings
+) -> None:
+    """What the app's lifespan does at its end: drain, then close. The connections to the
+    upstream and the database end cleanly, and a gateway asked for afterwards takes no call."""
+    user = make_user(db, credits=10_000)
+
+    async def run() -> None:
+        gateway = shared_gateway(settings, db)
+        turn = await gateway.start(user_id=user, request=ask("hello"), ip=None)
+        assert (await turn.run()).outcome == "completed"
+        session = gateway.upstream._session
+        assert session is not None and not session.closed
+        assert await drain_all(grace=5) == 0
+        await close_all()
+        assert session.closed
+        assert asyncio.get_running_loop() not in db._async_pools
+        after = shared_gateway(settings, db)
+        assert after is not gateway
+        with pytest.raises(ServerRestarting):
+            await after.start(user_id=user, request=ask("another"), ip=None)
+        await close_all()
+
+    asyncio.run(run())
+    assert verify_ledger(db) == []
+    assert ledger.get_balance(db, user_id=user).balance < 10_000
 
 
 def test_a_drain_cuts_a_long_reply_after_the_grace_and_charges_what_was_delivered(
