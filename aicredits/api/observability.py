@@ -9,7 +9,10 @@ counts the request and its duration.
 
 `GET /metrics` is the Prometheus scrape. It answers a Bearer token equal to
 `METRICS_TOKEN` (compared in constant time) or a client address inside
-`METRICS_ALLOW_NETWORKS`; anyone else gets 403, and a wrong token 401.
+`METRICS_ALLOW_NETWORKS`; anyone else gets 403, and a wrong token 401. A request that came
+through a proxy (it carries X-Forwarded-For, Forwarded or X-Real-IP) while `TRUSTED_PROXIES`
+is unset is never let in by its address: that address is the proxy's, and a proxy on this
+machine would otherwise open the scrape to everyone. It needs the token.
 """
 
 from __future__ import annotations
@@ -105,6 +108,10 @@ class RequestContextMiddleware:
                     )  # fmt: skip
 
 
+# Headers a proxy adds to say whom it forwards for.
+FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
 class MetricsRoute:
     """`GET /metrics`, guarded by a token and/or the client's network."""
 
@@ -114,6 +121,12 @@ class MetricsRoute:
     @cached_property
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.settings.metrics_allow_networks]
+
+    def _through_unknown_proxy(self, request: Request) -> bool:
+        """The request says it was forwarded, and no proxy is trusted to say whose it is."""
+        if self.settings.trusted_proxies:
+            return False  # its client is the one the trusted proxy named (api/proxies.py)
+        return any(name in request.headers for name in FORWARDING_HEADERS)
 
     def _from_allowed_network(self, request: Request) -> bool:
         host = request.client.host if request.client else None
@@ -145,6 +158,12 @@ class MetricsRoute:
                 "Unauthorized: wrong metrics token.",
                 status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
+        if not verdict and self._through_unknown_proxy(request):
+            return PlainTextResponse(
+                "Forbidden: this request came through a proxy and TRUSTED_PROXIES is not set,"
+                " so its address is the proxy's; send the metrics token.",
+                status_code=403,
             )
         if not verdict and not self._from_allowed_network(request):
             return PlainTextResponse(

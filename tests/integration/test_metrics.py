@@ -182,6 +182,30 @@ def test_the_default_guard_lets_the_local_machine_in(sqlite_url: str) -> None:
         assert wrong.status_code == 401
 
 
+def test_a_scrape_through_an_untrusted_proxy_needs_the_token(sqlite_url: str) -> None:
+    """A proxy on this machine makes every visitor 127.0.0.1: without TRUSTED_PROXIES, a
+    request that says it was forwarded is not let in by that address."""
+    settings = Settings(_env_file=None, database_url=sqlite_url, metrics_token=TOKEN)
+    with serve_app(settings) as base_url:
+        url = f"{base_url}/metrics"
+        for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+            proxied = httpx.get(url, headers={header: "for=203.0.113.9"})
+            assert proxied.status_code == 403, header
+            assert "TRUSTED_PROXIES" in proxied.text and "aicredits_" not in proxied.text
+        token = {"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "203.0.113.9"}
+        assert httpx.get(url, headers=token).status_code == 200
+        assert httpx.get(url).status_code == 200  # a scraper on this machine, straight in
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_decides(sqlite_url: str) -> None:
+    settings = Settings(_env_file=None, database_url=sqlite_url, trusted_proxies="127.0.0.1")
+    with serve_app(settings) as base_url:
+        url = f"{base_url}/metrics"
+        assert httpx.get(url, headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 403
+        # A scraper on the proxy's machine, through the proxy.
+        assert httpx.get(url, headers={"X-Forwarded-For": "127.0.0.1"}).status_code == 200
+
+
 def test_bad_networks_are_refused_at_start() -> None:
     with pytest.raises(ValueError, match="not-a-network"):
         Settings(_env_file=None, metrics_allow_networks="10.0.0.0/8,not-a-network")
