@@ -26,6 +26,9 @@ import httpx
 import psycopg
 import redis
 
+from tests.integration.fake_stripe import FakeStripe
+from tests.servers import serve_asgi
+
 ROOT = Path(__file__).resolve().parents[2]
 PG_BIN = Path(os.environ.get("AICREDITS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 START_TIMEOUT = 180.0
@@ -187,6 +190,9 @@ class Services:
     upstream_url: str  # the fake upstream's base, without /v1
     idp_url: str
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    # A fake of Stripe's API (tests/integration/fake_stripe.py): the app's daily
+    # reconciliation asks it, never api.stripe.com.
+    stripe_url: str = ""
 
     def upstream_stats(self) -> dict[str, Any]:
         response = httpx.get(f"{self.upstream_url}/_fake/stats", timeout=10)
@@ -216,13 +222,16 @@ def _python_server(args: list[str], log: Path, ready: str) -> subprocess.Popen[b
 
 @contextlib.contextmanager
 def private_services() -> Iterator[Services]:
-    """Start Postgres, Redis, the fake upstream and the Dev sign-in issuer; stop them after."""
+    """Start Postgres, Redis, the fake upstream, the Dev sign-in issuer and a fake of
+    Stripe's API; stop them after."""
     base = Path(tempfile.mkdtemp(prefix="aicredits-system-"))
     if os.geteuid() == 0:
         shutil.chown(base, "postgres")
     postgres, cache = PrivatePostgres(base), PrivateRedis(base)
     procs: list[subprocess.Popen[bytes]] = []
+    stack = contextlib.ExitStack()
     try:
+        stripe_url = stack.enter_context(serve_asgi(FakeStripe().app, ready_path="/health"))
         postgres.start()
         cache.start()
         upstream_port, idp_port = free_port(), free_port()
@@ -240,8 +249,9 @@ def private_services() -> Iterator[Services]:
                 f"{idp_url}/.well-known/openid-configuration",
             )
         )
-        yield Services(base, postgres, cache, upstream_url, idp_url, procs)
+        yield Services(base, postgres, cache, upstream_url, idp_url, procs, stripe_url)
     finally:
+        stack.close()
         for proc in procs:
             stop_process(proc)
         cache.stop()
@@ -281,6 +291,7 @@ def app_env(services: Services, database_url: str, **overrides: str) -> dict[str
             "OIDC_CLIENT_ID": "aicredits-system-tests",
             "OIDC_CLIENT_SECRET": "fake-oidc-secret",
             "STRIPE_SECRET_KEY": "sk_test_fake_system_tests",
+            "STRIPE_API_BASE": services.stripe_url,
             "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
             "FREE_TRIAL_CREDITS": "0",
             # Short leases and sweeps, so a killed worker's holds are settled within seconds
