@@ -114,21 +114,25 @@ def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
             proc.kill()
 
 
+def reflex_command(argv: Sequence[str] | None) -> list[str]:
+    """Reflex's command line, with Granian's defaults changed as in production
+    (granian_patches)."""
+    return [sys.executable, "-m", "aicredits.granian_patches", "run", *(argv or [])]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-ins and Reflex; extra arguments go to `reflex run`."""
     settings = get_settings()
     procs, env = start_stand_ins(settings)
     env.setdefault(RELOAD_PATHS, os.environ.get(RELOAD_PATHS) or reload_paths())
     print(_banner(settings, env), flush=True)
-    # Reflex's command line, with Granian's defaults changed as in production (granian_patches).
-    reflex = subprocess.Popen(
-        [sys.executable, "-m", "aicredits.granian_patches", "run", *(argv or [])],
-        env={**os.environ, **env},
-    )
+    reflex = subprocess.Popen(reflex_command(argv), env={**os.environ, **env})
     procs.append(reflex)
 
     def forward(signum: int, _frame: object) -> None:
-        stop(procs)
+        # Only leave reflex.wait() here; `finally` stops everything. Waiting for a child
+        # inside the handler, while the wait it interrupted still holds that child's lock,
+        # blocked for stop()'s whole timeout (a SIGTERM took 12 s, a Ctrl-C 2 s).
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, forward)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +62,50 @@ def test_the_launcher_starts_dev_sign_in_and_the_fake_upstream(
     # The chat model and the embedding model, so `make run` serves /v1/embeddings too.
     assert isinstance(data, list) and [m["id"] for m in data] == ["demo-model", "demo-embedding"]
     assert env == {"ADMIN_EMAILS": launcher.DEV_ADMIN}
+
+
+# The launcher's own main(), with Reflex replaced by a child that only waits, and no stand-ins.
+LAUNCHER_WITH_A_WAITING_CHILD = textwrap.dedent(
+    """
+    import sys
+    from aicredits.devtools import launcher
+
+    child = "import os, time; print('child', os.getpid(), flush=True); time.sleep(120)"
+    launcher.start_stand_ins = lambda settings: ([], {})
+    launcher.reflex_command = lambda argv: [sys.executable, "-c", child]
+    raise SystemExit(launcher.main([]))
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_the_launcher_stops_its_children_at_once_on_a_stop_signal(signum: int) -> None:
+    """`kill` (or a process manager) and Ctrl-C stop `make run` in moments: a SIGTERM used to
+    wait 10 s for the child whose wait it had interrupted."""
+    launched = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER_WITH_A_WAITING_CHILD],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert launched.stdout is not None
+        child = 0
+        for line in launched.stdout:
+            if line.startswith("child "):
+                child = int(line.split()[1])
+                break
+        assert child, "the child never started"
+        began = time.monotonic()
+        launched.send_signal(signum)  # the launcher alone, as `kill <pid>` does
+        code = launched.wait(timeout=30)
+        took = time.monotonic() - began
+        assert code == 128 + signum if signum == signal.SIGTERM else code == 130
+        assert took < 5, f"the launcher took {took:.1f} s to stop"
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)  # stopped with it, not left behind
+    finally:
+        if launched.poll() is None:
+            os.killpg(launched.pid, signal.SIGKILL)
+            launched.wait()
 
 
 def test_the_launcher_starts_nothing_when_real_services_are_configured() -> None:
