@@ -51,13 +51,11 @@ def _form() -> rx.Component:
                     checked=AutoTopUpState.topup_enabled,
                     on_change=AutoTopUpState.set_enabled,
                     id="topup-enabled",
+                    # Submitted by name ("on" when on, nothing when off), as Reflex 0.11
+                    # will only submit named controls.
+                    name="enabled",
                 ),
                 rx.el.label("Auto top-up on", html_for="topup-enabled"),
-                rx.el.input(
-                    type="hidden",
-                    name="enabled",
-                    value=rx.cond(AutoTopUpState.topup_enabled, "on", ""),
-                ),
                 align="center",
             ),
             rx.hstack(

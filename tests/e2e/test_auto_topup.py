@@ -122,3 +122,18 @@ def test_a_top_up_that_needs_authentication_is_explained_on_every_page(
     page.go_back()
     page.locator("#topup-notice-dismiss").click()
     expect(notice).to_have_count(0)
+
+
+def test_auto_top_up_turned_off_and_saved_stays_off(app: RunningApp, page: Page) -> None:
+    """The switch is submitted by its name: on is saved as on, and off as off."""
+    sign_in(page, app, new_user(app), start="/credits")
+    turn_on_with_the_simulated_card(page)
+    page.reload()
+    switch = page.locator("#topup-enabled")
+    expect(switch).to_have_attribute("aria-checked", "true")
+    switch.click()
+    expect(switch).to_have_attribute("aria-checked", "false")
+    page.locator("#topup-save").click()
+    expect(page.locator("#topup-saved")).to_have_text("Auto top-up settings saved.")
+    page.reload()
+    expect(page.locator("#topup-enabled")).to_have_attribute("aria-checked", "false")
