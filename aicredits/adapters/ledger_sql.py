@@ -106,6 +106,8 @@ class HoldPricing:
     model: str
     price_version_id: int
     input_tokens: int
+    # A keyed call's request digest (tables.Hold.request_digest); None without a key.
+    request_digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +130,9 @@ WITH acct AS (
     RETURNING user_id
 )
 INSERT INTO holds (user_id, request_id, amount, status, unbilled, created_at, expires_at,
-    model, price_version_id, input_tokens, delivered_tokens)
+    model, price_version_id, input_tokens, delivered_tokens, request_digest)
 SELECT user_id, %(request_id)s, %(amount)s, 'pending', 0, %(now)s, %(expires_at)s,
-    %(model)s, %(price_version_id)s, %(input_tokens)s, 0
+    %(model)s, %(price_version_id)s, %(input_tokens)s, 0, %(request_digest)s
 FROM acct
 RETURNING id
 """
@@ -291,6 +293,7 @@ def _reserve_params(
         "model": pricing.model if pricing else "",
         "price_version_id": pricing.price_version_id if pricing else None,
         "input_tokens": pricing.input_tokens if pricing else 0,
+        "request_digest": pricing.request_digest if pricing else None,
     }
 
 
@@ -326,6 +329,7 @@ def _reserve_sqlite(db: Database, p: dict[str, Any]) -> int | None:
                         price_version_id=p["price_version_id"],
                         input_tokens=p["input_tokens"],
                         delivered_tokens=0,
+                        request_digest=p["request_digest"],
                     )
                     .returning(holds.c.id)
                 ).scalar_one()

@@ -157,6 +157,9 @@ class Hold(SQLModel, table=True):
     # Output tokens delivered as of the last checkpoint: what a dead worker's call is charged.
     delivered_tokens: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     checkpoint_at: datetime | None = _ts(nullable=True)
+    # A call with an Idempotency-Key: the SHA-256 of its request (domain.digest), so a retry
+    # is told apart from another request sent with the same key.
+    request_digest: str | None = Field(default=None, max_length=64, nullable=True)
 
 
 class UsageEvent(SQLModel, table=True):

@@ -34,6 +34,7 @@ from aicredits.services.gateway import (
     ProgressSink,
     ServerRestarting,
     UpstreamFailed,
+    keyed_digest,
 )
 from aicredits.services.ledger import HoldView, UsageRecord
 from aicredits.services.pricing import Quote
@@ -250,7 +251,7 @@ async def start_embeddings(
     quote = pricing.quote_embeddings(price, input_tokens=input_tokens)
     hold, slot = await gateway.reserve(
         user_id=user_id, ip=ip, request_id=request_id, hold_key=hold_key, quote=quote,
-        model=request.model,
+        model=request.model, digest=keyed_digest(request, request_id, hold_key),
     )  # fmt: skip
     return EmbeddingCall(
         gateway,

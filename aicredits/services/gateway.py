@@ -40,6 +40,7 @@ from aicredits.adapters.tables import utcnow
 from aicredits.adapters.tokenizer import count_text_tokens
 from aicredits.adapters.upstream import Delta, Finished, Upstream, UpstreamError, Usage
 from aicredits.domain.chat import ChatRequest
+from aicredits.domain.digest import request_digest
 from aicredits.domain.errors import (
     AICreditsError,
     IdempotencyConflict,
@@ -705,7 +706,7 @@ class Gateway:
         quote = pricing.quote_request(price, spec, request)
         hold, slot = await self.reserve(
             user_id=user_id, ip=ip, request_id=request_id, hold_key=hold_key, quote=quote,
-            model=request.model,
+            model=request.model, digest=keyed_digest(request, request_id, hold_key),
         )  # fmt: skip
         return Turn(
             self,
@@ -743,9 +744,11 @@ class Gateway:
         hold_key: str,
         quote: Quote,
         model: str,
+        digest: str | None = None,
     ) -> tuple[HoldView, Slot]:
         """Take a rate-limit slot and reserve the quote: what every metered call does before
-        it may reach the upstream."""
+        it may reach the upstream. `digest` (domain.digest) is a keyed call's request, kept
+        on the hold so a replay of the key with another request is told apart."""
         if subscriptions.past_due_may_block(self.settings):
             await run_blocking(
                 subscriptions.check_plan_usable, self.db, self.settings, user_id=user_id
@@ -766,6 +769,7 @@ class Gateway:
                         model=model,
                         price_version_id=quote.price.version_id,
                         input_tokens=quote.prompt_tokens,
+                        request_digest=digest,
                     ),
                 ),
             )
@@ -780,14 +784,23 @@ class Gateway:
             ) from None
         if hold.replayed:
             await slot.release()
-            # Another model or prompt size is another request, even at the same worst case.
-            if (hold.model, hold.input_tokens) != (model, quote.prompt_tokens):
+            # Another model, prompt size or body is another request, even at the same worst
+            # case. (A hold made before digests were kept has none: its model and size decide.)
+            if (hold.model, hold.input_tokens) != (model, quote.prompt_tokens) or (
+                hold.request_digest is not None and hold.request_digest != digest
+            ):
                 raise IdempotencyConflict(KEY_REUSED)
             raise IdempotencyKeyReused(
                 "A request with this idempotency key was already made; it was not run again."
             )
         metrics.credits_reserved(model=model, credits=hold.amount)
         return hold, slot
+
+
+def keyed_digest(request: object, request_id: str, hold_key: str) -> str | None:
+    """The request's digest when it carries an Idempotency-Key (its hold has the key's hold
+    key, not its request id); None otherwise, which costs an unkeyed call nothing."""
+    return request_digest(request) if hold_key != request_id else None
 
 
 def idempotent_hold_key(user_id: int, idempotency_key: str | None) -> str | None:

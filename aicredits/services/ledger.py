@@ -96,6 +96,8 @@ class HoldView:
     price_version_id: int | None = None
     input_tokens: int = 0
     delivered_tokens: int = 0
+    # A keyed call's request digest (tables.Hold.request_digest).
+    request_digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +187,7 @@ def _hold_view(row: Any, *, replayed: bool = False) -> HoldView:
         price_version_id=row.price_version_id,
         input_tokens=row.input_tokens,
         delivered_tokens=row.delivered_tokens,
+        request_digest=row.request_digest,
     )
 
 
@@ -565,6 +568,7 @@ class _Reservation:
             model=pricing.model if pricing else "",
             price_version_id=pricing.price_version_id if pricing else None,
             input_tokens=pricing.input_tokens if pricing else 0,
+            request_digest=pricing.request_digest if pricing else None,
         )
 
 

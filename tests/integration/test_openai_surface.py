@@ -644,6 +644,36 @@ def test_a_reused_idempotency_key_with_another_body_is_a_409_without_internal_id
     assert rig.upstream_stats()["chat_requests"] == 1
 
 
+def test_a_reused_key_with_a_body_of_the_same_size_is_told_apart_from_a_retry(rig: Rig) -> None:
+    """Model and prompt size alone do not make a request the same: any field that differs
+    (the words, a parameter) is another request. The same body, however its JSON is
+    written, is the same request."""
+    user, key = rig.user(credits=10_000)
+    headers = {"Idempotency-Key": "order-8"}
+    first = {"model": MODEL.id, "messages": [{"role": "user", "content": "Say something short."}]}
+    words = {"model": MODEL.id, "messages": [{"role": "user", "content": "Say something long."}]}
+    prompts = [count_prompt_tokens(body["messages"]) for body in (first, words)]
+    assert prompts[0] == prompts[1]  # the same size: only the digest tells them apart
+    assert post(rig, key, first, **headers).status_code == 200
+    balance = rig.balance(user).balance
+    for other in (words, {**first, "temperature": 0.5}):
+        response = post(rig, key, other, **headers)
+        assert response.status_code == 409
+        assert response.json()["error"]["code"] == "idempotency_conflict"
+    # The same request, its keys in another order and spaced out: a retry.
+    again = json.dumps({"messages": first["messages"], "model": MODEL.id}, indent=2)
+    retried = httpx.post(
+        f"{rig.api}/v1/chat/completions",
+        content=again,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers},
+        timeout=30,
+    )
+    assert retried.status_code == 409
+    assert retried.json()["error"]["code"] == "duplicate_request"
+    assert rig.upstream_stats()["chat_requests"] == 1
+    assert rig.balance(user).balance == balance and rig.balance(user).held == 0
+
+
 # --- embeddings ---------------------------------------------------------------------------------
 
 
@@ -740,3 +770,22 @@ def test_models_lists_capabilities_and_embedding_models(rig: Rig) -> None:
     assert by_id[REASONER.id]["capabilities"]["reasoning"] is True
     assert by_id[EMBEDDER.id]["capabilities"] == {"embeddings": True}
     assert by_id[EMBEDDER.id]["pricing"] == {"unit": "credits per 1K tokens", "input": "0.1"}
+
+
+def test_an_embedding_key_reused_for_other_inputs_of_the_same_size_is_a_conflict(
+    rig: Rig,
+) -> None:
+    user, key = rig.user(credits=1_000)
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "embed-1"}
+
+    def embed(text: str) -> httpx.Response:
+        body = {"model": EMBEDDER.id, "input": text}
+        return httpx.post(f"{rig.api}/v1/embeddings", json=body, headers=headers, timeout=30)
+
+    assert count_text_tokens("red apples") == count_text_tokens("green apples")
+    assert embed("red apples").status_code == 200
+    other, again = embed("green apples"), embed("red apples")
+    assert (other.status_code, other.json()["error"]["code"]) == (409, "idempotency_conflict")
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "duplicate_request")
+    assert len([r for r in rig.upstream_stats()["requests"] if r["endpoint"] == "embeddings"]) == 1
+    assert rig.balance(user).held == 0
