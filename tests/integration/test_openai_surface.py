@@ -650,9 +650,11 @@ def test_a_reused_key_with_a_body_of_the_same_size_is_told_apart_from_a_retry(ri
     written, is the same request."""
     user, key = rig.user(credits=10_000)
     headers = {"Idempotency-Key": "order-8"}
-    first = {"model": MODEL.id, "messages": [{"role": "user", "content": "Say something short."}]}
-    words = {"model": MODEL.id, "messages": [{"role": "user", "content": "Say something long."}]}
-    prompts = [count_prompt_tokens(body["messages"]) for body in (first, words)]
+    short = [{"role": "user", "content": "Say something short."}]
+    long = [{"role": "user", "content": "Say something long."}]
+    first: dict[str, Any] = {"model": MODEL.id, "messages": short}
+    words: dict[str, Any] = {"model": MODEL.id, "messages": long}
+    prompts = [count_prompt_tokens(messages) for messages in (short, long)]
     assert prompts[0] == prompts[1]  # the same size: only the digest tells them apart
     assert post(rig, key, first, **headers).status_code == 200
     balance = rig.balance(user).balance
