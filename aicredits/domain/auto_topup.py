@@ -13,6 +13,14 @@ from aicredits.domain.errors import AICreditsError
 
 MAX_THRESHOLD = 10_000_000_000
 MAX_MONTHLY_CAP = 100
+# Until a user sets a threshold, the form suggests this share of the pack it would buy.
+SUGGESTED_THRESHOLD_SHARE = 5  # a fifth
+
+
+def suggested_threshold(pack_credits: int) -> int:
+    """The threshold the form starts with: a fifth of the pack, so the top-up lands while
+    some credits are left for the calls under way."""
+    return max(1, pack_credits // SUGGESTED_THRESHOLD_SHARE)
 
 
 class InvalidAutoTopUp(AICreditsError):

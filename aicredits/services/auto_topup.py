@@ -61,7 +61,7 @@ from aicredits.adapters.tables import (
 )
 from aicredits.devtools import simulated_card
 from aicredits.domain import auto_topup as rules
-from aicredits.domain.auto_topup import InvalidAutoTopUp, Notice
+from aicredits.domain.auto_topup import InvalidAutoTopUp, Notice, suggested_threshold
 from aicredits.domain.money import format_money
 from aicredits.services import fulfilment, outbox, thresholds
 from aicredits.services.packs import label_of
@@ -118,6 +118,15 @@ class AutoTopUpView:
     this_month: int
     simulate_next: str
     history: list[TopUpLine]
+
+
+def form_threshold(settings: Settings, view: AutoTopUpView) -> int:
+    """The threshold /credits shows: the one saved, or until one is, the suggestion for the
+    pack the form shows (0 when there is no pack to suggest from)."""
+    if view.threshold:
+        return view.threshold
+    pack = settings.pack(view.pack_id) or (settings.packs[0] if settings.packs else None)
+    return suggested_threshold(pack.credits) if pack else 0
 
 
 def view(

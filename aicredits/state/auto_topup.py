@@ -67,7 +67,8 @@ class AutoTopUpState(SessionState):
     def _show_topup(self, view: AutoTopUpView) -> None:
         settings = get_settings()
         self.topup_enabled = view.enabled
-        self.topup_threshold = str(view.threshold) if view.threshold else ""
+        threshold = auto_topup.form_threshold(settings, view)
+        self.topup_threshold = str(threshold) if threshold else ""
         self.topup_pack = view.pack_id
         self.topup_cap = str(view.monthly_cap)
         self.topup_this_month = str(view.this_month)
@@ -118,8 +119,12 @@ class AutoTopUpState(SessionState):
         if user is None:
             return self._to_login()
         threshold, cap = _int(form_data.get("threshold")), _int(form_data.get("monthly_cap"))
-        if threshold is None or cap is None:
-            self.topup_error = "The threshold and the monthly limit must be whole numbers."
+        self.topup_saved = ""
+        if threshold is None:
+            self.topup_error = "The threshold must be a whole number of credits, such as 1000."
+            return None
+        if cap is None:
+            self.topup_error = "The monthly limit must be a whole number of top-ups, such as 4."
             return None
         try:
             await run_blocking(

@@ -181,6 +181,34 @@ def test_turning_on_needs_a_card_and_a_pack_larger_than_the_threshold(shop: Shop
         )
 
 
+def test_the_form_suggests_a_threshold_that_can_be_saved_as_it_is(
+    shop: Shop, fake: FakeStripe
+) -> None:
+    """A new user who saves a card and turns auto top-up on, changing nothing else, gets a
+    working setting: the form suggests a fifth of the pack until a threshold is saved."""
+    user = make_user(shop.db, credits=100)
+    fresh = auto_topup.view(shop.db, shop.settings, user_id=user)
+    pack = shop.settings.pack(fresh.pack_id)
+    assert pack is not None
+    assert auto_topup.form_threshold(shop.settings, fresh) == pack.credits // 5
+    save_card(shop, fake, user)
+    with_card = auto_topup.view(shop.db, shop.settings, user_id=user)
+    suggested = auto_topup.form_threshold(shop.settings, with_card)
+    assert suggested == pack.credits // 5
+    auto_topup.save_settings(
+        shop.db, shop.settings, user_id=user, enabled=True, threshold=suggested,
+        pack_id=with_card.pack_id, monthly_cap=with_card.monthly_cap,
+    )  # fmt: skip
+    saved = auto_topup.view(shop.db, shop.settings, user_id=user)
+    assert saved.enabled and saved.threshold == suggested
+    auto_topup.save_settings(
+        shop.db, shop.settings, user_id=user, enabled=True, threshold=700,
+        pack_id=with_card.pack_id, monthly_cap=with_card.monthly_cap,
+    )  # fmt: skip
+    changed = auto_topup.view(shop.db, shop.settings, user_id=user)
+    assert auto_topup.form_threshold(shop.settings, changed) == 700
+
+
 # --- the trigger ------------------------------------------------------------------------------
 
 
