@@ -125,9 +125,17 @@ def test_a_top_up_that_needs_authentication_is_explained_on_every_page(
 
 
 def test_auto_top_up_turned_off_and_saved_stays_off(app: RunningApp, page: Page) -> None:
-    """The switch is submitted by its name: on is saved as on, and off as off."""
+    """The form suggests a threshold a new user can save as it is; a blank one is refused
+    by name; the switch is submitted by its name: on is saved as on, and off as off."""
     sign_in(page, app, new_user(app), start="/credits")
+    expect(page.locator("#topup-threshold")).to_have_value("1000")  # a fifth of Starter
     turn_on_with_the_simulated_card(page)
+    page.locator("#topup-threshold").fill("")
+    page.locator("#topup-save").click()
+    expect(page.locator("#topup-error")).to_have_text(
+        "The threshold must be a whole number of credits, such as 1000."
+    )
+    expect(page.locator("#topup-saved")).to_have_count(0)
     page.reload()
     switch = page.locator("#topup-enabled")
     expect(switch).to_have_attribute("aria-checked", "true")
