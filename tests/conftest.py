@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
 from aicredits.adapters.migrations import upgrade_to_head
-from tests.dbutil import PG_ADMIN_URL, pg_conninfo, truncate_postgres
+from tests.dbutil import PG_ADMIN_URL, pg_conninfo, empty_postgres
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +87,7 @@ def db_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_url"))
     url = str(request.getfixturevalue("pg_url"))
-    truncate_postgres(url)
+    empty_postgres(url)
     return url
 
 

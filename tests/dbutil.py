@@ -3,38 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from psycopg import sql
 
 PG_ADMIN_URL = os.environ.get(
     "AICREDITS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-TABLES = [
-    "unmatched_payments",
-    "reconciliation_runs",
-    "trial_addresses",
-    "spike_reports",
-    "admin_actions",
-    "threshold_crossings",
-    "account_flags",
-    "stripe_events",
-    "stripe_customers",
-    "purchases",
-    "chat_messages",
-    "conversations",
-    "api_keys",
-    "login_attempts",
-    "auth_sessions",
-    "identities",
-    "usage_events",
-    "credit_lots",
-    "ledger_entries",
-    "holds",
-    "credit_accounts",
-    "model_prices",
-    "users",
-]
 
 
 def pg_conninfo(url: str, dbname: str | None = None) -> str:
@@ -45,7 +22,50 @@ def pg_conninfo(url: str, dbname: str | None = None) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def truncate_postgres(url: str) -> None:
-    """Empty every table; TRUNCATE does not fire the ledger's row-level append-only trigger."""
-    with psycopg.connect(pg_conninfo(url), autocommit=True) as conn:
-        conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+# Every table of the schema but Alembic's own, read from the database, so a table added by
+# a migration is emptied too (a hand-kept list had missed five).
+_TABLES = (
+    "SELECT tablename FROM pg_tables "
+    "WHERE schemaname = current_schema() AND tablename <> 'alembic_version'"
+)
+# Every sequence used since it was (re)started begins again.
+_RESTART_SEQUENCES = (
+    "SELECT setval(format('%I.%I', schemaname, sequencename)::regclass, start_value, false) "
+    "FROM pg_sequences WHERE last_value IS NOT NULL"
+)
+
+
+def tables(conn: psycopg.Connection[Any]) -> list[str]:
+    return [name for (name,) in conn.execute(_TABLES).fetchall()]
+
+
+def _names(names: list[str]) -> sql.Composable:
+    return sql.SQL(", ").join(map(sql.Identifier, names))
+
+
+def empty_postgres(url: str) -> None:
+    """Empty every table and restart the ids, as before the test's first row.
+
+    DELETE of the few tables a test wrote, in one transaction, with the triggers off
+    (`session_replication_role = replica`: the ledger's append-only triggers and the foreign
+    keys' checks), takes about 15 ms; TRUNCATE of all of them (28) takes 120 to 250 ms on
+    this machine, which is a minute or two over the ~500 tests on Postgres. Only a superuser
+    may turn the triggers off; with another role (AICREDITS_TEST_PG_URL) it falls back to
+    TRUNCATE, which does not fire row-level triggers.
+    """
+    with psycopg.connect(pg_conninfo(url)) as conn:
+        try:
+            conn.execute("SET LOCAL session_replication_role = replica")
+        except psycopg.errors.InsufficientPrivilege:
+            conn.rollback()
+            conn.execute(
+                sql.SQL("TRUNCATE {} RESTART IDENTITY CASCADE").format(_names(tables(conn)))
+            )
+            return
+        not_empty = sql.SQL(" UNION ALL ").join(
+            sql.SQL("SELECT {} WHERE EXISTS (SELECT 1 FROM {})").format(name, sql.Identifier(name))
+            for name in tables(conn)
+        )
+        for (name,) in conn.execute(not_empty).fetchall():
+            conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(name)))
+        conn.execute(_RESTART_SEQUENCES)

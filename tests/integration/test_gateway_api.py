@@ -18,7 +18,7 @@ from aicredits.adapters.tokenizer import count_message_tokens
 from aicredits.api.routes import api_transformers
 from aicredits.domain.pricing import usage_cost
 from aicredits.services import api_keys
-from tests.dbutil import truncate_postgres
+from tests.dbutil import empty_postgres
 from tests.integration.gateway_fixtures import MESSAGES, MODEL, Rig, running_rig
 
 
@@ -402,7 +402,7 @@ def test_100_parallel_calls_on_a_balance_for_20_give_exactly_20(db_url: str) -> 
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_100_parallel_calls_on_postgres_with_redis_limits(pg_url: str, redis_url: str) -> None:
-    truncate_postgres(pg_url)
+    empty_postgres(pg_url)
     client = redis.Redis.from_url(redis_url)
     for stale in client.scan_iter("aicredits:rl:*"):  # user ids restart at 1 in every run
         client.delete(stale)

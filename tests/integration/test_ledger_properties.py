@@ -27,7 +27,7 @@ from aicredits.adapters.db import Database
 from aicredits.domain.errors import InsufficientCredits
 from aicredits.services import ledger, recovery, users
 from aicredits.services.verify import verify_ledger
-from tests.dbutil import truncate_postgres
+from tests.dbutil import empty_postgres
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 TTL = timedelta(minutes=10)
@@ -247,7 +247,7 @@ def test_random_sequences_on_sqlite(sqlite_template: Path, tmp_path: Path) -> No
 @pytest.mark.postgres
 def test_random_sequences_on_postgres(pg_url: str) -> None:
     def new_db() -> Database:
-        truncate_postgres(pg_url)
+        empty_postgres(pg_url)
         return Database(pg_url)
 
     run_state_machine_as_test(

@@ -26,7 +26,7 @@ from aicredits.adapters.tables import (
 from aicredits.services import fulfilment, ledger, refunds, stripe_webhook
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
-from tests.dbutil import truncate_postgres
+from tests.dbutil import empty_postgres
 from tests.factories import make_user, new_key
 from tests.integration import fake_stripe as fs
 from tests.integration.fake_stripe import Shop, make_shop
@@ -498,7 +498,7 @@ def test_a_refund_meeting_another_settlement_of_its_purchase_waits_for_it_and_ap
 
 @pytest.fixture
 def pg_shop(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shop]:
-    truncate_postgres(pg_url)
+    empty_postgres(pg_url)
     database = Database(pg_url)
     try:
         yield make_shop(database, monkeypatch)
