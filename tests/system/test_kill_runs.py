@@ -1,9 +1,11 @@
-"""Fifty seeded crashes in the middle of metered calls. Each run starts an API worker
-process, opens a streamed or plain call on it, and SIGKILLs the process at a seeded moment:
-before the upstream answers, mid-stream, near the end. Then the sweeper settles what the dead
-workers left. Every killed call must be charged at most what its client received, and at
-least that minus one checkpoint's worth of tokens; nothing stays held; verify-ledger stays
-clean.
+"""Fifty seeded crashes in the middle of metered calls. Each call is SIGKILLed with its API
+worker process at a seeded moment after the call was sent: before the upstream answers,
+mid-stream, near the end. Five calls share a worker, as calls do in production: each is sent
+so that the one kill lands at its own seeded moment (the call to die 4 s in is sent 4 s before
+the kill, the one to die at 0.1 s, 0.1 s before), which keeps the fifty seeded moments and
+starts ten processes instead of fifty. Then the sweeper settles what the dead workers left.
+Every killed call must be charged at most what its client received, and at least that minus
+one checkpoint's worth of tokens; nothing stays held; verify-ledger stays clean.
 
 The model costs one credit per output token and nothing for the prompt (harness.MODELS), so
 a charge is a token count. Leases and checkpoints are shortened so the runs take seconds.
@@ -47,7 +49,8 @@ from tests.system.harness import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 RUNS = 50
-LANES = 4  # runs at a time
+CALLS_PER_WORKER = 5
+LANES = 4  # workers at a time
 SEED = 20261130
 TOKENS_PER_SECOND = 10
 CHECKPOINT_SECONDS = 0.5
@@ -85,43 +88,49 @@ def start_worker(env: dict[str, str], port: int, log_path: Path) -> subprocess.P
     return proc
 
 
-def one_run(run: Run, env: dict[str, str], api_key: str, base: Path) -> Run:
+def one_call(run: Run, port: int, api_key: str) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = {
+        "model": MODEL,
+        "stream": run.stream,
+        "messages": [{"role": "user", "content": f"run {run.index} {PACE}"}],
+    }
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        conn.request(
+            "POST", "/v1/chat/completions", body=json.dumps(body),
+            headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        response = conn.getresponse()
+        if response.status == 200 and run.stream:
+            while line := response.readline():
+                if line.startswith(b"data: {"):
+                    event = json.loads(line[6:])
+                    run.received += sum(
+                        1 for c in event.get("choices", []) if c.get("delta", {}).get("content")
+                    )
+        elif response.status == 200:
+            run.received = json.loads(response.read())["usage"]["completion_tokens"]
+    conn.close()
+
+
+def one_worker(runs: list[Run], env: dict[str, str], keys: list[str], base: Path) -> list[Run]:
+    """Sends each call `kill_after` before the worker's one kill."""
     port = free_port()
-    proc = start_worker(env, port, base / f"kill-run-{run.index}.log")
+    proc = start_worker(env, port, base / f"kill-run-{runs[0].index}.log")
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        body = {
-            "model": MODEL,
-            "stream": run.stream,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": f"run {run.index} [fake tokens-per-second={TOKENS_PER_SECOND}]",
-                }
-            ],
-        }
-        killer = threading.Timer(run.kill_after, lambda: os.kill(proc.pid, signal.SIGKILL))
-        killer.start()
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            conn.request(
-                "POST", "/v1/chat/completions", body=json.dumps(body),
-                headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
-            )  # fmt: skip
-            response = conn.getresponse()
-            if response.status == 200 and run.stream:
-                while line := response.readline():
-                    if line.startswith(b"data: {"):
-                        event = json.loads(line[6:])
-                        run.received += sum(
-                            1 for c in event.get("choices", []) if c.get("delta", {}).get("content")
-                        )
-            elif response.status == 200:
-                run.received = json.loads(response.read())["usage"]["completion_tokens"]
-        killer.join()
-        conn.close()
+        kill_at = max(run.kill_after for run in runs)
+        timers = [
+            threading.Timer(kill_at - run.kill_after, one_call, (run, port, key))
+            for run, key in zip(runs, keys, strict=True)
+        ]
+        killer = threading.Timer(kill_at, lambda: os.kill(proc.pid, signal.SIGKILL))
+        for timer in [*timers, killer]:
+            timer.start()
+        for timer in [killer, *timers]:
+            timer.join()
     finally:
         stop_process(proc)
-    return run
+    return runs
 
 
 def test_fifty_seeded_worker_crashes_charge_at_most_what_was_delivered(services: Services) -> None:
@@ -144,13 +153,20 @@ def test_fifty_seeded_worker_crashes_charge_at_most_what_was_delivered(services:
     runs = [
         Run(i, stream=rng.random() < 0.8, kill_after=rng.uniform(0.05, 4.5)) for i in range(RUNS)
     ]
+    for run, account in zip(runs, accounts, strict=True):
+        run.user_id = account.user_id
+    groups = [runs[i : i + CALLS_PER_WORKER] for i in range(0, RUNS, CALLS_PER_WORKER)]
     started = time.monotonic()
     with ThreadPoolExecutor(LANES) as pool:
-        done = list(
-            pool.map(lambda r: one_run(r, env, accounts[r.index].api_key, services.base), runs)
+        list(
+            pool.map(
+                lambda group: one_worker(
+                    group, env, [accounts[r.index].api_key for r in group], services.base
+                ),
+                groups,
+            )
         )
-    for run, account in zip(done, accounts, strict=True):
-        run.user_id = account.user_id
+    done = runs
     elapsed = time.monotonic() - started
 
     db = Database(url)
