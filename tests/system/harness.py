@@ -8,6 +8,7 @@ Nothing here knows about pytest, so a benchmark can use it too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -314,9 +315,16 @@ def app_env(services: Services, database_url: str, **overrides: str) -> dict[str
 
 
 def prod_command_available() -> bool:
+    """Whether the tree at ROOT has `python -m aicredits prod` (an earlier revision run by
+    `bench/gateway.py --against` may not); asked once per tree, since it costs a process."""
+    return _has_prod_command(ROOT)
+
+
+@functools.cache
+def _has_prod_command(root: Path) -> bool:
     result = subprocess.run(
         [sys.executable, "-m", "aicredits", "--help"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=root, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     return any(line.split()[:1] == ["prod"] for line in result.stdout.splitlines())
 
@@ -367,20 +375,20 @@ class RunningApp:
 
 
 def launch_app(env: Mapping[str, str], *, workers: int, log: Path) -> RunningApp:
-    """Migrate, then start the app in production mode, backend only, with `workers` workers;
-    return once /healthz answers."""
+    """Start the app in production mode, backend only, with `workers` workers, the way
+    `make prod` does (the command migrates first); return once /healthz answers."""
     port = free_port()
     env = {**env, "GRANIAN_WORKERS": str(workers)}
-    subprocess.run(
-        [sys.executable, "-m", "aicredits", "migrate"],
-        cwd=ROOT, env=env, check=True, capture_output=True, timeout=180,
-    )  # fmt: skip
     if prod_command_available():
         command = [
             sys.executable, "-m", "aicredits", "prod", "--backend-only",
             "--workers", str(workers), "--backend-port", str(port),
         ]  # fmt: skip
     else:
+        subprocess.run(
+            [sys.executable, "-m", "aicredits", "migrate"],
+            cwd=ROOT, env=env, check=True, capture_output=True, timeout=180,
+        )  # fmt: skip
         command = [
             sys.executable, "-m", "reflex", "run", "--env", "prod", "--backend-only",
             "--backend-port", str(port),
