@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from aicredits.adapters.db import Database
 from aicredits.adapters.migrations import upgrade_to_head
-from tests.dbutil import PG_ADMIN_URL, pg_conninfo, empty_postgres
+from tests.dbutil import PG_ADMIN_URL, empty_postgres, pg_conninfo
 
 
 @pytest.fixture(scope="session")
