@@ -167,8 +167,10 @@ def _answers(url: str) -> bool:
 # --- an earlier revision of the app, for --against ----------------------------------------
 
 
-def revision_tree(rev: str) -> tuple[Path, str]:
-    """A worktree of `rev` under .bench/ (made once), using this venv; and its short hash."""
+@contextmanager
+def revision_tree(rev: str) -> Iterator[tuple[Path, str]]:
+    """A worktree of `rev` under .bench/, using this venv, and its short hash; the worktree
+    is removed after the run, so `git worktree list` is left as it was."""
     sha = subprocess.run(
         ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
         cwd=ROOT, capture_output=True, text=True, check=True,
@@ -183,7 +185,12 @@ def revision_tree(rev: str) -> tuple[Path, str]:
     venv = tree / ".venv"
     if not venv.exists():
         venv.symlink_to(ROOT / ".venv")
-    return tree, sha[:9]
+    try:
+        yield tree, sha[:9]
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True
+        )
 
 
 @contextmanager
@@ -307,10 +314,9 @@ def running_revision(
     rev: str, services: Services, args: argparse.Namespace
 ) -> Iterator[tuple[str, str, list[str], str]]:
     """The app at `rev`, on its own database: (path name, /v1 URL, API keys, database URL)."""
-    tree, short = revision_tree(rev)
     database_url = services.postgres.create_database(f"gw_rev_{uuid.uuid4().hex[:6]}")
     env = bench_env(services, database_url, args)
-    with app_from(tree):
+    with revision_tree(rev) as (tree, short), app_from(tree):
         app = running_app(env, workers=args.workers, log=services.base / f"app-{short}.log")
         with app as running:
             keys = [a.api_key for a in provision(env, [10**12] * USERS, label="gw")]
