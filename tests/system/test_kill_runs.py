@@ -66,6 +66,7 @@ class Run:
     stream: bool
     kill_after: float  # seconds after the request was sent
     received: int = 0  # reply tokens the client got before the connection died
+    error: str = ""  # anything but the connection dying, raised in the call's thread
     user_id: int = 0
 
 
@@ -89,6 +90,14 @@ def start_worker(env: dict[str, str], port: int, log_path: Path) -> subprocess.P
 
 
 def one_call(run: Run, port: int, api_key: str) -> None:
+    """Runs in a timer's thread, where an exception would only be printed: it is kept."""
+    try:
+        _call(run, port, api_key)
+    except Exception as exc:
+        run.error = repr(exc)
+
+
+def _call(run: Run, port: int, api_key: str) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     body = {
         "model": MODEL,
@@ -169,6 +178,7 @@ def test_fifty_seeded_worker_crashes_charge_at_most_what_was_delivered(services:
     done = runs
     elapsed = time.monotonic() - started
 
+    assert [r for r in runs if r.error] == []
     db = Database(url)
     try:
         # The sweeper's run, once the dead workers' leases have lapsed.
