@@ -38,6 +38,7 @@ from aicredits.services.plans import (
 )
 from aicredits.services.stripe_config import (
     simulated_checkout_enabled,
+    simulated_customer_id,
     webhook_secret,
     webhook_url,
 )
@@ -66,7 +67,7 @@ def simulated_customer(db: Database, *, user_id: int, now: datetime) -> str:
     with db.transaction() as conn:
         conn.execute(
             db.insert_ignoring_conflict(stripe_customers, index="user_id").values(
-                user_id=user_id, customer_id=f"cus_sim_{user_id}", created_at=now
+                user_id=user_id, customer_id=simulated_customer_id(user_id), created_at=now
             )
         )
         return str(

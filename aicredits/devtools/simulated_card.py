@@ -21,6 +21,7 @@ from aicredits.adapters.stripe_cards import (
     OffSessionRequest,
     SavedCard,
 )
+from aicredits.services.stripe_config import simulated_customer_id
 
 PAYMENT_METHOD_PREFIX = "pm_sim_"
 PAYMENT_INTENT_PREFIX = "pi_sim_topup_"
@@ -41,7 +42,7 @@ OUTCOMES: dict[str, tuple[str, str, str]] = {
 def simulated_card(user_id: int, now: datetime) -> SavedCard:
     return SavedCard(
         payment_method_id=f"{PAYMENT_METHOD_PREFIX}{user_id}",
-        customer_id=f"cus_sim_{user_id}",
+        customer_id=simulated_customer_id(user_id),
         brand="visa",
         last4="4242",
         exp=f"12/{now.year + 3}",

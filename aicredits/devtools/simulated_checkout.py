@@ -32,6 +32,7 @@ from aicredits.services.stripe_config import (
     cancel_url,
     is_session_id,
     simulated_checkout_enabled,
+    simulated_customer_id,
     success_url,
     webhook_secret,
     webhook_url,
@@ -61,7 +62,7 @@ def start_simulated_checkout(
         session_id=session_id,
         amount=pack.amount,
         currency=pack.currency.lower(),
-        customer_id=f"cus_sim_{user_id}",
+        customer_id=simulated_customer_id(user_id),
         simulated=True,
         now=now,
     )

@@ -44,6 +44,13 @@ class Notice(StrEnum):
     CAP_REACHED = "cap_reached"
 
 
+# Ours: a top-up left in flight on a simulated card when a Stripe key was set (nothing charged).
+SIMULATED_CARD = "simulated_card"
+SIMULATED_CARD_NOTICE = (
+    "Auto top-up is off: the saved card was a simulated one, and payments now go through "
+    "Stripe. Save a card to turn it on again."
+)
+
 # Stripe's decline codes we explain in words; any other is "declined".
 _REASONS = {
     "authentication_required": "your bank asks you to confirm the payment",
@@ -54,6 +61,7 @@ _REASONS = {
     "incorrect_cvc": "the card was declined (security code)",
     "lost_card": "the card was declined",
     "stolen_card": "the card was declined",
+    SIMULATED_CARD: "the saved card was a simulated one, and payments now go through Stripe",
 }
 
 

@@ -156,6 +156,25 @@ def view(
             simulate_next="",
             history=history,
         )
+    if _card_unusable(settings, row):
+        # Shown as no card until a run of the job or a save forgets it.
+        return AutoTopUpView(
+            enabled=False,
+            threshold=row.threshold,
+            pack_id=row.pack_id,
+            monthly_cap=row.monthly_cap,
+            has_card=False,
+            card_brand="",
+            card_last4="",
+            card_exp="",
+            card_simulated=False,
+            consecutive_failures=row.consecutive_failures,
+            notice_kind=Notice.DISABLED,
+            notice=rules.SIMULATED_CARD_NOTICE,
+            this_month=this_month,
+            simulate_next="",
+            history=history,
+        )
     return AutoTopUpView(
         enabled=row.enabled,
         threshold=row.threshold,
@@ -195,6 +214,35 @@ def _history(conn: Connection, user_id: int) -> list[TopUpLine]:
         )
         for r in rows
     ]
+
+
+def _card_unusable(settings: Settings, row: Any) -> bool:
+    """A simulated card saved before a Stripe key was set: Stripe cannot charge it."""
+    return (
+        row.payment_method_id is not None
+        and bool(row.card_simulated)
+        and not simulated_checkout_enabled(settings)
+    )
+
+
+def _forget_simulated_card(conn: Connection, user_id: int, now: datetime) -> None:
+    conn.execute(
+        sa.update(auto_topup_settings)
+        .where(auto_topup_settings.c.user_id == user_id)
+        .values(
+            enabled=False,
+            payment_method_id=None,
+            customer_id=None,
+            card_brand="",
+            card_last4="",
+            card_exp="",
+            card_simulated=False,
+            simulate_next="",
+            notice_kind=Notice.DISABLED,
+            notice=rules.SIMULATED_CARD_NOTICE,
+            updated_at=now,
+        )
+    )
 
 
 def _settings_row(conn: Connection, user_id: int, *, lock: bool = False) -> Any:
@@ -274,6 +322,9 @@ def save_settings(
     _ensure_row(db, settings, user_id, now)
     with db.transaction() as conn:
         row = _settings_row(conn, user_id, lock=True)
+        if _card_unusable(settings, row):
+            _forget_simulated_card(conn, user_id, now)
+            row = _settings_row(conn, user_id)
         if enabled and row.payment_method_id is None:
             raise InvalidAutoTopUp("Save a card first: auto top-up pays with it.")
         values: dict[str, Any] = {
@@ -545,6 +596,9 @@ def _start(db: Database, settings: Settings, user_id: int, now: datetime) -> _St
         ).first()
         if row is None or account is None:
             return None
+        if _card_unusable(settings, row):
+            _forget_simulated_card(conn, user_id, now)
+            return None
         due = rules.is_due(
             enabled=row.enabled,
             has_card=row.payment_method_id is not None,
@@ -721,6 +775,21 @@ def _resume(db: Database, settings: Settings, topup_id: int, now: datetime) -> N
         _record_failure(
             db, settings, topup_id, code="card_removed", message="The card was removed.", now=now
         )
+        return
+    if row.simulated and not simulated_checkout_enabled(settings):
+        # Left in flight on a simulated card, and a Stripe key set since: nothing was charged
+        # (a simulated charge is answered at once), and Stripe cannot charge that card.
+        _record_failure(
+            db,
+            settings,
+            topup_id,
+            code=rules.SIMULATED_CARD,
+            message="A simulated card cannot be charged through Stripe.",
+            now=now,
+        )
+        with db.transaction() as conn:
+            if _card_unusable(settings, _settings_row(conn, row.user_id, lock=True)):
+                _forget_simulated_card(conn, row.user_id, now)
         return
     started = _Started(
         id=row.id,

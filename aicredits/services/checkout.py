@@ -31,6 +31,7 @@ from aicredits.services.purchases import get_purchase, insert_purchase
 from aicredits.services.stripe_config import (
     cancel_url,
     is_session_id,
+    is_simulated_customer,
     stripe_client,
     success_url,
 )
@@ -87,13 +88,15 @@ def start_checkout(
 
 
 def ensure_customer(db: Database, api: stripe_api.StripeApi, *, user_id: int, now: datetime) -> str:
-    """The user's Stripe customer, created on their first checkout and reused after."""
+    """The user's Stripe customer, created on their first checkout and reused after. A
+    simulated customer (left by the simulated checkout before a Stripe key was set) is not
+    Stripe's, so it is replaced by a real one, once."""
     with db.read() as conn:
         existing = conn.execute(
             sa.select(stripe_customers.c.customer_id).where(stripe_customers.c.user_id == user_id)
         ).scalar()
         email = conn.execute(sa.select(users.c.email).where(users.c.id == user_id)).scalar()
-    if existing:
+    if existing and not is_simulated_customer(str(existing)):
         return str(existing)
     try:
         created = api.create_customer(
@@ -104,11 +107,23 @@ def ensure_customer(db: Database, api: stripe_api.StripeApi, *, user_id: int, no
     except StripeFailure as exc:
         raise CheckoutFailed(f"Stripe could not start the checkout ({exc}).") from exc
     with db.transaction() as conn:
-        conn.execute(
-            db.insert_ignoring_conflict(stripe_customers, index="user_id").values(
-                user_id=user_id, customer_id=created, created_at=now
+        if existing:
+            # Only the simulated one is replaced: a concurrent first checkout may have
+            # replaced it already.
+            conn.execute(
+                sa.update(stripe_customers)
+                .where(
+                    stripe_customers.c.user_id == user_id,
+                    stripe_customers.c.customer_id == existing,
+                )
+                .values(customer_id=created, created_at=now)
             )
-        )
+        else:
+            conn.execute(
+                db.insert_ignoring_conflict(stripe_customers, index="user_id").values(
+                    user_id=user_id, customer_id=created, created_at=now
+                )
+            )
         # A concurrent first checkout may have stored its customer first; everyone uses that.
         return str(
             conn.execute(

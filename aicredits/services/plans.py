@@ -86,14 +86,18 @@ class SubscriptionView:
     simulated: bool
 
 
-def current_subscription(db: Database, *, user_id: int) -> SubscriptionView | None:
-    """The user's live subscription (active, trialing or past due), if any."""
+def current_subscription(
+    db: Database, *, user_id: int, simulated: bool = True
+) -> SubscriptionView | None:
+    """The user's live subscription (active, trialing or past due), if any; with
+    `simulated=False`, only one that Stripe made."""
     with db.read() as conn:
         row = conn.execute(
             sa.select(subscriptions)
             .where(
                 subscriptions.c.user_id == user_id,
                 subscriptions.c.status.in_(sorted(LIVE_STATUSES)),
+                *([] if simulated else [subscriptions.c.simulated.is_(False)]),
             )
             .order_by(subscriptions.c.updated_at.desc(), subscriptions.c.id.desc())
             .limit(1)

@@ -16,12 +16,23 @@ WEBHOOK_PATH = "/api/stripe/webhook"
 DEV_WEBHOOK_SECRET_PATH = LOCAL_DATA_DIR / "dev_webhook_secret"
 # The Checkout Session ids the simulated checkout makes.
 SIMULATED_PREFIX = "cs_test_sim_"
+# The customer ids the simulated payments make. Stripe never made them, so once a Stripe key is
+# set they are nobody's there, though a database first used in simulated mode still has them.
+SIMULATED_CUSTOMER_PREFIX = "cus_sim_"
 _SESSION_ID = re.compile(r"^cs_[A-Za-z0-9_]{1,150}$")
 
 
 def is_session_id(value: str) -> bool:
     """Whether `value` has the shape of a Checkout Session id (so it is safe in a URL)."""
     return bool(_SESSION_ID.match(value or ""))
+
+
+def simulated_customer_id(user_id: int) -> str:
+    return f"{SIMULATED_CUSTOMER_PREFIX}{user_id}"
+
+
+def is_simulated_customer(customer_id: str) -> bool:
+    return customer_id.startswith(SIMULATED_CUSTOMER_PREFIX)
 
 
 def simulated_checkout_enabled(settings: Settings) -> bool:

@@ -30,12 +30,13 @@ from aicredits.services.payment_errors import CheckoutFailed, PaymentError, Paym
 from aicredits.services.plans import (
     MARKER_TAG,
     PlanOffer,
+    SubscriptionView,
     UnknownPlan,
     current_subscription,
     label_of,
     list_plans,
 )
-from aicredits.services.stripe_config import cancel_url, stripe_client
+from aicredits.services.stripe_config import cancel_url, is_simulated_customer, stripe_client
 from aicredits.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ class QuotaExceeded(InsufficientCredits):
 # --- subscribing and the portal ---------------------------------------------------------------
 
 
+def users_plan(db: Database, settings: Settings, *, user_id: int) -> SubscriptionView | None:
+    """The user's live subscription. Once a Stripe key is set, a simulated one (left in a
+    development database by the simulated checkout) is not a plan any more: Stripe cannot
+    renew, change or cancel it, so it no longer blocks subscribing, shows on the credits page
+    or speaks for the user's credits. The credits it granted stay until they expire."""
+    return current_subscription(db, user_id=user_id, simulated=settings.simulated_checkout)
+
+
 def start_subscription(
     db: Database, settings: Settings, *, user_id: int, plan_id: str, now: datetime | None = None
 ) -> str:
@@ -78,7 +87,7 @@ def start_subscription(
     plan = settings.plan(plan_id)
     if plan is None:
         raise UnknownPlan(f"There is no plan called {plan_id[:40]!r}.")
-    existing = current_subscription(db, user_id=user_id)
+    existing = users_plan(db, settings, user_id=user_id)
     if existing is not None:
         raise PaymentError("You already have a plan. Change or cancel it with “Manage billing”.")
     if settings.simulated_checkout:
@@ -117,7 +126,7 @@ def open_billing_portal(db: Database, settings: Settings, *, user_id: int) -> st
         customer_id = conn.execute(
             sa.select(stripe_customers.c.customer_id).where(stripe_customers.c.user_id == user_id)
         ).scalar()
-    if not customer_id:
+    if not customer_id or is_simulated_customer(str(customer_id)):
         raise PaymentError("There is no billing account yet: subscribe to a plan first.")
     try:
         return stripe_billing.create_portal_session(
@@ -154,7 +163,7 @@ class PlanUsage:
 
 def plan_usage(db: Database, settings: Settings, *, user_id: int) -> PlanUsage | None:
     """The user's plan this period: its allowance, what is left of it, when it resets."""
-    sub = current_subscription(db, user_id=user_id)
+    sub = users_plan(db, settings, user_id=user_id)
     if sub is None:
         return None
     included = remaining = ceiling = line_left = 0
@@ -199,7 +208,7 @@ def quota_error(
 ) -> InsufficientCredits:
     """What to tell a user who is out of credits: `quota_exceeded` with their plan and its
     reset date when they have a plan; the same `insufficient_credits` otherwise."""
-    sub = current_subscription(db, user_id=user_id)
+    sub = users_plan(db, settings, user_id=user_id)
     if sub is None:
         return refused
     plan = settings.plan(sub.plan_id)
@@ -231,7 +240,7 @@ def past_due_may_block(settings: Settings) -> bool:
 
 def check_plan_usable(db: Database, settings: Settings, *, user_id: int) -> None:
     """Raise PlanPastDue when the user's plan is past due and its policy pauses usage."""
-    sub = current_subscription(db, user_id=user_id)
+    sub = users_plan(db, settings, user_id=user_id)
     if sub is None:
         return
     plan = settings.plan(sub.plan_id)

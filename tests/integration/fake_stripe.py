@@ -74,6 +74,22 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     )
 
 
+def _no_such_customer(params: dict[str, Any]) -> JSONResponse | None:
+    """Stripe's answer to a customer id it never made. The simulated checkout's ids
+    (`cus_sim_...`) are such ids: a development database used before a Stripe key was set
+    still holds them."""
+    customer = str(params.get("customer") or "")
+    if customer.startswith("cus_sim_"):
+        error = {
+            "type": "invalid_request_error",
+            "code": "resource_missing",
+            "param": "customer",
+            "message": f"No such customer: '{customer}'",
+        }
+        return JSONResponse({"error": error}, status_code=400)
+    return None
+
+
 @dataclass
 class FakeStripe:
     prices: dict[str, tuple[int, str]] = field(default_factory=dict)  # price id -> amount, cur
@@ -163,6 +179,8 @@ class FakeStripe:
 
     async def _create_session(self, request: Request) -> Response:
         recorded = await self._record(request)
+        if refused := _no_such_customer(recorded.params):
+            return refused
 
         def make(params: dict[str, Any]) -> tuple[int, Any]:
             if self.refuse_sessions:
@@ -264,6 +282,8 @@ class FakeStripe:
 
     async def _portal_session(self, request: Request) -> Response:
         recorded = await self._record(request)
+        if refused := _no_such_customer(recorded.params):
+            return refused
         n = next(self._ids)
         return JSONResponse(
             {
@@ -360,6 +380,8 @@ class FakeStripe:
 
     async def _create_payment_intent(self, request: Request) -> Response:
         recorded = await self._record(request)
+        if refused := _no_such_customer(recorded.params):
+            return refused
         if self.charge_delay:
             await asyncio.sleep(self.charge_delay)
 
