@@ -22,13 +22,14 @@ import sqlalchemy as sa
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import auto_topup_settings, auto_topups, stripe_customers, utcnow
 from aicredits.domain.auto_topup import SIMULATED_CARD, SIMULATED_CARD_NOTICE, InvalidAutoTopUp
-from aicredits.services import auto_topup, ledger
+from aicredits.services import auto_topup, checkout, ledger
 from aicredits.services.plans import current_subscription
 from aicredits.services.subscriptions import billing_page, plan_usage
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
 from tests.factories import make_user, new_key
 from tests.integration.fake_stripe import FakeStripe, Shop, make_shop
+from tests.integration.test_concurrency import run_together
 from tests.servers import serve_asgi
 
 TEAM = 25_000
@@ -143,6 +144,24 @@ def test_buying_makes_a_real_customer_in_place_of_the_simulated_one(
     assert len(fake.calls("POST", "/v1/customers")) == 1  # made once, then reused
     assert fake.calls("POST", "/v1/checkout/sessions")[-1].params["customer"] == real
     assert verify_ledger(shop.db) == []
+
+
+def test_first_checkouts_racing_agree_on_one_customer(
+    with_stripe: tuple[int, Shop], fake: FakeStripe
+) -> None:
+    uid, shop = with_stripe
+    results = run_together(
+        [
+            lambda: checkout.start_checkout(shop.db, shop.settings, user_id=uid, pack_id="starter")
+            for _ in range(8)
+        ]
+    )
+    assert all(isinstance(r, str) for r in results), results
+    sessions = fake.calls("POST", "/v1/checkout/sessions")
+    assert len(sessions) == 8
+    # Each made a customer at Stripe if it saw the simulated one; one was kept, all use it.
+    assert {s.params["customer"] for s in sessions} == {customer_of(shop.db, uid)}
+    assert customer_of(shop.db, uid).startswith("cus_fake_")
 
 
 def test_the_simulated_plan_gives_way_to_a_real_one(
