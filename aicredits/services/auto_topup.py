@@ -225,10 +225,23 @@ def _card_unusable(settings: Settings, row: Any) -> bool:
     )
 
 
-def _forget_simulated_card(conn: Connection, user_id: int, now: datetime) -> None:
+def _forget_simulated_cards(db: Database, now: datetime) -> None:
+    """Once a Stripe key is set, the simulated cards a development database still has are
+    forgotten (auto top-up off, with a notice on every page), whether or not a top-up is due."""
+    with db.transaction() as conn:
+        _forget_simulated_card(conn, None, now)
+
+
+def _forget_simulated_card(conn: Connection, user_id: int | None, now: datetime) -> None:
+    """Forget the user's simulated card (every user's, with None)."""
+    s = auto_topup_settings
     conn.execute(
-        sa.update(auto_topup_settings)
-        .where(auto_topup_settings.c.user_id == user_id)
+        sa.update(s)
+        .where(
+            s.c.card_simulated.is_(True),
+            s.c.payment_method_id.is_not(None),
+            *([] if user_id is None else [s.c.user_id == user_id]),
+        )
         .values(
             enabled=False,
             payment_method_id=None,
@@ -545,6 +558,8 @@ def run_due(db: Database, settings: Settings, *, now: datetime | None = None) ->
     now = now or utcnow()
     for topup_id in _in_flight(db):
         _resume(db, settings, topup_id, now)
+    if not simulated_checkout_enabled(settings):
+        _forget_simulated_cards(db, now)
     started = 0
     for user_id in _below_threshold(db, now):
         topup = _start(db, settings, user_id, now)

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from aicredits.adapters.db import Database
 from aicredits.adapters.tables import auto_topup_settings, auto_topups, stripe_customers, utcnow
 from aicredits.domain.auto_topup import SIMULATED_CARD, SIMULATED_CARD_NOTICE, InvalidAutoTopUp
-from aicredits.services import auto_topup, checkout, ledger
+from aicredits.services import auto_topup, checkout, ledger, thresholds
 from aicredits.services.plans import current_subscription
 from aicredits.services.subscriptions import billing_page, plan_usage
 from aicredits.services.verify import verify_ledger
@@ -218,6 +218,20 @@ def test_auto_top_up_forgets_the_simulated_card_and_charges_nothing(
         )
     assert ledger.get_balance(shop.db, user_id=uid).available == 100
     assert verify_ledger(shop.db) == []
+
+
+def test_the_job_forgets_the_simulated_card_of_a_user_with_plenty_left(
+    with_stripe: tuple[int, Shop], fake: FakeStripe
+) -> None:
+    uid, shop = with_stripe
+    assert thresholds.status(shop.db, shop.settings, user_id=uid).topup is None
+    assert auto_topup.run_due(shop.db, shop.settings) == 0
+    row = settings_row(shop.db, uid)
+    assert (row.enabled, row.payment_method_id, row.card_simulated) == (False, None, False)
+    # Told on every page (the banner beside the usage warning), not only on /credits.
+    notice = thresholds.status(shop.db, shop.settings, user_id=uid).topup
+    assert notice is not None and notice.text == SIMULATED_CARD_NOTICE
+    assert fake.calls("POST", "/v1/payment_intents") == []
 
 
 def test_a_top_up_in_flight_on_the_simulated_card_fails_without_a_charge(
