@@ -614,6 +614,10 @@ def _start(db: Database, settings: Settings, user_id: int, now: datetime) -> _St
         if _card_unusable(settings, row):
             _forget_simulated_card(conn, user_id, now)
             return None
+        if not row.card_simulated and settings.simulated_checkout:
+            # A card saved through Stripe, and no Stripe key now: it cannot be charged, and a
+            # top-up started now would be charged whenever a key came back. Kept for then.
+            return None
         due = rules.is_due(
             enabled=row.enabled,
             has_card=row.payment_method_id is not None,

@@ -28,6 +28,7 @@ from aicredits.services.subscriptions import billing_page, plan_usage
 from aicredits.services.verify import verify_ledger
 from aicredits.settings import get_settings
 from tests.factories import make_user, new_key
+from tests.integration import fake_stripe as fs
 from tests.integration.fake_stripe import FakeStripe, Shop, make_shop
 from tests.integration.test_concurrency import run_together
 from tests.servers import serve_asgi
@@ -270,3 +271,36 @@ def settings_row(db: Database, uid: int) -> sa.Row[tuple[object, ...]]:
         return conn.execute(
             sa.select(auto_topup_settings).where(auto_topup_settings.c.user_id == uid)
         ).one()
+
+
+def test_without_a_stripe_key_a_card_saved_through_stripe_starts_no_top_up(
+    db: Database, monkeypatch: pytest.MonkeyPatch, stripe_server: tuple[FakeStripe, str]
+) -> None:
+    """The other way: a card saved through Stripe, then the key removed (development). No
+    top-up starts, so none is charged later, when a key comes back, for today's balance."""
+    shop = make_shop(
+        db, monkeypatch, STRIPE_SECRET_KEY="sk_test_fake", STRIPE_API_BASE=stripe_server[1]
+    )
+    fake = stripe_server[0]
+    uid = make_user(db, credits=1_000)
+    url = auto_topup.start_card_setup(db, shop.settings, user_id=uid)
+    completed = fake.complete_setup(url.rsplit("/", 1)[-1])
+    assert shop.deliver(fs.event("checkout.session.completed", completed)).status_code == 200
+    auto_topup.save_settings(
+        db,
+        shop.settings,
+        user_id=uid,
+        enabled=True,
+        threshold=500,
+        pack_id="starter",
+        monthly_cap=4,
+    )
+    spend_all_but(db, uid, 100)
+
+    without_key = make_shop(db, monkeypatch)
+    assert auto_topup.run_due(db, without_key.settings) == 0
+    with db.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(auto_topups)).scalar() == 0
+    row = settings_row(db, uid)
+    assert row.enabled and row.payment_method_id is not None  # kept for when the key is back
+    get_settings.cache_clear()
