@@ -12,7 +12,6 @@ from aicredits.pages.auto_topup import auto_topup_section
 from aicredits.pages.plans import invoice_list, plan_section
 from aicredits.settings import get_settings
 from aicredits.state.credits import CreditsState
-from aicredits.state.session import SessionState
 
 
 def _simulated_notice() -> rx.Component:
@@ -93,7 +92,7 @@ def _balance() -> rx.Component:
         rx.flex(
             _stat(
                 "Available",
-                SessionState.available_grouped,
+                CreditsState.available_credits_text,
                 "credits-available",
                 CreditsState.available_money,
             ),

@@ -67,7 +67,9 @@ class CreditsState(SessionState):
     simulated: bool = False
     packs: list[dict[str, str]] = []
     purchases: list[dict[str, str]] = []
-    # The dashboard; counts as shown ("1,234")
+    # The dashboard; counts as shown ("1,234"). All three from one read, so they always add up
+    # (the header's balance is refreshed on its own, after each charge).
+    available_credits_text: str = "0"
     held_credits: str = "0"
     total_credits: str = "0"
     available_money: str = ""
@@ -101,6 +103,7 @@ class CreditsState(SessionState):
 
     def _show_dashboard(self, page: dashboard.CreditsPage, models: list[str]) -> None:
         summary = page.summary
+        self.available_credits_text = grouped(summary.available)
         self.held_credits, self.total_credits = grouped(summary.held), grouped(summary.total)
         self.available_money, self.total_money = summary.available_money, summary.total_money
         self.expiring = [

@@ -11,7 +11,7 @@ import uuid
 import httpx
 from playwright.sync_api import Page, expect
 
-from aicredits.services import users
+from aicredits.services import ledger, users
 from aicredits.services.purchases import list_purchases
 from aicredits.services.verify import verify_ledger
 from tests.e2e.conftest import TRIAL_CREDITS, RunningApp, sign_in
@@ -127,7 +127,8 @@ def test_a_top_up_that_needs_authentication_is_explained_on_every_page(
 def test_auto_top_up_turned_off_and_saved_stays_off(app: RunningApp, page: Page) -> None:
     """The form suggests a threshold a new user can save as it is; a blank one is refused
     by name; the switch is submitted by its name: on is saved as on, and off as off."""
-    sign_in(page, app, new_user(app), start="/credits")
+    email = new_user(app)
+    sign_in(page, app, email, start="/credits")
     expect(page.locator("#topup-threshold")).to_have_value("1000")  # a fifth of Starter
     turn_on_with_the_simulated_card(page)
     page.locator("#topup-threshold").fill("")
@@ -141,7 +142,23 @@ def test_auto_top_up_turned_off_and_saved_stays_off(app: RunningApp, page: Page)
     expect(switch).to_have_attribute("aria-checked", "true")
     switch.click()
     expect(switch).to_have_attribute("aria-checked", "false")
+    # The balance changes behind the page (an operator's adjustment). Saving refreshes the
+    # header; the dashboard's three figures come from one read, so they still add up.
+    db = app.db()
+    try:
+        uid = users.find_user_by_email(db, email=email).id
+        ledger.adjust(db, user_id=uid, credits=250, key=f"e2e:{uid}", actor="e2e", reason="t")
+    finally:
+        db.dispose()
     page.locator("#topup-save").click()
     expect(page.locator("#topup-saved")).to_have_text("Auto top-up settings saved.")
+    expect(page.locator("#header-balance")).to_have_text(f"{TRIAL_CREDITS + 250:,} credits")
+    available, held, total = (
+        int(page.locator(f"#credits-{k}").inner_text().replace(",", ""))
+        for k in ("available", "held", "total")
+    )
+    assert available + held == total, (available, held, total)
     page.reload()
     expect(page.locator("#topup-enabled")).to_have_attribute("aria-checked", "false")
+    expect(page.locator("#credits-available")).to_have_text(f"{TRIAL_CREDITS + 250:,}")
+    expect(page.locator("#credits-total")).to_have_text(f"{TRIAL_CREDITS + 250:,}")
