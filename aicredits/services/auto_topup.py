@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -156,26 +156,7 @@ def view(
             simulate_next="",
             history=history,
         )
-    if _card_unusable(settings, row):
-        # Shown as no card until a run of the job or a save forgets it.
-        return AutoTopUpView(
-            enabled=False,
-            threshold=row.threshold,
-            pack_id=row.pack_id,
-            monthly_cap=row.monthly_cap,
-            has_card=False,
-            card_brand="",
-            card_last4="",
-            card_exp="",
-            card_simulated=False,
-            consecutive_failures=row.consecutive_failures,
-            notice_kind=Notice.DISABLED,
-            notice=rules.SIMULATED_CARD_NOTICE,
-            this_month=this_month,
-            simulate_next="",
-            history=history,
-        )
-    return AutoTopUpView(
+    shown = AutoTopUpView(
         enabled=row.enabled,
         threshold=row.threshold,
         pack_id=row.pack_id,
@@ -192,6 +173,21 @@ def view(
         simulate_next=row.simulate_next,
         history=history,
     )
+    if _card_unusable(settings, row):
+        # Shown as no card until a run of the job or a save forgets it.
+        return replace(
+            shown,
+            enabled=False,
+            has_card=False,
+            card_brand="",
+            card_last4="",
+            card_exp="",
+            card_simulated=False,
+            notice_kind=Notice.DISABLED,
+            notice=rules.SIMULATED_CARD_NOTICE,
+            simulate_next="",
+        )
+    return shown
 
 
 def _history(conn: Connection, user_id: int) -> list[TopUpLine]:

@@ -26,7 +26,7 @@ from aicredits.services import auto_topup, checkout, ledger, thresholds
 from aicredits.services.plans import current_subscription
 from aicredits.services.subscriptions import billing_page, plan_usage
 from aicredits.services.verify import verify_ledger
-from aicredits.settings import get_settings
+from aicredits.settings import Settings, get_settings
 from tests.factories import make_user, new_key
 from tests.integration import fake_stripe as fs
 from tests.integration.fake_stripe import FakeStripe, Shop, make_shop
@@ -78,15 +78,7 @@ def simulated_first(db: Database, monkeypatch: pytest.MonkeyPatch) -> Iterator[t
         assert start.status_code == 303, start.text
         assert client.post(start.headers["location"]).status_code == 303
         auto_topup.start_card_setup(db, settings, user_id=uid)
-        auto_topup.save_settings(
-            db,
-            settings,
-            user_id=uid,
-            enabled=True,
-            threshold=500,
-            pack_id="starter",
-            monthly_cap=4,
-        )
+        turn_on(db, settings, uid)
     sub = current_subscription(db, user_id=uid)
     assert sub is not None and sub.simulated
     assert customer_of(db, uid).startswith("cus_sim_")
@@ -208,15 +200,7 @@ def test_auto_top_up_forgets_the_simulated_card_and_charges_nothing(
     assert row.notice == SIMULATED_CARD_NOTICE
     # Turning it on again asks for a card, which is now saved through Stripe.
     with pytest.raises(InvalidAutoTopUp, match="Save a card first"):
-        auto_topup.save_settings(
-            shop.db,
-            shop.settings,
-            user_id=uid,
-            enabled=True,
-            threshold=500,
-            pack_id="starter",
-            monthly_cap=4,
-        )
+        turn_on(shop.db, shop.settings, uid)
     assert ledger.get_balance(shop.db, user_id=uid).available == 100
     assert verify_ledger(shop.db) == []
 
@@ -260,6 +244,13 @@ def test_a_top_up_in_flight_on_the_simulated_card_fails_without_a_charge(
     assert verify_ledger(shop.db) == []
 
 
+def turn_on(db: Database, settings: Settings, uid: int) -> None:
+    """Auto top-up on: below 500 credits, buy the starter pack."""
+    auto_topup.save_settings(
+        db, settings, user_id=uid, enabled=True, threshold=500, pack_id="starter", monthly_cap=4
+    )
+
+
 def spend_all_but(db: Database, uid: int, left: int) -> None:
     available = ledger.get_balance(db, user_id=uid).available
     hold = ledger.reserve(db, user_id=uid, credits=available - left, request_id=new_key("req"))
@@ -286,15 +277,7 @@ def test_without_a_stripe_key_a_card_saved_through_stripe_starts_no_top_up(
     url = auto_topup.start_card_setup(db, shop.settings, user_id=uid)
     completed = fake.complete_setup(url.rsplit("/", 1)[-1])
     assert shop.deliver(fs.event("checkout.session.completed", completed)).status_code == 200
-    auto_topup.save_settings(
-        db,
-        shop.settings,
-        user_id=uid,
-        enabled=True,
-        threshold=500,
-        pack_id="starter",
-        monthly_cap=4,
-    )
+    turn_on(db, shop.settings, uid)
     spend_all_but(db, uid, 100)
 
     without_key = make_shop(db, monkeypatch)
