@@ -3,7 +3,7 @@ reply cut by that reload exactly.
 
 The dev launcher is started as `make run` starts it (`python -m aicredits migrate`, then
 `python -m aicredits dev`, which starts its own Dev sign-in provider and fake upstream), on a
-database and ports of its own. Then, in Chromium: 20 s idle, a Dev sign-in, 5 chat turns, an
+database and ports of its own. Then, in Chromium: 11 s idle, a Dev sign-in, 5 chat turns, an
 API key created and its secret shown, an admin adjustment. The backend worker must be the
 same process throughout, and the log must show no reload. Finally a source file is written
 in the middle of a slow reply: the backend reloads once, and the reply is cut and charged
@@ -171,7 +171,9 @@ def test_the_dev_server_does_not_restart_while_it_is_used(
 ) -> None:
     app = dev_server.app
     (worker,) = dev_server.backend_workers()
-    time.sleep(20)  # idle: the jobs and the sweeper run meanwhile
+    # Idle through two runs of the 5-second jobs (the sweeper, auto top-up); they keep
+    # running through the 20 s or so of use below.
+    time.sleep(11)
     assert dev_server.backend_workers() == {worker}
 
     context = browser.new_context()
