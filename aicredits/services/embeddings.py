@@ -33,8 +33,8 @@ from aicredits.services.gateway import (
     Progress,
     ProgressSink,
     ServerRestarting,
-    UpstreamFailed,
     keyed_digest,
+    provider_failure,
 )
 from aicredits.services.ledger import HoldView, UsageRecord
 from aicredits.services.pricing import Quote
@@ -172,9 +172,7 @@ class EmbeddingCall:
             )
         if failure is not None:
             logger.warning("upstream %s for %s (%s)", failure.kind, self.request_id, failure)
-            raise UpstreamFailed(
-                f"The model provider failed ({failure}). Nothing was charged."
-            ) from failure
+            raise provider_failure(failure, model=self.request.model) from failure
         return await self._settle(data, usage)
 
     async def _release(self) -> None:

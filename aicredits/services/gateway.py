@@ -73,6 +73,39 @@ class UpstreamFailed(AICreditsError):
     code = "upstream_failed"
 
 
+class UpstreamRefused(UpstreamFailed):
+    """The model provider refused the call for a reason a retry does not change (our key,
+    a model it does not offer, a request it rejects). Nothing was charged."""
+
+
+def provider_failure(failure: UpstreamError, *, model: str) -> UpstreamFailed:
+    """What to tell the caller when the provider failed before any output, and the log line:
+    a refusal that every call will meet (the site's key, a model the provider lacks) is an
+    ERROR for the operator, and the caller is not told to try again."""
+    status = failure.status
+    if status in (401, 403):
+        logger.error("the model provider refused our key (HTTP %s): check OPENAI_API_KEY", status)
+        return UpstreamRefused(
+            f"The model provider refused this site's key (HTTP {status}); the site's operator "
+            "has to fix it. Nothing was charged."
+        )
+    if status == 404:
+        logger.error(
+            "the model provider does not offer the model %r (HTTP 404): check MODELS "
+            "(its id, or upstream_id)",
+            model,
+        )
+        return UpstreamRefused(
+            "The model provider does not offer this model (HTTP 404); the site's operator "
+            "has to fix it. Nothing was charged."
+        )
+    if status is not None and 400 <= status < 500 and status != 429:
+        return UpstreamRefused(
+            f"The model provider refused this request (HTTP {status}). Nothing was charged."
+        )
+    return UpstreamFailed(f"The model provider failed ({failure}). Nothing was charged.")
+
+
 class ReplyCut(AICreditsError):
     """The model provider broke off mid-reply. The delivered part was charged."""
 
@@ -371,9 +404,7 @@ class Turn:
                 failure, outcome,
             )  # fmt: skip
             if outcome == "failed":
-                raise UpstreamFailed(
-                    f"The model provider failed ({failure}). Nothing was charged."
-                ) from failure
+                raise provider_failure(failure, model=self.request.model) from failure
             assert self.result is not None
             raise ReplyCut(
                 f"The model provider broke off the reply ({failure}); you were charged "

@@ -34,6 +34,7 @@ from aicredits.services.gateway import (
     ServerRestarting,
     TurnResult,
     UpstreamFailed,
+    UpstreamRefused,
     shared_gateway,
 )
 from aicredits.services.runtime import get_database, run_blocking
@@ -87,6 +88,8 @@ ERROR_MESSAGES: dict[type[AICreditsError], tuple[str, str]] = {
     RateLimited: ("rate", "You are sending too fast: try again in {exc.retry_after_header} s."),
     LimiterUnavailable: ("rate", "The service is busy: try again in a few seconds."),
     UpstreamFailed: ("upstream", "The model did not answer. Nothing was charged; try again."),
+    # A refusal a retry would meet again: the gateway's message says which.
+    UpstreamRefused: ("upstream", "{exc}"),
     ServerRestarting: (
         "upstream",
         "The server is restarting. Nothing was charged; send again in a few seconds.",

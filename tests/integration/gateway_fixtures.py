@@ -110,16 +110,20 @@ class Rig:
 
 
 @contextmanager
-def running_rig(db_url: str, **overrides: Any) -> Iterator[Rig]:
+def running_rig(
+    db_url: str, *, upstream_config: dict[str, Any] | None = None, **overrides: Any
+) -> Iterator[Rig]:
+    """The API on a fake upstream serving the configured models; `upstream_config` changes
+    the fake's FakeUpstreamConfig (a required key, other models)."""
     with ExitStack() as stack:
         models = overrides.get("models", [MODEL])
         embedding_models = overrides.get("embedding_models", [])
         served = [m.upstream_model for m in [*models, *embedding_models]]
+        config = FakeUpstreamConfig(
+            **{"models": served, "reply_tokens": 20, **(upstream_config or {})}
+        )
         upstream = stack.enter_context(
-            serve_asgi(
-                build_fake_upstream(FakeUpstreamConfig(models=served, reply_tokens=20)),
-                ready_path="/_fake/stats",
-            )
+            serve_asgi(build_fake_upstream(config), ready_path="/_fake/stats")
         )
         values: dict[str, Any] = {
             "database_url": db_url,

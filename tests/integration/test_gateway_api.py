@@ -4,6 +4,7 @@ against the fake upstream: every path of DESIGN.md's request flow, on SQLite and
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -210,6 +211,39 @@ def test_an_upstream_error_before_output_charges_nothing(rig: Rig, stream: bool)
     assert rig.balance(user) == rig.balance(user).__class__(user, 1_000, 0)
     assert rig.usage_events(user) == []
     assert rig.upstream_stats()["chat_requests"] == 2  # the first try and one retry
+
+
+@pytest.mark.parametrize(
+    ("upstream_config", "says"),
+    [
+        ({"api_key": "the-real-key"}, "refused this site's key (HTTP 401)"),
+        ({"models": ["another-model"]}, "does not offer this model (HTTP 404)"),
+    ],
+    ids=["wrong key", "unknown model"],
+)
+def test_a_refusal_every_call_would_meet_is_said_and_logged_for_the_operator(
+    db_url: str,
+    upstream_config: dict[str, object],
+    says: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong OPENAI_API_KEY or a model the provider does not offer: the caller is told
+    what is wrong (not to try again), the operator gets an ERROR naming the setting, and
+    nothing is charged."""
+    with running_rig(db_url, upstream_config=upstream_config, openai_api_key="sk-wrong") as rig:
+        user, key = rig.user(credits=1_000)
+        with (
+            caplog.at_level(logging.ERROR, logger="aicredits.services.gateway"),
+            pytest.raises(openai.APIStatusError) as caught,
+        ):
+            rig.client(key).chat.completions.create(model=MODEL.id, messages=MESSAGES)
+        error = caught.value.response.json()["error"]
+        assert caught.value.status_code == 502 and error["code"] == "upstream_failed"
+        assert says in error["message"] and "Nothing was charged" in error["message"]
+        assert rig.balance(user).balance == 1_000
+        assert rig.usage_events(user) == []
+    hint = "OPENAI_API_KEY" if "api_key" in upstream_config else "MODELS"
+    assert any(hint in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
 
 
 def test_a_429_before_the_first_token_is_retried(rig: Rig) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from aicredits.adapters.upstream import UpstreamError
 from aicredits.api.auth_routes import SIGN_IN_STATUS
 from aicredits.api.openai_routes import AuthenticationFailed, RequestTooLarge, error_body
 from aicredits.domain.errors import (
@@ -24,6 +25,8 @@ from aicredits.services.gateway import (
     ServerRestarting,
     TurnResult,
     UpstreamFailed,
+    UpstreamRefused,
+    provider_failure,
 )
 from aicredits.settings import Settings
 from aicredits.state.chat import describe_error
@@ -64,6 +67,7 @@ def test_the_most_specific_class_named_wins_and_an_unnamed_one_is_a_key_error() 
         (IdempotencyKeyReused("again"), 409, "invalid_request_error", None),
         (ServerRestarting("bye"), 503, "service_unavailable", "5"),
         (UpstreamFailed("boom"), 502, "upstream_error", None),
+        (UpstreamRefused("our key was refused"), 502, "upstream_error", None),
         (ReplyCut("cut", CUT), 502, "upstream_error", None),
         (ReplyInterrupted("cut by a restart", CUT), 502, "upstream_error", None),
         (UnknownModel("no such model"), 400, "invalid_request_error", None),
@@ -134,6 +138,11 @@ def test_a_refused_sign_in_gets_its_status(error: auth.SignInError, status: int)
             "The model did not answer. Nothing was charged; try again.",
         ),
         (
+            UpstreamRefused("The model provider refused this request (HTTP 400)."),
+            "upstream",
+            "The model provider refused this request (HTTP 400).",
+        ),
+        (
             ServerRestarting("bye"),
             "upstream",
             "The server is restarting. Nothing was charged; send again in a few seconds.",
@@ -146,3 +155,25 @@ def test_the_chat_page_tells_each_error_in_words(
     error: AICreditsError, kind: str, message: str
 ) -> None:
     assert describe_error(error) == (kind, message)
+
+
+@pytest.mark.parametrize(
+    ("failure", "refused", "says"),
+    [
+        (UpstreamError("x", kind="status", status=401), True, "refused this site's key"),
+        (UpstreamError("x", kind="status", status=403), True, "refused this site's key"),
+        (UpstreamError("x", kind="status", status=404), True, "does not offer this model"),
+        (UpstreamError("x", kind="status", status=400), True, "refused this request (HTTP 400)"),
+        (UpstreamError("answered 429", kind="status", status=429), False, "failed (answered 429)"),
+        (UpstreamError("answered 503", kind="status", status=503), False, "failed (answered 503)"),
+        (UpstreamError("timed out", kind="timeout"), False, "failed (timed out)"),
+    ],
+)
+def test_only_a_refusal_a_retry_would_meet_again_is_not_told_to_try_again(
+    failure: UpstreamError, refused: bool, says: str
+) -> None:
+    error = provider_failure(failure, model="m")
+    assert isinstance(error, UpstreamRefused) is refused
+    assert says in str(error) and "Nothing was charged" in str(error)
+    kind, message = describe_error(error)
+    assert kind == "upstream" and ("try again" in message) is not refused
