@@ -15,7 +15,6 @@ it; nothing is delivered before the end, so a call cut or failed costs nothing.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +38,6 @@ from aicredits.services.gateway import (
 from aicredits.services.ledger import HoldView, UsageRecord
 from aicredits.services.pricing import Quote
 from aicredits.settings import EmbeddingModelSpec
-
-logger = logging.getLogger(__name__)
 
 # OpenAI's limit on the tokens of all the inputs of one request.
 MAX_TOKENS_PER_REQUEST = 300_000
@@ -171,8 +168,9 @@ class EmbeddingCall:
                 "again in a few seconds."
             )
         if failure is not None:
-            logger.warning("upstream %s for %s (%s)", failure.kind, self.request_id, failure)
-            raise provider_failure(failure, model=self.request.model) from failure
+            raise provider_failure(
+                failure, model=self.request.model, request_id=self.request_id
+            ) from failure
         return await self._settle(data, usage)
 
     async def _release(self) -> None:

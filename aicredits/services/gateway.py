@@ -78,11 +78,13 @@ class UpstreamRefused(UpstreamFailed):
     a model it does not offer, a request it rejects). Nothing was charged."""
 
 
-def provider_failure(failure: UpstreamError, *, model: str) -> UpstreamFailed:
-    """What to tell the caller when the provider failed before any output, and the log line:
-    a refusal that every call will meet (the site's key, a model the provider lacks) is an
-    ERROR for the operator, and the caller is not told to try again."""
+def provider_failure(failure: UpstreamError, *, model: str, request_id: str) -> UpstreamFailed:
+    """What to tell the caller when the provider failed before any output, and its one log
+    line: a refusal that every call will meet (the site's key, a model the provider lacks)
+    is an ERROR for the operator, and the caller is not told to try again."""
     status = failure.status
+    if status not in (401, 403, 404):
+        logger.warning("upstream %s for %s (%s), outcome failed", failure.kind, request_id, failure)
     if status in (401, 403):
         logger.error("the model provider refused our key (HTTP %s): check OPENAI_API_KEY", status)
         return UpstreamRefused(
@@ -399,12 +401,14 @@ class Turn:
                 self.result,
             )
         if failure is not None:
+            if outcome == "failed":
+                raise provider_failure(
+                    failure, model=self.request.model, request_id=self.request_id
+                ) from failure
             logger.warning(
                 "upstream %s for %s (%s), outcome %s", failure.kind, self.request_id,
                 failure, outcome,
             )  # fmt: skip
-            if outcome == "failed":
-                raise provider_failure(failure, model=self.request.model) from failure
             assert self.result is not None
             raise ReplyCut(
                 f"The model provider broke off the reply ({failure}); you were charged "

@@ -172,7 +172,7 @@ def test_the_chat_page_tells_each_error_in_words(
 def test_only_a_refusal_a_retry_would_meet_again_is_not_told_to_try_again(
     failure: UpstreamError, refused: bool, says: str
 ) -> None:
-    error = provider_failure(failure, model="m")
+    error = provider_failure(failure, model="m", request_id="req_1")
     assert isinstance(error, UpstreamRefused) is refused
     assert says in str(error) and "Nothing was charged" in str(error)
     kind, message = describe_error(error)
