@@ -175,18 +175,7 @@ def view(
     )
     if _card_unusable(settings, row):
         # Shown as no card until a run of the job or a save forgets it.
-        return replace(
-            shown,
-            enabled=False,
-            has_card=False,
-            card_brand="",
-            card_last4="",
-            card_exp="",
-            card_simulated=False,
-            notice_kind=Notice.DISABLED,
-            notice=rules.SIMULATED_CARD_NOTICE,
-            simulate_next="",
-        )
+        return replace(shown, has_card=False, **_SIMULATED_CARD_FORGOTTEN)
     return shown
 
 
@@ -210,6 +199,19 @@ def _history(conn: Connection, user_id: int) -> list[TopUpLine]:
         )
         for r in rows
     ]
+
+
+# What forgetting a simulated card leaves, in the settings row and in the view alike.
+_SIMULATED_CARD_FORGOTTEN: dict[str, Any] = {
+    "enabled": False,
+    "card_brand": "",
+    "card_last4": "",
+    "card_exp": "",
+    "card_simulated": False,
+    "simulate_next": "",
+    "notice_kind": Notice.DISABLED,
+    "notice": rules.SIMULATED_CARD_NOTICE,
+}
 
 
 def _card_unusable(settings: Settings, row: Any) -> bool:
@@ -239,17 +241,10 @@ def _forget_simulated_card(conn: Connection, user_id: int | None, now: datetime)
             *([] if user_id is None else [s.c.user_id == user_id]),
         )
         .values(
-            enabled=False,
             payment_method_id=None,
             customer_id=None,
-            card_brand="",
-            card_last4="",
-            card_exp="",
-            card_simulated=False,
-            simulate_next="",
-            notice_kind=Notice.DISABLED,
-            notice=rules.SIMULATED_CARD_NOTICE,
             updated_at=now,
+            **_SIMULATED_CARD_FORGOTTEN,
         )
     )
 
