@@ -225,9 +225,18 @@ def _card_unusable(settings: Settings, row: Any) -> bool:
 
 def _forget_simulated_cards(db: Database, now: datetime) -> None:
     """Once a Stripe key is set, the simulated cards a development database still has are
-    forgotten (auto top-up off, with a notice on every page), whether or not a top-up is due."""
-    with db.transaction() as conn:
-        _forget_simulated_card(conn, None, now)
+    forgotten (auto top-up off, with a notice on every page), whether or not a top-up is due.
+    Read first: the job runs every 5 s, and after the first run there is nothing to write."""
+    s = auto_topup_settings
+    with db.read() as conn:
+        found = conn.execute(
+            sa.select(s.c.user_id)
+            .where(s.c.card_simulated.is_(True), s.c.payment_method_id.is_not(None))
+            .limit(1)
+        ).first()
+    if found is not None:
+        with db.transaction() as conn:
+            _forget_simulated_card(conn, None, now)
 
 
 def _forget_simulated_card(conn: Connection, user_id: int | None, now: datetime) -> None:

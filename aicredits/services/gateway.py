@@ -93,8 +93,8 @@ def provider_failure(failure: UpstreamError, *, model: str, request_id: str) -> 
         )
     if status == 404:
         logger.error(
-            "the model provider does not offer the model %r (HTTP 404): check MODELS "
-            "(its id, or upstream_id)",
+            "the model provider does not offer the model %r (HTTP 404): check its entry in "
+            "MODELS or EMBEDDING_MODELS (id, upstream_id), and OPENAI_BASE_URL",
             model,
         )
         return UpstreamRefused(
