@@ -170,6 +170,10 @@ def _retry_after(headers: Mapping[str, str] | None, attempt: int) -> float:
     return min(max(wait, backoff), MAX_RETRY_WAIT)
 
 
+# A certificate the provider's address does not prove is not cured by asking again.
+_NOT_RETRIED = (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError)
+
+
 class Upstream:
     def __init__(
         self,
@@ -240,7 +244,8 @@ class Upstream:
         await self._client.close()
 
     async def _call(self, request_id: str, make: Callable[[], Awaitable[T]]) -> T:
-        """Make the request, retrying 429 and 5xx (before any output exists) with backoff."""
+        """Make the request, retrying 429, 5xx and a lost connection (before any output
+        exists) with backoff."""
         attempt = 0
         while True:
             try:
@@ -271,7 +276,29 @@ class Upstream:
             except (openai.APITimeoutError, TimeoutError) as error:
                 # (aiohttp's timeouts are TimeoutErrors, some of them ClientErrors too.)
                 raise UpstreamError("the model provider timed out", kind="timeout") from error
-            except (openai.APIConnectionError, aiohttp.ClientError) as error:
+            except (openai.APIConnectionError, aiohttp.ClientConnectionError) as error:
+                # Retried like a 5xx: nothing has reached the caller yet. The common case is
+                # a kept-alive connection the provider closed (its idle timeout) just as this
+                # request went out on it: a reset, or a disconnect with no answer. A fresh
+                # connection is the cure, so the first retry goes at once; the pool has by
+                # then heard of any other connection the provider closed. A connection that
+                # could not be opened at all waits like a 5xx. (As the openai SDK retries.)
+                if attempt >= self.retries or isinstance(error, _NOT_RETRIED):
+                    raise UpstreamError(
+                        "the model provider could not be reached", kind="connection"
+                    ) from error
+                refused = isinstance(error, aiohttp.ClientConnectorError)
+                wait = _retry_after(None, attempt) if refused or attempt else 0.0
+                logger.info(
+                    "upstream connection failed for %s (%s), retry %d in %.2fs",
+                    request_id,
+                    type(error).__name__,
+                    attempt + 1,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+                attempt += 1
+            except aiohttp.ClientError as error:
                 raise UpstreamError(
                     "the model provider could not be reached", kind="connection"
                 ) from error

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,3 +150,137 @@ def test_an_error_status_is_reported_with_its_status(fake: str) -> None:
     error = failure(upstream(fake), **{"x-fake-fault": "500"})
     assert (error.kind, error.status) == ("status", 500)
     assert str(error) == "the model provider answered 500"
+
+
+_REPLY = (
+    b'{"id": "chatcmpl-k", "object": "chat.completion", "model": "demo-model", "choices": '
+    b'[{"index": 0, "message": {"role": "assistant", "content": "Hello."}, '
+    b'"finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2, '
+    b'"total_tokens": 5}}'
+)
+_EVENTS = (
+    b'data: {"id": "chatcmpl-k", "object": "chat.completion.chunk", "model": "demo-model", '
+    b'"choices": [{"index": 0, "delta": {"content": "Hello."}, "finish_reason": "stop"}]}\n\n'
+    b'data: {"id": "chatcmpl-k", "object": "chat.completion.chunk", "model": "demo-model", '
+    b'"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, '
+    b'"total_tokens": 5}}\n\ndata: [DONE]\n\n'
+)
+
+
+@pytest.fixture
+def closes_idle() -> Iterator[tuple[str, list[int]]]:
+    """A provider that closes a kept-alive connection as the next request arrives on it,
+    without an answer: the race with its idle timeout, made certain. A new connection's
+    first request is answered. Yields its base URL and the requests each connection got."""
+    counts: list[int] = []
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counts.append(0)
+        index = len(counts) - 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                body = await reader.readexactly(length)
+                counts[index] += 1
+                if counts[index] > 1:
+                    break  # the idle timeout fired: no answer, the connection closes
+                streamed = b'"stream": true' in body or b'"stream":true' in body
+                payload = _EVENTS if streamed else _REPLY
+                kind = b"text/event-stream" if streamed else b"application/json"
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: " + kind + b"\r\nContent-Length: "
+                    + str(len(payload)).encode() + b"\r\n\r\n" + payload
+                )  # fmt: skip
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def serve() -> None:
+        loop = asyncio.new_event_loop()
+        state["loop"] = loop
+        server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+        state["port"] = server.sockets[0].getsockname()[1]
+        ready.set()
+        loop.run_forever()
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    try:
+        yield f"http://127.0.0.1:{state['port']}", counts
+    finally:
+        state["loop"].call_soon_threadsafe(state["loop"].stop)
+        thread.join(5)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_a_connection_the_provider_closed_while_idle_is_retried_on_a_fresh_one(
+    closes_idle: tuple[str, list[int]], streamed: bool
+) -> None:
+    """A provider (or the proxy before it) closes a connection it has kept alive for long
+    enough; a request sent on it at that moment gets a reset or no answer at all. Nothing
+    reached the caller, so the request goes again, at once, on a new connection. Before,
+    such a call failed with "could not be reached" (a 502, and in the chat an error)."""
+    base, counts = closes_idle
+    client = upstream(base, retries=1)
+
+    async def call(n: int) -> str:
+        if not streamed:
+            deltas, _ = await client.complete(
+                model="demo-model", messages=MESSAGES, max_tokens=50, request_id=f"req_k{n}"
+            )
+            return deltas[0].text
+        text = ""
+        async for event in client.stream(
+            model="demo-model", messages=MESSAGES, max_tokens=50, request_id=f"req_k{n}"
+        ):
+            if isinstance(event, Delta):
+                text += event.text
+        return text
+
+    async def run() -> list[str]:
+        try:
+            return [await call(n) for n in range(3)]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()) == ["Hello."] * 3
+    # Each connection answered one request and dropped the next: three calls, three
+    # connections, two dropped requests sent again.
+    assert counts == [2, 2, 1]
+
+
+def test_a_connection_lost_again_and_again_fails_after_the_retries(
+    closes_idle: tuple[str, list[int]],
+) -> None:
+    base, counts = closes_idle
+    client = upstream(base, retries=0)
+
+    async def run() -> UpstreamError:
+        try:
+            await client.complete(
+                model="demo-model", messages=MESSAGES, max_tokens=50, request_id="req_k0"
+            )
+            with pytest.raises(UpstreamError) as caught:
+                await client.complete(
+                    model="demo-model", messages=MESSAGES, max_tokens=50, request_id="req_k1"
+                )
+            return caught.value
+        finally:
+            await client.aclose()
+
+    error = asyncio.run(run())
+    assert (error.kind, str(error)) == ("connection", "the model provider could not be reached")
+    assert counts == [2]
