@@ -26,11 +26,14 @@ from redis.asyncio import Redis
 
 from aicredits.adapters.ratelimit import (
     ACQUIRE_LUA,
+    REDIS_CONNECT_TIMEOUT,
+    REDIS_TIMEOUT,
     MemoryRateLimiter,
     RateLimits,
     RedisRateLimiter,
     Slot,
     build_rate_limiter,
+    limiter_client,
 )
 from aicredits.domain.errors import LimiterUnavailable, RateLimited
 from tests.integration.ratelimit_workers import acquire_many
@@ -560,7 +563,7 @@ def test_an_acquire_cancelled_in_flight_does_not_leak_its_slot(
 # --- choosing one -----------------------------------------------------------------------------
 
 
-def test_build_rate_limiter_uses_redis_with_short_timeouts_when_a_url_is_set(
+def test_build_rate_limiter_uses_redis_when_a_url_is_set(
     redis_url: str,
 ) -> None:
     limits = RateLimits(1, 1, 1)
@@ -573,9 +576,45 @@ def test_build_rate_limiter_uses_redis_with_short_timeouts_when_a_url_is_set(
         lim = build_rate_limiter(limits, redis_url=redis_url, fail_open=False)
         assert isinstance(lim, RedisRateLimiter)
         kwargs = lim._client.connection_pool.connection_kwargs
-        assert kwargs["socket_connect_timeout"] == 0.5
-        assert kwargs["socket_timeout"] == 0.5
+        assert kwargs["socket_connect_timeout"] == REDIS_CONNECT_TIMEOUT
+        assert kwargs["socket_timeout"] == REDIS_TIMEOUT
         assert lim._prefix == "aicredits:rl:"
         await lim.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_burst_on_a_busy_worker_is_not_mistaken_for_a_redis_outage(
+    redis_url: str, prefix: str
+) -> None:
+    """The limiter's timeouts are timed by the worker's event loop. A burst of calls at once
+    on a cold worker opens a connection each, and the loop may run other calls' Python for
+    a while before it gets back to the finished connects: here it is kept busy for 0.8 s
+    while 30 connects are under way. A healthy Redis must not fail those calls (fail-closed
+    would answer each with a 503, as 0.5 s timeouts did)."""
+
+    async def scenario() -> list[Slot | BaseException | None]:
+        lim = RedisRateLimiter(
+            limiter_client(redis_url), RateLimits(0, 0, 100), fail_open=False, key_prefix=prefix
+        )
+
+        async def other_calls_python() -> None:
+            await asyncio.sleep(0)  # after every acquire has started to connect
+            time.sleep(0.8)
+
+        try:
+            results = await asyncio.gather(
+                *(acquire(lim, user_id=n) for n in range(30)),
+                other_calls_python(),
+                return_exceptions=True,
+            )
+            for slot in results[:-1]:
+                if not isinstance(slot, BaseException):
+                    await cast(Slot, slot).release()
+            return results[:-1]
+        finally:
+            await lim.aclose()
+
+    results = asyncio.run(scenario())
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures[:3]
