@@ -373,6 +373,14 @@ class RunningApp:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
+    def log_about(self, request_id: str | None) -> str:
+        """The app's log lines that name `request_id` (for an assertion's message: what the
+        app said about the call that went wrong); the log's tail when there is no id."""
+        if not request_id:
+            return "(no request id) log tail:\n" + self.log_tail(2000)
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(line for line in lines if request_id in line) or "(no log line)"
+
 
 def launch_app(env: Mapping[str, str], *, workers: int, log: Path) -> RunningApp:
     """Start the app in production mode, backend only, with `workers` workers, the way

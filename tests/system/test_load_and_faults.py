@@ -169,7 +169,7 @@ def test_upstream_failures_and_cuts_under_load_charge_only_what_was_delivered(
                 assert result.status == 502 and result.error_code == "upstream_failed", result
                 failed_ids.append(result.request_id)
             else:
-                assert result.ok, (marker, result)
+                assert result.ok, (marker, result, system_app.log_about(result.request_id))
                 expected_spend += CALL_COST
                 ok_ids.append(result.request_id)
         assert user.credits - balances[user.user_id].balance == expected_spend, user.user_id
