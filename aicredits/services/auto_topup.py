@@ -774,6 +774,10 @@ def _charge(db: Database, settings: Settings, topup: _Started, now: datetime) ->
     record_payment(db, settings, payment, topup_id=topup.id, now=now)
 
 
+# The top-ups (by key) this process has said it cannot finish without a Stripe key.
+_WAITING_FOR_KEY: set[str] = set()
+
+
 def _resume(db: Database, settings: Settings, topup_id: int, now: datetime) -> None:
     """A top-up left in flight: read its payment back, or, if it never got one, charge
     again with the same key (Stripe answers a key it has seen with its first answer)."""
@@ -782,6 +786,18 @@ def _resume(db: Database, settings: Settings, topup_id: int, now: datetime) -> N
         if row is None or row.status != "processing":
             return
         card = _settings_row(conn, row.user_id)
+    if not row.simulated and not settings.stripe_secret_key:
+        # Started through Stripe, and the key removed since (development). Stripe may have
+        # charged it, so it stays in flight until the key is back: said once per process,
+        # not at every run of the job.
+        if row.key not in _WAITING_FOR_KEY:
+            _WAITING_FOR_KEY.add(row.key)
+            logger.warning(
+                "auto top-up %s: started through Stripe and STRIPE_SECRET_KEY is not set; "
+                "it is finished once the key is back",
+                topup_id,
+            )
+        return
     if row.payment_intent_id and not row.simulated:
         try:
             payment = stripe_cards(

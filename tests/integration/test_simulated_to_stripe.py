@@ -287,3 +287,54 @@ def test_without_a_stripe_key_a_card_saved_through_stripe_starts_no_top_up(
     row = settings_row(db, uid)
     assert row.enabled and row.payment_method_id is not None  # kept for when the key is back
     get_settings.cache_clear()
+
+
+def test_a_top_up_in_flight_through_stripe_waits_quietly_for_the_key(
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+    stripe_server: tuple[FakeStripe, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A top-up started through Stripe, the worker stopped before Stripe's answer, then the
+    key removed (development). Stripe may have charged it, so it is neither failed nor
+    charged again: it waits, said once in the log (not every 5 s), and is finished once the
+    key is back, with the same idempotency key."""
+    with_key = {"STRIPE_SECRET_KEY": "sk_test_fake", "STRIPE_API_BASE": stripe_server[1]}
+    shop = make_shop(db, monkeypatch, **with_key)
+    fake = stripe_server[0]
+    fake.requests.clear()
+    uid = make_user(db, credits=1_000)
+    url = auto_topup.start_card_setup(db, shop.settings, user_id=uid)
+    completed = fake.complete_setup(url.rsplit("/", 1)[-1])
+    assert shop.deliver(fs.event("checkout.session.completed", completed)).status_code == 200
+    turn_on(db, shop.settings, uid)
+    spend_all_but(db, uid, 100)
+    with db.transaction() as conn:
+        row = conn.execute(
+            sa.select(auto_topup_settings).where(auto_topup_settings.c.user_id == uid)
+        ).one()
+        started = auto_topup._insert_topup(
+            conn, db, shop.settings, row, shop.settings.packs[0], customer_of(db, uid), utcnow()
+        )
+    assert not started.simulated
+
+    without_key = make_shop(db, monkeypatch)
+    caplog.set_level("WARNING", logger="aicredits.services.auto_topup")
+    for _ in range(3):
+        auto_topup.run_due(db, without_key.settings)
+    said = [r.getMessage() for r in caplog.records if r.name == "aicredits.services.auto_topup"]
+    assert len(said) == 1 and "STRIPE_SECRET_KEY is not set" in said[0], said
+    with db.read() as conn:
+        topup = conn.execute(sa.select(auto_topups).where(auto_topups.c.id == started.id)).one()
+    assert topup.status == "processing"
+    assert fake.calls("POST", "/v1/payment_intents") == []
+
+    back = make_shop(db, monkeypatch, **with_key)
+    auto_topup.run_due(db, back.settings)
+    with db.read() as conn:
+        topup = conn.execute(sa.select(auto_topups).where(auto_topups.c.id == started.id)).one()
+    assert topup.status == "succeeded", topup
+    assert len(fake.calls("POST", "/v1/payment_intents")) == 1
+    assert ledger.get_balance(db, user_id=uid).available == 100 + started.credits
+    assert verify_ledger(db) == []
+    get_settings.cache_clear()
