@@ -121,6 +121,14 @@ def open_billing_portal(db: Database, settings: Settings, *, user_id: int) -> st
     """Where "Manage billing" goes: a Customer Portal session for the user's Stripe customer,
     or the simulated portal."""
     if settings.simulated_checkout:
+        sub = users_plan(db, settings, user_id=user_id)
+        if sub is not None and not sub.simulated:
+            # Made through Stripe, and the key removed since (development): the simulated
+            # portal could not change it, and would say there is no plan.
+            raise PaymentError(
+                "Your plan was made through Stripe, and STRIPE_SECRET_KEY is not set: "
+                "set it again to manage the plan."
+            )
         return simulated_billing.simulated_portal_url(settings)
     with db.read() as conn:
         customer_id = conn.execute(

@@ -724,3 +724,20 @@ def test_there_is_no_simulated_billing_with_real_stripe(
     t0 = int(time.time())
     fake_sim = invoice(sub, "in_sim_x", [line("price_sim_team", 0, t0, t0 + 30 * DAY)])
     assert deliver(shop, "invoice.paid", fake_sim, at=at(t0 + 1)) == "unknown_plan"
+
+
+def test_a_plan_made_through_stripe_is_not_sent_to_the_simulated_portal_without_a_key(
+    shop: Shop, stripe_server: tuple[FakeStripe, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan made through Stripe, then the key removed (development): "Manage billing"
+    says what to do instead of opening the simulated portal, which could not change the
+    plan and would say there is none."""
+    sub, _, _ = started(shop, stripe_server[0])
+    without_key = make_shop(shop.db, monkeypatch, PLANS=PLANS)
+    cookie = without_key.session_cookie(sub.user_id)
+    page = without_key.client.post("/billing/portal", headers=cookie)
+    assert page.status_code >= 400 and "STRIPE_SECRET_KEY is not set" in page.text
+    assert "/billing/simulated" not in page.headers.get("location", "")
+    usage = plan_usage(without_key.db, without_key.settings, user_id=sub.user_id)
+    assert usage is not None and usage.plan == "Team"  # still the user's plan
+    get_settings.cache_clear()
