@@ -36,8 +36,35 @@ def _prepare_sqlite_file(url: sa.URL) -> None:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
+# libpq's connection settings wherever the URL does not set its own (Postgres only). Without
+# them a database that stops answering (a failover, a network partition, a NAT or proxy that
+# forgot an idle connection) leaves calls waiting for minutes, or for ever, where they should
+# fail within seconds (a 503 on the API).
+PG_CONNECTION_DEFAULTS = {
+    "connect_timeout": "5",  # seconds to connect and sign in
+    # Idle connections are probed after 30 s, every 10 s: a NAT keeps their state, and a peer
+    # that is gone is noticed before a statement is sent to it.
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    # Milliseconds: a statement sent and not even acknowledged by the server's machine this
+    # long ends the connection. (A slow statement is acknowledged at once, so it is not cut.)
+    "tcp_user_timeout": "20000",
+}
+
+
+def with_connection_defaults(url: str) -> str:
+    """`url` with PG_CONNECTION_DEFAULTS added where it does not set them (not SQLite)."""
+    parsed = sa.make_url(normalise_database_url(url))
+    if parsed.get_backend_name() != "postgresql":
+        return url
+    missing = {k: v for k, v in PG_CONNECTION_DEFAULTS.items() if k not in parsed.query}
+    return parsed.update_query_dict(missing).render_as_string(hide_password=False)
+
+
 def create_db_engine(url: str, **kwargs: Any) -> Engine:
-    url = normalise_database_url(url)
+    url = with_connection_defaults(normalise_database_url(url))
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         _prepare_sqlite_file(parsed)
@@ -173,7 +200,7 @@ class Database:
 
     @property
     def _conninfo(self) -> str:
-        url = sa.make_url(self.url).set(drivername="postgresql")
+        url = sa.make_url(with_connection_defaults(self.url)).set(drivername="postgresql")
         return url.render_as_string(hide_password=False)
 
     @contextmanager

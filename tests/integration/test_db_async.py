@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 
-from aicredits.adapters.db import Database
+from aicredits.adapters.db import PG_CONNECTION_DEFAULTS, Database
 
 pytestmark = pytest.mark.postgres
 
@@ -125,3 +129,96 @@ def test_dispose_closes_the_async_connections_of_a_loop_that_is_gone(pg_url: str
         time.sleep(0.05)
     assert backends() == 0
     assert loop.is_closed()  # (kept referenced until here)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts connections and never says a word: a database host that hangs
+    (or a load balancer in front of one that is gone)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(2)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def test_a_database_that_does_not_answer_fails_calls_within_seconds(silent_server: int) -> None:
+    """Without a connect timeout, both the threads' pool and the event loop's waited for ever
+    (the API call with them). Now each fails after PG_CONNECTION_DEFAULTS' 5 s, which the
+    API answers with 503 database_unavailable."""
+    db = Database(f"postgresql://app@127.0.0.1:{silent_server}/aicredits")
+    outcomes: dict[str, tuple[type[BaseException], float]] = {}
+
+    def read_in_a_thread() -> None:
+        started = time.monotonic()
+        try:
+            with db.read() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except Exception as exc:
+            outcomes["sync"] = (type(exc), time.monotonic() - started)
+
+    async def statement_on_the_loop() -> None:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(db.execute_one_async("SELECT 1", {}), 30)
+        except Exception as exc:
+            outcomes["async"] = (type(exc), time.monotonic() - started)
+
+    thread = threading.Thread(target=read_in_a_thread, daemon=True)
+    thread.start()
+    try:
+        asyncio.run(statement_on_the_loop())
+        thread.join(30)
+    finally:
+        db.dispose()
+    assert set(outcomes) == {"sync", "async"}, outcomes
+    sync_error, sync_took = outcomes["sync"]
+    async_error, async_took = outcomes["async"]
+    assert issubclass(sync_error, sa.exc.OperationalError) and 4 < sync_took < 15, outcomes
+    assert issubclass(async_error, psycopg.OperationalError) and 4 < async_took < 15, outcomes
+
+
+def test_every_connection_carries_the_defaults_and_the_urls_own_values(pg_url: str) -> None:
+    db = Database(pg_url + "?connect_timeout=9")
+
+    def settings_of(info: psycopg.ConnectionInfo) -> dict[str, str]:
+        parameters = info.get_parameters()
+        return {k: parameters.get(k, "") for k in PG_CONNECTION_DEFAULTS}
+
+    expected = {**PG_CONNECTION_DEFAULTS, "connect_timeout": "9"}
+
+    async def on_the_loop() -> dict[str, str]:
+        assert await db.execute_one_async("SELECT 1", {}) == (1,)
+        pool = db._async_pools[asyncio.get_running_loop()]
+        conn = await pool.get()
+        try:
+            return settings_of(conn.info)
+        finally:
+            pool.put(conn)
+            await db.aclose_async()
+
+    try:
+        with db.read() as conn:
+            raw = conn.connection.dbapi_connection
+            assert isinstance(raw, psycopg.Connection)
+            assert settings_of(raw.info) == expected
+        assert asyncio.run(on_the_loop()) == expected
+    finally:
+        db.dispose()
