@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,89 @@ def _wait_for(url: str, proc: subprocess.Popen[bytes], what: str, seconds: float
     raise SystemExit(f"{what} did not answer at {url} within {seconds:.0f}s")
 
 
+def in_use(port: int) -> bool:
+    """Whether something on this machine listens on `port` (IPv4 or IPv6)."""
+    for host in ("127.0.0.1", "::1"):
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+class PortTaken(SystemExit):
+    """A port the app or a stand-in needs is taken: its message is printed, exit status 1."""
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _local_port(url: str) -> int | None:
+    parts = urlsplit(url)
+    return parts.port if parts.hostname in LOCAL_HOSTS else None
+
+
+def _option(argv: Sequence[str], name: str) -> int | None:
+    for index, arg in enumerate(argv):
+        if arg == name and index + 1 < len(argv):
+            return int(argv[index + 1])
+        if arg.startswith(name + "="):
+            return int(arg.split("=", 1)[1])
+    return None
+
+
+def _free_near(port: int, step: int = 100) -> int:
+    """A port to suggest instead of `port`: the first free one of port + step, + 2 step..."""
+    return next(
+        (p for p in range(port + step, port + 10 * step, step) if not in_use(p)), port + step
+    )
+
+
+def app_ports(settings: Settings, argv: Sequence[str]) -> list[str]:
+    """`argv` for `reflex run` with the ports PUBLIC_URL and API_URL name (on this machine),
+    so Reflex serves where the app's links, sign-in redirects and allowed origins point. Left
+    to itself, Reflex moves to the next free port when one is taken (3001, 8001), where sign-in
+    and the websocket cannot work. Raises PortTaken when a port is in use."""
+    argv = list(argv)
+    wanted = []
+    if "--backend-only" not in argv:
+        wanted.append(("--frontend-port", "PUBLIC_URL", settings.public_url))
+    if "--frontend-only" not in argv:
+        wanted.append(("--backend-port", "API_URL", settings.api_url))
+    taken = []
+    for option, name, url in wanted:
+        port = _option(argv, option)
+        if port is None:
+            port = _local_port(url)
+            if port is None:
+                continue
+            argv += [option, str(port)]
+        if in_use(port):
+            taken.append((port, name, url))
+    if taken:
+        ports = " and ".join(str(port) for port, _, _ in taken)
+        ports = f"ports {ports} are" if len(taken) > 1 else f"port {ports} is"
+        named = "; ".join(f"{name} is {url}" for _, name, url in taken)
+        frontend = _local_port(settings.public_url) or 3000
+        backend = _local_port(settings.api_url) or 8000
+        raise PortTaken(
+            f"aicredits: {ports} already in use ({named}).\n"
+            "  Is `make run` already running in another terminal? Stop that one first "
+            "(Ctrl-C there),\n  or start this one on free ports:\n"
+            f"    PUBLIC_URL=http://localhost:{_free_near(frontend)} "
+            f"API_URL=http://localhost:{_free_near(backend)} make run"
+        )
+    return argv
+
+
+def _stand_in_port_taken(port: int, what: str, setting: str, example: str) -> PortTaken:
+    return PortTaken(
+        f"aicredits: port {port} is in use by something that is not {what}.\n"
+        f"  Stop it, or move {what} to a free port: {setting}={example} make run"
+    )
+
+
 def start_stand_ins(settings: Settings) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
     """Start what the embedded defaults need. Returns the processes and env additions."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -65,6 +149,11 @@ def start_stand_ins(settings: Settings) -> tuple[list[subprocess.Popen[bytes]], 
         discovery = settings.dev_oidc_issuer.rstrip("/") + "/.well-known/openid-configuration"
         if not _answers(discovery):
             port = urlsplit(settings.dev_oidc_issuer).port or 9400
+            if in_use(port):
+                free = _free_near(port, step=1)
+                raise _stand_in_port_taken(
+                    port, "the Dev sign-in provider", "DEV_OIDC_ISSUER", f"http://127.0.0.1:{free}"
+                )
             proc = subprocess.Popen(
                 [sys.executable, "-m", "aicredits", "dev-idp", "--port", str(port)]
             )
@@ -76,6 +165,12 @@ def start_stand_ins(settings: Settings) -> tuple[list[subprocess.Popen[bytes]], 
         models_url = settings.upstream_base_url + "/models"
         if not _answers(models_url):
             port = urlsplit(settings.upstream_base_url).port or 9500
+            if in_use(port):
+                free = _free_near(port, step=1)
+                stop(procs)  # the sign-in provider, just started
+                raise _stand_in_port_taken(
+                    port, "the fake upstream", "OPENAI_BASE_URL", f"http://127.0.0.1:{free}/v1"
+                )
             models = ",".join(m.upstream_model for m in settings.priced_models)
             proc = subprocess.Popen(
                 [
@@ -123,6 +218,7 @@ def reflex_command(argv: Sequence[str] | None) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-ins and Reflex; extra arguments go to `reflex run`."""
     settings = get_settings()
+    argv = app_ports(settings, argv or [])
     procs, env = start_stand_ins(settings)
     env.setdefault(RELOAD_PATHS, os.environ.get(RELOAD_PATHS) or reload_paths())
     print(_banner(settings, env), flush=True)

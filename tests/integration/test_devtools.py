@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -82,9 +83,15 @@ LAUNCHER_WITH_A_WAITING_CHILD = textwrap.dedent(
 def test_the_launcher_stops_its_children_at_once_on_a_stop_signal(signum: int) -> None:
     """`kill` (or a process manager) and Ctrl-C stop `make run` in moments: a SIGTERM used to
     wait 10 s for the child whose wait it had interrupted."""
+    # On free ports: the launcher refuses to start where something listens already.
+    ports = {
+        "PUBLIC_URL": f"http://localhost:{free_port()}",
+        "API_URL": f"http://localhost:{free_port()}",
+    }
     launched = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER_WITH_A_WAITING_CHILD],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, **ports},
     )  # fmt: skip
     try:
         assert launched.stdout is not None
@@ -162,3 +169,38 @@ def test_the_dev_sign_in_page_asks_for_an_email_and_loads_nothing_from_elsewhere
     assert links == [links[0]] and 'rel="icon" href="data:' in links[0], links
     assert "src=" not in html
     assert "cdn." not in html and "jsdelivr" not in html
+
+
+def test_make_run_where_a_port_is_taken_says_so_and_starts_nothing() -> None:
+    """A second `make run`, or another program on the app's port: Reflex would move to the
+    next free port (3001), where sign-in and the websocket cannot work, and the stand-ins
+    would start. Instead the launcher says which port and what to do, and exits 1 at once."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    issuer_port, upstream_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PUBLIC_URL": f"http://localhost:{port}",
+        "API_URL": f"http://localhost:{free_port()}",
+        "DEV_OIDC_ISSUER": f"http://127.0.0.1:{issuer_port}",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        "DATABASE_URL": "sqlite:///:memory:",
+    }
+    for name in ("OPENAI_API_KEY", "GITHUB_CLIENT_ID", "GOOGLE_CLIENT_ID", "OIDC_ISSUER"):
+        env.pop(name, None)
+    try:
+        began = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "aicredits", "dev"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert result.returncode == 1, result
+    assert time.monotonic() - began < 20
+    assert f"port {port} is already in use" in result.stderr
+    assert "PUBLIC_URL=http://localhost:" in result.stderr and "make run" in result.stderr
+    assert not launcher.in_use(issuer_port) and not launcher.in_use(upstream_port)
+    assert "Starting Reflex App" not in result.stdout + result.stderr
