@@ -9,6 +9,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.pool import NullPool
 
+from aicredits.adapters.db import with_connection_defaults
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -31,7 +33,7 @@ def upgrade_to_head(database_url: str) -> None:
     if not database_url.startswith("postgresql"):
         command.upgrade(alembic_config(database_url), "head")
         return
-    engine = sa.create_engine(database_url, poolclass=NullPool)
+    engine = sa.create_engine(with_connection_defaults(database_url), poolclass=NullPool)
     try:
         with engine.connect() as lock:
             lock.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})

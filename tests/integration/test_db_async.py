@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from aicredits.adapters.db import PG_CONNECTION_DEFAULTS, Database
+from tests.servers import silent_port
 
 pytestmark = pytest.mark.postgres
 
@@ -133,30 +133,8 @@ def test_dispose_closes_the_async_connections_of_a_loop_that_is_gone(pg_url: str
 
 @pytest.fixture
 def silent_server() -> Iterator[int]:
-    """A port that accepts connections and never says a word: a database host that hangs
-    (or a load balancer in front of one that is gone)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                accepted.append(listener.accept()[0])
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(2)
-        for conn in accepted:
-            conn.close()
-        listener.close()
+    with silent_port() as port:
+        yield port
 
 
 def test_a_database_that_does_not_answer_fails_calls_within_seconds(silent_server: int) -> None:

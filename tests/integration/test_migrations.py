@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -20,6 +22,7 @@ import aicredits.adapters.tables  # noqa: F401
 from aicredits.adapters.db import create_db_engine
 from aicredits.adapters.migrations import alembic_config, upgrade_to_head
 from tests.dbutil import PG_ADMIN_URL, pg_conninfo
+from tests.servers import silent_port
 
 
 def _diff(url: str) -> list[object]:
@@ -103,3 +106,13 @@ def test_several_processes_migrating_at_once_all_succeed(empty_pg_url: str) -> N
     outputs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0, 0], "\n".join(outputs)
     assert _diff(empty_url) == []
+
+
+def test_migrating_a_database_that_does_not_answer_fails_within_seconds() -> None:
+    """Every `prod` start migrates first: a database host that accepts connections and says
+    nothing stopped the start for ever (no connect timeout on the migration's lock)."""
+    with silent_port() as port:
+        began = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError):
+            upgrade_to_head(f"postgresql+psycopg://app@127.0.0.1:{port}/aicredits")
+    assert time.monotonic() - began < 15
