@@ -264,21 +264,31 @@ def settings_row(db: Database, uid: int) -> sa.Row[tuple[object, ...]]:
         ).one()
 
 
-def test_without_a_stripe_key_a_card_saved_through_stripe_starts_no_top_up(
+def low_with_a_card_saved_through_stripe(
     db: Database, monkeypatch: pytest.MonkeyPatch, stripe_server: tuple[FakeStripe, str]
-) -> None:
-    """The other way: a card saved through Stripe, then the key removed (development). No
-    top-up starts, so none is charged later, when a key comes back, for today's balance."""
+) -> tuple[Shop, FakeStripe, int]:
+    """A user, with a Stripe key set, who saved a card through Stripe, turned auto top-up on
+    and has 100 credits left (below the threshold)."""
     shop = make_shop(
         db, monkeypatch, STRIPE_SECRET_KEY="sk_test_fake", STRIPE_API_BASE=stripe_server[1]
     )
     fake = stripe_server[0]
+    fake.requests.clear()
     uid = make_user(db, credits=1_000)
     url = auto_topup.start_card_setup(db, shop.settings, user_id=uid)
     completed = fake.complete_setup(url.rsplit("/", 1)[-1])
     assert shop.deliver(fs.event("checkout.session.completed", completed)).status_code == 200
     turn_on(db, shop.settings, uid)
     spend_all_but(db, uid, 100)
+    return shop, fake, uid
+
+
+def test_without_a_stripe_key_a_card_saved_through_stripe_starts_no_top_up(
+    db: Database, monkeypatch: pytest.MonkeyPatch, stripe_server: tuple[FakeStripe, str]
+) -> None:
+    """The other way: a card saved through Stripe, then the key removed (development). No
+    top-up starts, so none is charged later, when a key comes back, for today's balance."""
+    _, _, uid = low_with_a_card_saved_through_stripe(db, monkeypatch, stripe_server)
 
     without_key = make_shop(db, monkeypatch)
     assert auto_topup.run_due(db, without_key.settings) == 0
@@ -299,16 +309,7 @@ def test_a_top_up_in_flight_through_stripe_waits_quietly_for_the_key(
     key removed (development). Stripe may have charged it, so it is neither failed nor
     charged again: it waits, said once in the log (not every 5 s), and is finished once the
     key is back, with the same idempotency key."""
-    with_key = {"STRIPE_SECRET_KEY": "sk_test_fake", "STRIPE_API_BASE": stripe_server[1]}
-    shop = make_shop(db, monkeypatch, **with_key)
-    fake = stripe_server[0]
-    fake.requests.clear()
-    uid = make_user(db, credits=1_000)
-    url = auto_topup.start_card_setup(db, shop.settings, user_id=uid)
-    completed = fake.complete_setup(url.rsplit("/", 1)[-1])
-    assert shop.deliver(fs.event("checkout.session.completed", completed)).status_code == 200
-    turn_on(db, shop.settings, uid)
-    spend_all_but(db, uid, 100)
+    shop, fake, uid = low_with_a_card_saved_through_stripe(db, monkeypatch, stripe_server)
     with db.transaction() as conn:
         row = conn.execute(
             sa.select(auto_topup_settings).where(auto_topup_settings.c.user_id == uid)
@@ -329,7 +330,9 @@ def test_a_top_up_in_flight_through_stripe_waits_quietly_for_the_key(
     assert topup.status == "processing"
     assert fake.calls("POST", "/v1/payment_intents") == []
 
-    back = make_shop(db, monkeypatch, **with_key)
+    back = make_shop(
+        db, monkeypatch, STRIPE_SECRET_KEY="sk_test_fake", STRIPE_API_BASE=stripe_server[1]
+    )
     auto_topup.run_due(db, back.settings)
     with db.read() as conn:
         topup = conn.execute(sa.select(auto_topups).where(auto_topups.c.id == started.id)).one()
