@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from aicredits.devtools.dev_idp import DEV_USERS
-from aicredits.services import auth
+from aicredits.services import auth, production
 from aicredits.settings import Settings, get_settings
 
 DEV_ADMIN = "admin@example.test"
@@ -141,6 +141,26 @@ def _stand_in_port_taken(port: int, what: str, setting: str, example: str) -> Po
     )
 
 
+def copied_example(settings: Settings) -> str | None:
+    """What to say when .env.example was copied to .env for `make run`: its values are
+    placeholders for a production server (an example.com address, "replace-with..." keys),
+    with which sign-in is refused (the page's origin is not PUBLIC_URL's) and every call goes
+    to OpenAI and Stripe with a key that is not one. None when there are none."""
+    names = production.placeholder_names(settings)
+    host = (urlsplit(settings.public_url).hostname or "").lower()
+    if host == "example.com" or host.endswith(".example.com"):
+        names.insert(0, "PUBLIC_URL")
+    if not names:
+        return None
+    return (
+        f"aicredits: {', '.join(names)} still hold the placeholders of .env.example\n"
+        "  (from .env or the environment). `make run` needs none of them: delete .env (or\n"
+        "  those lines) to use the embedded defaults (Dev sign-in, the fake model, the\n"
+        "  simulated checkout), or set real values. .env.example is for a production server\n"
+        "  (docs/deployment.md)."
+    )
+
+
 def start_stand_ins(settings: Settings) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
     """Start what the embedded defaults need. Returns the processes and env additions."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -218,6 +238,9 @@ def reflex_command(argv: Sequence[str] | None) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-ins and Reflex; extra arguments go to `reflex run`."""
     settings = get_settings()
+    copied = copied_example(settings)
+    if copied:
+        raise SystemExit(copied)
     argv = app_ports(settings, argv or [])
     procs, env = start_stand_ins(settings)
     env.setdefault(RELOAD_PATHS, os.environ.get(RELOAD_PATHS) or reload_paths())

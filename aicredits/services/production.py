@@ -80,13 +80,19 @@ def production_problems(settings: Settings) -> list[str]:
 
 def _placeholders(settings: Settings) -> list[str]:
     """Values still as .env.example left them."""
+    return [
+        f"{name} is still the placeholder from .env.example: set the real value."
+        for name in placeholder_names(settings)
+    ]
+
+
+def placeholder_names(settings: Settings) -> list[str]:
+    """The variables whose values are still .env.example's placeholders ("replace-with...")."""
     found = []
     for name, value in settings:
         text = value.get_secret_value() if isinstance(value, SecretStr) else value
         if isinstance(text, str) and text.startswith(PLACEHOLDER_PREFIX):
-            found.append(
-                f"{name.upper()} is still the placeholder from .env.example: set the real value."
-            )
+            found.append(name.upper())
     return found
 
 

@@ -204,3 +204,24 @@ def test_make_run_where_a_port_is_taken_says_so_and_starts_nothing() -> None:
     assert "PUBLIC_URL=http://localhost:" in result.stderr and "make run" in result.stderr
     assert not launcher.in_use(issuer_port) and not launcher.in_use(upstream_port)
     assert "Starting Reflex App" not in result.stdout + result.stderr
+
+
+def test_make_run_with_the_placeholders_of_env_example_says_so_and_starts_nothing() -> None:
+    issuer_port, upstream_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PUBLIC_URL": "https://credits.example.com",
+        "SESSION_SECRET": "replace-with-output-of-openssl-rand-hex-32",
+        "DEV_OIDC_ISSUER": f"http://127.0.0.1:{issuer_port}",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        "DATABASE_URL": "sqlite:///:memory:",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "aicredits", "dev"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(
+        "aicredits: PUBLIC_URL, SESSION_SECRET still hold the placeholders of .env.example"
+    ), result.stderr
+    assert not launcher.in_use(issuer_port) and not launcher.in_use(upstream_port)

@@ -73,3 +73,27 @@ def test_a_stand_ins_port_taken_by_something_else_names_the_setting(
         "  Stop it, or move the Dev sign-in provider to a free port: "
         "DEV_OIDC_ISSUER=http://127.0.0.1:9401 make run"
     )
+
+
+def test_the_placeholders_of_env_example_stop_make_run_with_what_to_do() -> None:
+    """`cp .env.example .env` before `make run` (a common habit) gave an app whose sign-in
+    was refused (PUBLIC_URL https://credits.example.com) and whose every call went to OpenAI
+    and Stripe with keys that are not keys."""
+    copied = settings(
+        public_url="https://credits.example.com",
+        openai_api_key="replace-with-your-provider-key",
+        stripe_secret_key="replace-with-sk_live-or-sk_test-key",
+    )
+    message = launcher.copied_example(copied)
+    assert message is not None
+    assert message.startswith(
+        "aicredits: PUBLIC_URL, OPENAI_API_KEY, STRIPE_SECRET_KEY still hold the placeholders "
+        "of .env.example\n"
+    )
+    assert "delete .env" in message and "docs/deployment.md" in message
+
+
+def test_real_values_and_the_embedded_defaults_are_not_placeholders() -> None:
+    assert launcher.copied_example(settings()) is None
+    tunnel = settings(public_url="https://dev-box.example.org", openai_api_key="sk-real")
+    assert launcher.copied_example(tunnel) is None
