@@ -83,10 +83,15 @@ def _local_port(url: str) -> int | None:
 
 def _option(argv: Sequence[str], name: str) -> int | None:
     for index, arg in enumerate(argv):
+        value = None
         if arg == name and index + 1 < len(argv):
-            return int(argv[index + 1])
-        if arg.startswith(name + "="):
-            return int(arg.split("=", 1)[1])
+            value = argv[index + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            if not value.isdigit():
+                raise SystemExit(f"aicredits: {name} takes a port number, not {value!r}.")
+            return int(value)
     return None
 
 

@@ -186,6 +186,7 @@ def test_make_run_where_a_port_is_taken_says_so_and_starts_nothing() -> None:
         "API_URL": f"http://localhost:{free_port()}",
         "DEV_OIDC_ISSUER": f"http://127.0.0.1:{issuer_port}",
         "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        # Not the checkout's .data: the launcher must stop before it opens any database.
         "DATABASE_URL": "sqlite:///:memory:",
     }
     for name in ("OPENAI_API_KEY", "GITHUB_CLIENT_ID", "GOOGLE_CLIENT_ID", "OIDC_ISSUER"):
@@ -214,6 +215,7 @@ def test_make_run_with_the_placeholders_of_env_example_says_so_and_starts_nothin
         "SESSION_SECRET": "replace-with-output-of-openssl-rand-hex-32",
         "DEV_OIDC_ISSUER": f"http://127.0.0.1:{issuer_port}",
         "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream_port}/v1",
+        # Not the checkout's .data: the launcher must stop before it opens any database.
         "DATABASE_URL": "sqlite:///:memory:",
     }
     result = subprocess.run(

@@ -38,6 +38,11 @@ def test_ports_given_on_the_command_line_are_kept(listening: set[int]) -> None:
     assert launcher.app_ports(settings(), argv) == argv
 
 
+def test_a_port_that_is_not_a_number_is_said_so(listening: set[int]) -> None:
+    with pytest.raises(SystemExit, match=r"--frontend-port takes a port number, not 'abc'"):
+        launcher.app_ports(settings(), ["--frontend-port", "abc"])
+
+
 def test_an_address_elsewhere_names_no_port_here(listening: set[int]) -> None:
     tunnel = settings(public_url="https://chat.example.com", api_url="https://api.example.com")
     assert launcher.app_ports(tunnel, []) == []
